@@ -36,6 +36,10 @@ def resolve_model(name_or_path: str) -> str:
     return str(root / sub)
 
 
+def looks_like_path(name: str) -> bool:
+    return name.startswith(("/", "./", "../", "~")) or Path(name).exists()
+
+
 def auto_class(task: str):
     import transformers
 
@@ -50,6 +54,8 @@ def load_config(name_or_path: str, **overrides):
     import transformers
 
     path = resolve_model(name_or_path)
+    if looks_like_path(path) and not Path(path).is_dir():
+        raise UsageError(f"model folder {path} does not exist: give a local model folder, a Hub id, or 'minilm'")
     try:
         return transformers.AutoConfig.from_pretrained(path, **overrides)
     except (OSError, ValueError) as err:

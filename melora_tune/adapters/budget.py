@@ -11,7 +11,7 @@ first value over budget, and nothing feasible below it is skipped.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from functools import reduce
 from typing import Iterable, Sequence
 
@@ -39,7 +39,9 @@ class Candidate:
         return replace(base, method=self.method, n=self.n, r=self.r, u=self.u, m=self.m, m_b=self.m_b)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The fields that mean something for this method (MELoRA has no u, LoRA no n...)."""
+        return {"method": self.method, **self.apply(AdapterConfig()).method_params(),
+                "adapter_params": self.adapter_params, "equivalent_rank": self.equivalent_rank}
 
 
 def common_divisors(shapes: Sequence[LinearShape]) -> list[int]:

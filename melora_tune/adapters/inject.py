@@ -29,14 +29,20 @@ def linear_suffixes(model: nn.Module) -> list[str]:
 
 
 def find_targets(model: nn.Module, targets: list[str]) -> list[str]:
-    """Names of the nn.Linear modules that the targets select; fails listing the choices if none."""
-    found = [name for name, _ in linear_modules(model).items() if any(matches(name, t) for t in targets)]
-    if not found:
+    """Names of the nn.Linear modules that the targets select.
+
+    Stricter than PEFT on purpose: every target must select at least one linear
+    layer, so a typo ("valu") fails instead of silently adapting fewer layers.
+    """
+    linears = linear_modules(model)
+    unmatched = [t for t in targets if not any(matches(name, t) for name in linears)]
+    if unmatched:
         raise UsageError(
-            f"target modules {','.join(targets)} match no linear layer of {type(model).__name__}; "
-            f"its linear layers are named: {', '.join(linear_suffixes(model))}"
+            f"target module{'s' if len(unmatched) > 1 else ''} {','.join(unmatched)} "
+            f"match{'' if len(unmatched) > 1 else 'es'} no linear layer of "
+            f"{type(model).__name__}; its linear layers are named: {', '.join(linear_suffixes(model))}"
         )
-    return found
+    return [name for name in linears if any(matches(name, t) for t in targets)]
 
 
 def find_modules_to_save(model: nn.Module, names: list[str]) -> list[str]:

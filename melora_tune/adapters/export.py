@@ -1,0 +1,81 @@
+"""Lossless export of any of our adapters as a standard PEFT LoRA adapter.
+
+Every method's update is a product B @ A (``AdapterLinear.lora_factors``):
+MELoRA(n, r) is LoRA of rank n r with block-diagonal A and B, PRoLoRA is LoRA
+of rank r with its chunks materialised. The scale is folded into B and PEFT's
+``lora_alpha`` is set equal to the rank, so PEFT's own scaling is exactly 1.
+
+PEFT writes the files itself: we build the PEFT model as a skeleton on the
+``meta`` device (no memory, no copy of the base weights) and hand
+``save_pretrained`` the real tensors, so the folder is whatever this PEFT
+version writes and ``PeftModel.from_pretrained`` loads it with no custom code.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from melora_tune.adapters import AdapterConfig
+from melora_tune.adapters.inject import adapter_layers, find_modules_to_save, matches
+
+PEFT_TASK_TYPES = {"seq_cls": "SEQ_CLS", "causal_lm": "CAUSAL_LM"}
+
+
+def _peft_targets(skeleton: nn.Module, targets: list[str], suffixes: list[str]) -> list[str]:
+    """The user's suffixes when PEFT's suffix rule selects exactly our layers, else the full names."""
+    selected = {name for name, _ in skeleton.named_modules() if any(matches(name, s) for s in suffixes)}
+    return list(suffixes) if selected == set(targets) else sorted(targets)
+
+
+@torch.no_grad()
+def export_peft_lora(
+    model: nn.Module,
+    cfg: AdapterConfig,
+    out_dir: str | Path,
+    base_model_name_or_path: str | None = None,
+    task_type: str = "seq_cls",
+) -> Path:
+    """Write ``adapter_config.json`` + ``adapter_model.safetensors`` of an equivalent PEFT LoRA."""
+    from peft import LoraConfig, get_peft_model
+
+    layers = adapter_layers(model)
+    if not layers:
+        raise ValueError("the model has no melora-tune adapter layers to export")
+    factors = {name: layer.lora_factors() for name, layer in layers.items()}
+    ranks = {a.shape[0] for a, _ in factors.values()}
+    if len(ranks) != 1:
+        raise ValueError(f"adapter layers disagree on rank: {sorted(ranks)}")
+    rank = ranks.pop()
+    saved = find_modules_to_save(model, cfg.modules_to_save)
+
+    with torch.device("meta"):
+        skeleton = type(model)(model.config)
+        lora_cfg = LoraConfig(
+            r=rank,
+            lora_alpha=rank,  # PEFT scaling = lora_alpha / r = 1: our scale lives in B
+            lora_dropout=float(cfg.dropout),
+            target_modules=_peft_targets(skeleton, list(layers), list(cfg.target_modules)),
+            modules_to_save=list(cfg.modules_to_save) or None,
+            task_type=PEFT_TASK_TYPES.get(task_type),
+            bias="none",
+            base_model_name_or_path=base_model_name_or_path,
+        )
+        peft_model = get_peft_model(skeleton, lora_cfg)
+
+    state = {}
+    inner = peft_model.base_model.model
+    for name, (a, b) in factors.items():
+        prefix = f"base_model.model.{name}"
+        state[f"{prefix}.lora_A.default.weight"] = a.detach().float().contiguous().cpu()
+        state[f"{prefix}.lora_B.default.weight"] = b.detach().float().contiguous().cpu()
+        assert isinstance(inner.get_submodule(name).lora_A["default"], nn.Linear)
+    for name in saved:
+        for pname, p in model.get_submodule(name).named_parameters():
+            state[f"base_model.model.{name}.modules_to_save.default.{pname}"] = p.detach().float().contiguous().cpu()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    peft_model.save_pretrained(str(out_dir), state_dict=state, safe_serialization=True)
+    return out_dir
