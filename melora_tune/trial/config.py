@@ -1,0 +1,296 @@
+"""The configuration of one trial: model, task, adapter, training and resources.
+
+Loaded from YAML (``TrialConfig.from_yaml``), changed with flat ``key=value``
+overrides (``apply_overrides``: dotted ``adapter.r=2`` or short aliases
+``r=2``), and shipped to Ray workers as a plain dict (``to_dict``/``from_dict``).
+Every mistake a user can make here becomes a one-line ``UsageError``.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from melora_tune.errors import UsageError
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+def _split_list(value: Any) -> Any:
+    if isinstance(value, str):
+        return [v.strip() for v in value.split(",") if v.strip()]
+    return value
+
+
+class TaskSection(_Section):
+    """The fields of ``melora_tune.data.TaskSpec`` (see there for their meaning)."""
+
+    name: str = "rotten_tomatoes"
+    path: str | None = None
+    validation_path: str | None = None
+    glue_task: str | None = None
+    text_columns: list[str] | None = None
+    label_column: str = "label"
+    seed: int = 0
+    validation_fraction: float = Field(0.1, ge=0.0, lt=1.0)
+    test_fraction: float = Field(0.1, ge=0.0, lt=1.0)
+    max_train_samples: int | None = Field(None, ge=1)
+    max_eval_samples: int | None = Field(None, ge=1)
+
+    _split = field_validator("text_columns", mode="before")(_split_list)
+
+
+class AdapterSection(_Section):
+    """The fields of ``AdapterConfig``; None for target_modules/modules_to_save means "pick for this model"."""
+
+    method: Literal["lora", "melora", "prolora"] = "melora"
+    r: int = Field(8, ge=1)
+    alpha: float = Field(16.0, gt=0)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    n: int = Field(1, ge=1)
+    u: int = Field(0, ge=0)
+    m: int = Field(1, ge=1)
+    m_b: int | None = Field(None, ge=1)
+    target_modules: list[str] | None = None
+    modules_to_save: list[str] | None = None
+
+    _split = field_validator("target_modules", "modules_to_save", mode="before")(_split_list)
+
+    @model_validator(mode="after")
+    def _check(self) -> "AdapterSection":
+        if self.u > self.r:
+            raise ValueError(f"PRoLoRA unshared ranks u={self.u} must be <= r={self.r}")
+        if self.target_modules is not None and not self.target_modules:
+            raise ValueError("target_modules is empty: name at least one linear module, e.g. query,value")
+        return self
+
+    def adapter_config(self):
+        """The ``AdapterConfig``; target_modules/modules_to_save must be resolved first."""
+        from melora_tune.adapters import AdapterConfig
+
+        if self.target_modules is None or self.modules_to_save is None:
+            raise ValueError("resolve target_modules and modules_to_save first (melora_tune.trial.prepare_trial)")
+        return AdapterConfig(**self.model_dump())
+
+
+class TrainingSection(_Section):
+    epochs: int = Field(2, ge=1)
+    lr: float = Field(5e-4, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_ratio: float = Field(0.06, ge=0.0, lt=1.0)
+    micro_batch_size: int = Field(32, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    max_length: int = Field(128, ge=4)
+    grad_clip: float = Field(1.0, ge=0.0)  # 0 disables clipping
+    zero_stage: int = Field(2, ge=0, le=3)
+    offload_optimizer: bool = False
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    eval_every_steps: int | None = Field(None, ge=1)  # None: evaluate after every epoch
+    seed: int = 0
+    keep_checkpoints: int = Field(2, ge=1)
+    debug_inject_nan_at_step: int | None = Field(None, ge=1)  # test knob: the loss of this step becomes NaN
+
+
+class ResourcesSection(_Section):
+    num_workers: int = Field(1, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1.0, gt=0)
+
+
+class TrialConfig(_Section):
+    model: str = "minilm"
+    task_type: Literal["seq_cls", "causal_lm"] = "seq_cls"
+    task: TaskSection = Field(default_factory=TaskSection)
+    adapter: AdapterSection = Field(default_factory=AdapterSection)
+    training: TrainingSection = Field(default_factory=TrainingSection)
+    resources: ResourcesSection = Field(default_factory=ResourcesSection)
+
+    # ---- construction ------------------------------------------------------
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | None, source: str = "trial config") -> "TrialConfig":
+        if data is None:
+            data = {}
+        if not isinstance(data, dict):
+            raise UsageError(f"{source}: expected a mapping of sections (model, task, adapter, training, resources), got {type(data).__name__}")
+        try:
+            return cls.model_validate(data)
+        except ValidationError as err:
+            raise UsageError(f"{source}: {describe_validation_error(err)}") from None
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> "TrialConfig":
+        path = Path(path)
+        if not path.is_file():
+            raise UsageError(f"trial config {path} does not exist")
+        try:
+            data = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as err:
+            first = str(err).strip().splitlines()
+            raise UsageError(f"{path} is not valid YAML: {' '.join(first[:2])}") from None
+        return cls.from_dict(data, source=str(path))
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def with_overrides(self, overrides: list[str] | dict[str, Any] | None) -> "TrialConfig":
+        return apply_overrides(self, overrides)
+
+    # ---- derived -------------------------------------------------------------
+    def task_spec(self):
+        from melora_tune.data import TaskSpec
+
+        return TaskSpec(**self.task.model_dump())
+
+    @property
+    def uses_gpu(self) -> bool:
+        return self.resources.use_gpu
+
+    def precision_on(self, on_gpu: bool) -> str:
+        if self.training.precision == "auto":
+            return "bf16" if on_gpu else "fp32"
+        return self.training.precision
+
+
+# ---- error messages ----------------------------------------------------------
+
+SECTIONS: dict[str, type[BaseModel]] = {
+    "task": TaskSection,
+    "adapter": AdapterSection,
+    "training": TrainingSection,
+    "resources": ResourcesSection,
+}
+TOP_LEVEL = ("model", "task_type")
+
+
+def _fields_at(loc: tuple) -> list[str]:
+    model: type[BaseModel] = TrialConfig
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        ann = getattr(field, "annotation", None) if field else None
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            model = ann
+        else:
+            break
+    return list(model.model_fields)
+
+
+def describe_validation_error(err: ValidationError) -> str:
+    """One line for the first problem (and a count of the others)."""
+    errors = err.errors()
+    first = errors[0]
+    loc = tuple(first.get("loc", ()))
+    where = ".".join(str(p) for p in loc) or "config"
+    kind = first.get("type", "")
+    if kind == "extra_forbidden":
+        parent, key = loc[:-1], str(loc[-1])
+        close = difflib.get_close_matches(key, _fields_at(parent), n=1, cutoff=0.5)
+        hint = f" (did you mean {'.'.join([*map(str, parent), close[0]])!r}?)" if close else ""
+        known = ", ".join(_fields_at(parent))
+        msg = f"unknown key {where!r}{hint}; known keys here: {known}"
+    else:
+        text = str(first.get("msg", "invalid value"))
+        text = text.removeprefix("Value error, ")
+        got = first.get("input")
+        shown = "" if isinstance(got, dict) or kind.startswith("value_error") else f" (got {got!r})"
+        msg = f"{where}: {text}{shown}"
+    if len(errors) > 1:
+        msg += f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})"
+    return msg
+
+
+# ---- flat key=value overrides -------------------------------------------------
+
+def _aliases() -> dict[str, str]:
+    out: dict[str, str] = {}
+    for section, model in SECTIONS.items():
+        for name in model.model_fields:
+            out.setdefault(name, f"{section}.{name}")
+    # "seed" means the training seed (the task's split seed stays task.seed); "name" the task name.
+    out["seed"] = "training.seed"
+    out["name"] = "task.name"
+    out["batch_size"] = "training.micro_batch_size"
+    out["gradient_accumulation_steps"] = "training.grad_accum"
+    out["learning_rate"] = "training.lr"
+    out["zero"] = "training.zero_stage"
+    out["workers"] = "resources.num_workers"
+    return out
+
+
+ALIASES: dict[str, str] = _aliases()
+
+
+def all_keys() -> list[str]:
+    dotted = [f"{s}.{f}" for s, m in SECTIONS.items() for f in m.model_fields]
+    return [*TOP_LEVEL, *dotted, *ALIASES]
+
+
+def resolve_key(key: str) -> tuple[str, ...]:
+    """'r' -> ('adapter', 'r'); 'training.lr' -> ('training', 'lr'); unknown -> UsageError with a suggestion."""
+    key = key.strip()
+    if key in TOP_LEVEL:
+        return (key,)
+    if key in ALIASES:
+        return tuple(ALIASES[key].split("."))
+    parts = key.split(".")
+    if len(parts) == 2 and parts[0] in SECTIONS and parts[1] in SECTIONS[parts[0]].model_fields:
+        return tuple(parts)
+    close = difflib.get_close_matches(key, all_keys(), n=1, cutoff=0.5)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    raise UsageError(f"unknown setting {key!r}{hint}: use a dotted key like adapter.r or training.lr, or a short one like r, lr, epochs")
+
+
+_FLOAT = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+")
+
+
+def parse_value(text: str) -> Any:
+    """YAML scalars (2, 5e-4, true, null, [a, b]); anything else stays a string."""
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+    if isinstance(value, str) and _FLOAT.fullmatch(value.strip()):
+        return float(value)  # YAML 1.1 reads 5e-4 (no dot) as a string
+    return value
+
+
+def parse_overrides(items: list[str] | None) -> dict[tuple[str, ...], Any]:
+    """['method=melora', 'n=4', 'training.lr=5e-4'] -> {('adapter','method'): 'melora', ...}."""
+    out: dict[tuple[str, ...], Any] = {}
+    for item in items or []:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise UsageError(f"--set expects key=value, got {item!r} (e.g. --set method=melora n=4 r=2 lr=5e-4)")
+        out[resolve_key(key)] = parse_value(raw.strip())
+    return out
+
+
+def apply_overrides(cfg: TrialConfig, overrides: list[str] | dict[str, Any] | None) -> TrialConfig:
+    """A new TrialConfig with the overrides applied (list of 'k=v' strings or a {key: value} dict)."""
+    if not overrides:
+        return cfg
+    if isinstance(overrides, dict):
+        parsed = {resolve_key(k): v for k, v in overrides.items()}
+    else:
+        parsed = parse_overrides(list(overrides))
+    data = cfg.to_dict()
+    for path, value in parsed.items():
+        node = data
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+        node[path[-1]] = value
+    return TrialConfig.from_dict(data, source="--set")
+
+
+def load_trial_config(path: str | Path | None = None, overrides: list[str] | dict[str, Any] | None = None) -> TrialConfig:
+    cfg = TrialConfig.from_yaml(path) if path is not None else TrialConfig()
+    return apply_overrides(cfg, overrides)

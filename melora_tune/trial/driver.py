@@ -1,0 +1,355 @@
+"""Run one trial on Ray Train: ``run_trial`` (standalone) and ``tune_trial`` (a Ray Tune trainable).
+
+A trial is a ``TorchTrainer`` whose RunConfig name and storage path identify
+it: fitting the same name under the same storage path again resumes from the
+latest checkpoint (Ray Train V2 restores its checkpoint manager from the run
+folder and the workers pick the checkpoint up with ``ray.train.get_checkpoint``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from melora_tune.errors import UsageError
+from melora_tune.trial import checkpoint as ckpt_io
+from melora_tune.trial.config import TrialConfig, apply_overrides
+from melora_tune.trial.prepare import PreparedTrial, prepare_trial
+
+log = logging.getLogger("melora_tune.trial")
+
+# Environment the workers must see (Ray workers on other nodes do not inherit the driver's).
+PROPAGATED_ENV = (
+    "HF_HUB_OFFLINE",
+    "HF_DATASETS_OFFLINE",
+    "TRANSFORMERS_OFFLINE",
+    "HF_HOME",
+    "TOKENIZERS_PARALLELISM",
+    "MELORA_DS_SHM_COMM",
+    "DS_ACCELERATOR",
+    "TORCH_EXTENSIONS_DIR",
+)
+
+
+@dataclass
+class TrialResult:
+    """What a finished (or diverged, or failed) trial left behind."""
+
+    name: str
+    status: str  # completed | diverged | failed | running (stopped early)
+    reason: str | None
+    metrics: dict[str, Any] | None  # the last report
+    best_metrics: dict[str, Any] | None  # the report with the highest score
+    checkpoint_path: str | None  # the latest checkpoint folder (trial_state.json, adapter/, ds/, rng/)
+    adapter_path: str | None  # <checkpoint>/adapter: load with melora_tune.adapters.inject.load_adapter
+    run_path: str | None  # the Ray Train run folder (name under storage_path)
+    step: int = 0
+    total_steps: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+    restarts: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "completed"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# ---- building the trainer -------------------------------------------------------
+
+def worker_env() -> dict[str, str]:
+    env = {k: os.environ[k] for k in PROPAGATED_ENV if k in os.environ}
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # Train V2 logs every print() of a worker, even output a library captures by swapping
+    # sys.stdout (datasets' hashing through dill disassembles functions that way).
+    env.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
+    return env
+
+
+def build_trainer(
+    cfg: TrialConfig,
+    storage_path: str | Path,
+    name: str,
+    *,
+    callbacks: list | None = None,
+    resume_from: str | None = None,
+):
+    """The TorchTrainer of a (prepared) trial config; gloo on CPU, nccl on GPU."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    res = cfg.resources
+    storage = str(Path(storage_path).expanduser().resolve()) if "://" not in str(storage_path) else str(storage_path)
+    return TorchTrainer(
+        train_loop_per_worker=_train_loop,
+        train_loop_config={"trial": cfg.to_dict(), "name": name, "resume_from": resume_from},
+        torch_config=TorchConfig(backend="nccl" if res.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(
+            num_workers=res.num_workers,
+            use_gpu=res.use_gpu,
+            resources_per_worker={"CPU": res.cpus_per_worker, **({"GPU": 1} if res.use_gpu else {})},
+        ),
+        run_config=RunConfig(
+            name=name,
+            storage_path=storage,
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.training.keep_checkpoints),
+            failure_config=FailureConfig(max_failures=0),
+            callbacks=callbacks or [],
+            worker_runtime_env={"env_vars": worker_env()},
+        ),
+    )
+
+
+def _train_loop(config: dict[str, Any]) -> dict[str, Any]:
+    from melora_tune.trial.worker import train_loop_per_worker
+
+    return train_loop_per_worker(config)
+
+
+def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> bool:
+    """Start (or join) Ray if this process has not; True if this call started it."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": True, "configure_logging": True, "logging_level": logging.WARNING}
+    if address:
+        kwargs["address"] = address
+    elif num_cpus is not None:
+        kwargs["num_cpus"] = num_cpus
+    ray.init(**kwargs)
+    return True
+
+
+# ---- results -------------------------------------------------------------------
+
+def _latest_checkpoint_dir(run_path: Path) -> Path | None:
+    """The newest checkpoint folder with a trial_state.json (by step, then by time)."""
+    if not run_path.is_dir():
+        return None
+    found = [p for p in run_path.glob("checkpoint_*") if (p / ckpt_io.STATE_NAME).is_file()]
+    if not found:
+        return None
+
+    def key(p: Path):
+        state = ckpt_io.read_state(p) or {}
+        return (state.get("step", -1), p.stat().st_mtime)
+
+    return max(found, key=key)
+
+
+def result_from_run(run_path: str | Path, name: str, summary: dict[str, Any] | None = None, error: str | None = None) -> TrialResult:
+    run_path = Path(run_path)
+    latest = _latest_checkpoint_dir(run_path)
+    state = ckpt_io.read_state(latest) if latest else None
+    summary = summary or {}
+    if state is None:
+        return TrialResult(
+            name=name,
+            status="failed" if error else summary.get("status", "failed"),
+            reason=error or summary.get("reason") or "no checkpoint was written",
+            metrics=summary.get("metrics"),
+            best_metrics=summary.get("best"),
+            checkpoint_path=None,
+            adapter_path=None,
+            run_path=str(run_path),
+            timings=summary.get("timings", {}),
+        )
+    status = state["status"]
+    reason = state.get("reason")
+    if error and status == "running":
+        status, reason = "failed", error
+    adapter = latest / ckpt_io.ADAPTER_DIR
+    return TrialResult(
+        name=name,
+        status=status,
+        reason=reason,
+        metrics=state.get("metrics"),
+        best_metrics=state.get("best"),
+        checkpoint_path=str(latest),
+        adapter_path=str(adapter) if adapter.is_dir() else None,
+        run_path=str(run_path),
+        step=state.get("step", 0),
+        total_steps=state.get("total_steps", 0),
+        history=state.get("history", []),
+        timings=summary.get("timings", {}),
+        restarts=state.get("restarts", 0),
+    )
+
+
+def _one_line(err: BaseException) -> str:
+    text = str(err).strip()
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    # Ray wraps worker errors in long tracebacks: keep the innermost "SomeError: message" line.
+    for ln in reversed(lines):
+        if "Error" in ln.split(":")[0] or "Exception" in ln.split(":")[0]:
+            return ln[:500]
+    return (lines[-1] if lines else type(err).__name__)[:500]
+
+
+# ---- standalone ------------------------------------------------------------------
+
+def run_trial(
+    cfg: TrialConfig,
+    storage_path: str | Path,
+    name: str,
+    *,
+    ray_address: str | None = None,
+    num_cpus: int | None = None,
+    prepared: PreparedTrial | None = None,
+    shutdown_ray: bool | None = None,
+) -> TrialResult:
+    """Train, evaluate and checkpoint one trial; resume it if ``storage_path/name`` holds checkpoints.
+
+    Checks the config first (UsageError before Ray starts). Divergence is a
+    result (status "diverged", reason set), not an exception; a worker crash
+    gives status "failed" with the error's last line as reason.
+    """
+    from ray.train import TrainingFailedError
+
+    prepared = prepared or prepare_trial(cfg)
+    started = ensure_ray(ray_address, num_cpus)
+    run_path = Path(storage_path).expanduser().resolve() / name
+    try:
+        trainer = build_trainer(prepared.cfg, storage_path, name)
+        t_fit = time.time()
+        try:
+            result = trainer.fit()
+        except TrainingFailedError as err:
+            return result_from_run(run_path, name, error=_one_line(err))
+        t_done = time.time()
+        summary = result.return_value if isinstance(result.return_value, dict) else None
+        out = result_from_run(result.path or run_path, name, summary)
+        if summary and "wall_start" in summary:
+            # Ray Train's own cost around the worker loop: controller, placement group, worker
+            # actors and process group before it; teardown after it.
+            out.timings["ray_train_start_s"] = round(summary["wall_start"] - t_fit, 3)
+            out.timings["ray_train_stop_s"] = round(t_done - summary["wall_end"], 3)
+        out.timings["fit_s"] = round(t_done - t_fit, 3)
+        return out
+    finally:
+        if shutdown_ray or (shutdown_ray is None and started):
+            import ray
+
+            ray.shutdown()
+
+
+# ---- Ray Tune ---------------------------------------------------------------------
+
+TRIAL_KEY = "trial"
+
+
+class _Relay:
+    """A Ray Train UserCallback (runs in the Train controller) that forwards every report to a Ray queue."""
+
+    def __new__(cls, q):
+        from ray.train.v2.api.callback import UserCallback
+
+        class Relay(UserCallback):
+            def __init__(self, q):
+                self.q = q
+
+            def after_report(self, run_context, metrics, checkpoint):
+                self.q.put((dict(metrics[0]), checkpoint.path if checkpoint is not None else None))
+
+        return Relay(q)
+
+
+class _PeriodicReaper:
+    """``reap_orphan_placement_groups`` every ``period_s``; switched off for good if Ray's internals refuse."""
+
+    def __init__(self, period_s: float = 5.0) -> None:
+        self.period_s = period_s
+        self.next = 0.0
+        self.broken = False
+
+    def maybe_run(self) -> None:
+        if self.broken or time.monotonic() < self.next:
+            return
+        self.next = time.monotonic() + self.period_s
+        from melora_tune.trial.placement import reap_orphan_placement_groups
+
+        try:
+            reap_orphan_placement_groups()
+        except Exception as exc:  # noqa: BLE001  (an internal Ray API: never fail a trial over it)
+            self.broken = True
+            log.warning("placement group reaper disabled: %s", exc)
+
+
+def tune_trial(config: dict[str, Any]) -> None:
+    """A Ray Tune function trainable: one trial = one TorchTrainer, every report relayed to Tune.
+
+    ``config[TRIAL_KEY]`` is a TrialConfig dict; every other key is an override
+    (``"lr": 1e-3``, ``"adapter.r": 4``, as ``--set`` takes them), which is how
+    a search space varies it. The Train run is named after the Tune trial id
+    and stored in the Tune trial folder, so a restored Tune trial resumes its
+    own Train run; a Tune checkpoint from elsewhere (PBT) seeds a fresh run.
+    Each Train report (metrics + checkpoint) reaches ``ray.tune.report`` so
+    schedulers such as ASHA see every evaluation.
+
+    Resources: the function itself needs a CPU slot in Tune; the Train workers
+    request theirs separately (``resources.num_workers x cpus_per_worker``).
+    """
+    import ray.tune
+    from ray.train import Checkpoint
+    from ray.util.queue import Empty, Queue
+
+    base = dict(config.get(TRIAL_KEY) or {})
+    overrides = {k: v for k, v in config.items() if k != TRIAL_KEY}
+    cfg = apply_overrides(TrialConfig.from_dict(base, source="tune config"), overrides)
+    ctx = ray.tune.get_context()
+    trial_id = ctx.get_trial_id()
+    storage = Path(ctx.get_trial_dir())
+    name = f"train_{trial_id}"
+
+    resume_from = None
+    tune_ckpt = ray.tune.get_checkpoint()
+    if tune_ckpt is not None and not (storage / name).is_dir():
+        resume_from = tune_ckpt.path  # e.g. PBT cloned another trial's checkpoint
+
+    prepared = prepare_trial(cfg)
+    q = Queue(maxsize=0, actor_options={"num_cpus": 0})
+    trainer = build_trainer(prepared.cfg, storage, name, callbacks=[_Relay(q)], resume_from=resume_from)
+    outcome: dict[str, Any] = {}
+
+    def fit() -> None:
+        try:
+            outcome["result"] = trainer.fit()
+        except BaseException as err:  # noqa: BLE001  (re-raised in the Tune thread below)
+            outcome["error"] = err
+
+    thread = threading.Thread(target=fit, name=f"fit-{trial_id}", daemon=True)
+    thread.start()
+
+    def relay(item) -> None:
+        metrics, path = item
+        metrics = {k: v for k, v in metrics.items() if v is not None}
+        metrics["trial_name"] = name
+        if path:
+            ray.tune.report(metrics, checkpoint=Checkpoint.from_directory(path))
+        else:
+            ray.tune.report(metrics)
+
+    reaper = _PeriodicReaper()
+    while thread.is_alive():
+        reaper.maybe_run()  # an earlier trial's dead controller may hold the CPUs this trainer waits for
+        try:
+            relay(q.get(timeout=0.5))
+        except Empty:
+            continue
+    while True:
+        try:
+            relay(q.get(block=False))
+        except Empty:
+            break
+    q.shutdown()
+    if "error" in outcome:
+        raise outcome["error"]

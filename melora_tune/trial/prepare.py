@@ -1,0 +1,145 @@
+"""Driver-side checks before any worker starts: the task loads, the model config loads, the adapter fits.
+
+``prepare_trial`` also resolves the two adapter defaults that depend on the
+model (``target_modules`` and ``modules_to_save``) so that workers, checkpoints
+and logs all see explicit values. Everything here is cheap: the model is built
+on the ``meta`` device from its config, no weights are read.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+
+from melora_tune.errors import UsageError
+from melora_tune.trial.config import TrialConfig
+from melora_tune.trial.ds_config import StepPlan, plan_for
+
+# Attention projections to adapt when the config names none, first match wins (PEFT's usual picks).
+DEFAULT_TARGETS: tuple[tuple[str, ...], ...] = (
+    ("query", "value"),  # BERT, RoBERTa, ELECTRA, MiniLM
+    ("q_proj", "v_proj"),  # Llama, Mistral, Qwen, OPT, BART
+    ("q_lin", "v_lin"),  # DistilBERT
+    ("query_key_value",),  # Falcon, GPT-NeoX, BLOOM
+    ("c_attn",),  # GPT-2 (a Conv1D, not nn.Linear: will fail with the list of linear layers)
+    ("q", "v"),  # T5
+)
+
+# Names transformers gives the task heads of *ForSequenceClassification models (PEFT keeps
+# "classifier" and "score" trainable for SEQ_CLS; DistilBERT adds pre_classifier, also new).
+HEAD_NAMES: tuple[str, ...] = ("pre_classifier", "classifier", "score", "classification_head", "sequence_summary")
+
+
+def default_target_modules(model: nn.Module) -> list[str]:
+    from melora_tune.adapters.inject import linear_modules, linear_suffixes, matches
+
+    names = list(linear_modules(model))
+    for group in DEFAULT_TARGETS:
+        if all(any(matches(n, t) for n in names) for t in group):
+            return list(group)
+    raise UsageError(
+        f"no default attention projections found in {type(model).__name__}: set adapter.target_modules "
+        f"(its linear layers are named: {', '.join(linear_suffixes(model))})"
+    )
+
+
+def find_head_modules(model: nn.Module, task_type: str, num_labels: int | None = None) -> list[str]:
+    """The task head of a sequence classifier (trained with the adapters); [] for causal LM.
+
+    Known head names among the model's top-level children first; otherwise the
+    top-level module holding the last linear layer with ``num_labels`` outputs.
+    """
+    if task_type != "seq_cls":
+        return []
+    children = [name for name, _ in model.named_children()]
+    heads = [name for name in HEAD_NAMES if name in children]
+    if heads:
+        return heads
+    if num_labels:
+        last = None
+        for name, mod in model.named_modules():
+            if isinstance(mod, nn.Linear) and mod.out_features == num_labels:
+                last = name
+        if last:
+            return [last.split(".")[0]]
+    raise UsageError(
+        f"cannot tell which module of {type(model).__name__} is the classification head: "
+        f"set adapter.modules_to_save (its top-level modules: {', '.join(children)})"
+    )
+
+
+@dataclass
+class PreparedTrial:
+    """A validated trial: the config with defaults resolved, plus what was learnt checking it."""
+
+    cfg: TrialConfig
+    num_labels: int
+    train_samples: int
+    eval_samples: int
+    metrics: tuple[str, ...]
+    main_metric: str
+    plan: StepPlan
+    accounting: dict[str, Any] = field(default_factory=dict)
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "model": self.cfg.model,
+            "task": self.cfg.task.name,
+            "num_labels": self.num_labels,
+            "train_samples": self.train_samples,
+            "eval_samples": self.eval_samples,
+            "main_metric": self.main_metric,
+            **self.plan.to_dict(),
+            **self.accounting,
+        }
+
+
+def task_metrics(task, task_type: str) -> tuple[tuple[str, ...], str]:
+    if task_type == "causal_lm":
+        return ("loss", "perplexity"), "loss"
+    return tuple(task.metrics), task.main_metric
+
+
+def prepare_trial(cfg: TrialConfig, task=None) -> PreparedTrial:
+    """Check everything a user can get wrong before Ray starts (UsageError otherwise)."""
+    from melora_tune.adapters.accounting import ModelSpec, account
+    from melora_tune.models import auto_class, load_config
+
+    if task is None:
+        from melora_tune.data import load_task
+
+        task = load_task(cfg.task_spec())
+    for split in ("train", "validation"):
+        if split not in task.splits:
+            raise UsageError(f"task {cfg.task.name!r} has no {split} split")
+    num_labels = int(task.num_labels)
+    overrides = {"num_labels": num_labels} if cfg.task_type == "seq_cls" else {}
+    model_config = load_config(cfg.model, **overrides)
+    spec = ModelSpec.from_config(model_config, task=cfg.task_type, name=cfg.model)
+    _ = auto_class  # the task type was checked by ModelSpec.from_config
+
+    adapter = cfg.adapter
+    targets = adapter.target_modules or default_target_modules(spec.model)
+    heads = adapter.modules_to_save if adapter.modules_to_save is not None else find_head_modules(spec.model, cfg.task_type, num_labels)
+    resolved = cfg.model_copy(deep=True)
+    resolved.adapter = adapter.model_copy(update={"target_modules": list(targets), "modules_to_save": list(heads)})
+    resolved = TrialConfig.from_dict(resolved.to_dict())  # re-validate after the update
+
+    adapter_cfg = resolved.adapter.adapter_config()
+    acct = account(spec, adapter_cfg)  # raises UsageError when the adapter does not fit the layers
+    metrics, main = task_metrics(task, cfg.task_type)
+    plan = plan_for(resolved, len(task.splits["train"]))
+    if len(task.splits["validation"]) < 1:
+        raise UsageError(f"task {cfg.task.name!r} has an empty validation split")
+    return PreparedTrial(
+        cfg=resolved,
+        num_labels=num_labels,
+        train_samples=len(task.splits["train"]),
+        eval_samples=len(task.splits["validation"]),
+        metrics=metrics,
+        main_metric=main,
+        plan=plan,
+        accounting={k: acct[k] for k in ("adapter_params", "head_params", "equivalent_rank", "adapted_layers", "base_params")},
+    )

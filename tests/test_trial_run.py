@@ -1,0 +1,268 @@
+"""One trial for real: Ray Train V2 + DeepSpeed on CPU (gloo), the bundled MiniLM, real data. No mocks.
+
+Every test here is slow (tens of seconds to a few minutes on 2 cores). They share
+one local Ray cluster (2 CPUs) except the kill-and-resume test, which runs the
+CLI in subprocesses that start their own.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from melora_tune.trial import TrialConfig, apply_overrides, run_trial
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[1]
+FIXTURES = ROOT / "tests" / "fixtures"
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    yield
+    ray.shutdown()
+
+
+def small_config(**overrides) -> TrialConfig:
+    base = {
+        "max_train_samples": 256,
+        "max_eval_samples": 64,
+        "epochs": 1,
+        "micro_batch_size": 16,
+        "max_length": 48,
+        "method": "melora",
+        "n": 4,
+        "r": 2,
+        "lr": 3e-3,
+        "zero_stage": 0,
+        "num_workers": 1,
+    }
+    base.update(overrides)
+    return apply_overrides(TrialConfig(), base)
+
+
+def eval_accuracy_in_process(adapter_dir: str, max_eval: int) -> float:
+    """Load the exported adapter into a fresh MiniLM and score the same validation split in this process."""
+    import transformers
+
+    from melora_tune.adapters.inject import load_adapter
+    from melora_tune.data import TaskSpec, compute_metrics, encode_classification, load_task
+    from melora_tune.models import resolve_model
+
+    path = resolve_model("minilm")
+    task = load_task(TaskSpec(name="rotten_tomatoes", max_train_samples=2000, max_eval_samples=max_eval))
+    tok = transformers.AutoTokenizer.from_pretrained(path)
+    data = encode_classification(task, tok, 64)["validation"]
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
+    load_adapter(model, adapter_dir)
+    model.eval()
+    logits, labels = [], []
+    with torch.no_grad():
+        for i in range(0, len(data), 64):
+            batch = data[i : i + 64]
+            labels.append(batch.pop("labels"))
+            logits.append(model(**batch).logits)
+    return compute_metrics(["accuracy"], torch.cat(logits).numpy(), torch.cat(labels).numpy())["accuracy"]
+
+
+def test_melora_minilm_zero2_two_workers_learns_rotten_tomatoes(ray_cluster, tmp_path):
+    """MELoRA (n=4, r=2: equivalent rank 8) on query+value+head, ZeRO-2, 2 gloo workers: >= 0.70 accuracy."""
+    cfg = apply_overrides(
+        TrialConfig(),
+        {
+            "max_train_samples": 2000,
+            "max_eval_samples": 500,
+            "epochs": 2,
+            "micro_batch_size": 16,  # per worker: 32 a step over 2 workers
+            "max_length": 64,
+            "method": "melora",
+            "n": 4,
+            "r": 2,
+            "alpha": 16,
+            "lr": 3e-3,
+            "zero_stage": 2,
+            "num_workers": 2,
+        },
+    )
+    t0 = time.time()
+    result = run_trial(cfg, tmp_path, "rt-melora")
+    elapsed = time.time() - t0
+    assert result.status == "completed", result.reason
+    m = result.metrics
+    assert m["eval_accuracy"] >= 0.70, m
+    assert m["score"] == m["eval_accuracy"]
+    assert result.step == result.total_steps == 2 * math.ceil(1000 / 16)
+    assert [h["epoch"] for h in result.history] == [1.0, 2.0]
+    for key in ("eval_loss", "train_loss", "samples_per_s", "trainable_params", "adapter_params", "equivalent_rank", "eval_f1"):
+        assert key in m, key
+    assert m["equivalent_rank"] == 8
+    assert m["adapter_params"] == 12 * 2 * (384 + 384)  # 6 layers x (query, value), r (d_in + d_out)
+    assert m["trainable_params"] == m["adapter_params"] + 384 * 2 + 2
+    # the checkpoint is small (adapter + optimizer state, no frozen base) ...
+    size = sum(p.stat().st_size for p in Path(result.checkpoint_path).rglob("*") if p.is_file())
+    assert size < 2_000_000, size
+    # ... and the exported adapter reproduces the distributed evaluation exactly
+    assert eval_accuracy_in_process(result.adapter_path, 500) == pytest.approx(m["eval_accuracy"], abs=1e-9)
+    print(f"accuracy {m['eval_accuracy']:.3f} in {elapsed:.0f} s; timings {result.timings}")
+
+
+def test_nan_loss_ends_trial_as_diverged(ray_cluster, tmp_path):
+    cfg = small_config(debug_inject_nan_at_step=3, eval_every_steps=2)
+    result = run_trial(cfg, tmp_path, "nan")
+    assert result.status == "diverged"
+    assert "non-finite" in result.reason and "step 3" in result.reason
+    assert result.step == 3
+    assert result.metrics["status"] == "diverged" and result.metrics["score"] == float("-inf")
+    assert [h["status"] for h in result.history] == ["running", "diverged"]  # the eval at step 2 came first
+    # running it again does not train on from NaN weights: it stays diverged at once
+    again = run_trial(cfg, tmp_path, "nan")
+    assert again.status == "diverged" and again.step == 3 and again.reason == result.reason
+
+
+def test_local_csv_sentence_pairs(ray_cluster, tmp_path):
+    """A local MRPC-like CSV (sentence1, sentence2, label): pairs reach BERT as pairs, metrics come back."""
+    cfg = small_config(epochs=2, micro_batch_size=8, lr=5e-3)
+    cfg = apply_overrides(cfg, {"task.name": "mrpc_local", "task.path": str(FIXTURES / "mrpc_sample.csv"), "task.glue_task": "mrpc",
+                                "max_train_samples": None, "max_eval_samples": None, "task.validation_fraction": 0.2})
+    result = run_trial(cfg, tmp_path, "pairs")
+    assert result.status == "completed", result.reason
+    assert {"eval_accuracy", "eval_f1", "eval_loss", "score"} <= set(result.metrics)
+    assert 0.0 <= result.metrics["eval_accuracy"] <= 1.0
+
+
+def test_local_regression_jsonl(ray_cluster, tmp_path):
+    """STS-B-like regression from a local JSONL: num_labels 1, MSE eval loss, Pearson as score."""
+    cfg = small_config(epochs=1, micro_batch_size=8)
+    cfg = apply_overrides(cfg, {"task.name": "stsb_local", "task.path": str(FIXTURES / "stsb_sample.jsonl"), "task.glue_task": "stsb",
+                                "max_train_samples": None, "max_eval_samples": None, "task.validation_fraction": 0.25})
+    result = run_trial(cfg, tmp_path, "stsb")
+    assert result.status == "completed", result.reason
+    m = result.metrics
+    assert m["score"] == m["eval_pearson"] and "eval_spearmanr" in m
+    assert math.isfinite(m["eval_loss"])
+
+
+@pytest.fixture
+def tiny_llama_dir(tmp_path):
+    """A random GQA Llama (4 query heads, 2 key/value heads) with the MiniLM tokenizer, saved like a Hub model."""
+    import transformers
+
+    from melora_tune.models import resolve_model
+
+    tok = transformers.AutoTokenizer.from_pretrained(resolve_model("minilm"))
+    config = transformers.LlamaConfig(
+        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=128, pad_token_id=tok.pad_token_id,
+    )
+    torch.manual_seed(0)
+    path = tmp_path / "tiny-llama"
+    transformers.LlamaForCausalLM(config).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def test_causal_lm_tiny_llama_melora_zero3(ray_cluster, tmp_path, tiny_llama_dir):
+    """Causal LM with GQA (v_proj 64 -> 32), MELoRA on q_proj,v_proj, ZeRO-3 over 2 workers: the loss falls."""
+    cfg = small_config(epochs=2, max_train_samples=320, lr=1e-2, micro_batch_size=8, max_length=64, n=2, r=4,
+                       zero_stage=3, num_workers=2, warmup_ratio=0.0)
+    cfg = apply_overrides(cfg, {"model": str(tiny_llama_dir), "task_type": "causal_lm"})
+    result = run_trial(cfg, tmp_path, "llama")
+    assert result.status == "completed", result.reason
+    first, last = result.history[0], result.history[-1]
+    assert math.isfinite(last["eval_perplexity"]) and last["eval_perplexity"] == pytest.approx(math.exp(last["eval_loss"]))
+    assert last["eval_loss"] < first["eval_loss"]
+    assert last["score"] == -last["eval_loss"]
+    assert result.metrics["adapter_params"] == 2 * (4 * (64 + 64) + 4 * (64 + 32))  # 2 layers x (q_proj, v_proj)
+    # the adapter exported under ZeRO-3 holds real (gathered) tensors
+    import transformers
+
+    from melora_tune.adapters.inject import adapter_state_dict, load_adapter
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+    cfg_loaded, _ = load_adapter(model, result.adapter_path)
+    assert cfg_loaded.target_modules == ["q_proj", "v_proj"] and cfg_loaded.modules_to_save == []
+    state = adapter_state_dict(model, cfg_loaded)
+    assert all(t.numel() > 0 for t in state.values())
+    assert any(float(t.abs().sum()) > 0 for k, t in state.items() if k.endswith("melora_B"))  # B started at zero
+
+
+# ---- kill and resume ------------------------------------------------------------
+
+RESUME_SETTINGS = [
+    "max_train_samples=256", "max_eval_samples=64", "epochs=2", "micro_batch_size=16", "max_length=48",
+    "method=melora", "n=4", "r=2", "lr=3e-3", "zero_stage=2", "num_workers=2", "eval_every_steps=3",
+    "training.seed=7", "keep_checkpoints=2",
+]
+
+
+def _cli(config: Path, storage: Path, name: str, **popen):
+    cmd = [sys.executable, "-m", "melora_tune.cli", "train", str(config), "--storage-path", str(storage), "--name", name,
+           "--num-cpus", "2", "--json", "--set", *RESUME_SETTINGS]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True, cwd=str(storage), **popen)
+
+
+def _json_result(proc, timeout=600) -> dict:
+    out, err = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, err[-3000:]
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def test_killed_trial_resumes_from_its_last_checkpoint(tmp_path):
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    config = tmp_path / "trial.yaml"
+    config.write_text("model: minilm\ntask:\n  name: rotten_tomatoes\n")
+    storage = tmp_path / "runs"
+    storage.mkdir()
+
+    # the run to kill: SIGKILL its whole process group (driver, Ray, workers) once a checkpoint is committed
+    victim = _cli(config, storage, "victim", start_new_session=True)
+    run_dir = storage / "victim"
+    deadline = time.time() + 480
+    committed = None
+    while time.time() < deadline and victim.poll() is None:
+        snapshot = run_dir / "checkpoint_manager_snapshot.json"
+        done = sorted(run_dir.glob("checkpoint_*/trial_state.json"))
+        if snapshot.is_file() and done:
+            committed = done
+            break
+        time.sleep(0.2)
+    assert committed, "no checkpoint was written"
+    os.killpg(victim.pid, signal.SIGKILL)
+    victim.communicate()
+    states = [json.loads(p.read_text()) for p in run_dir.glob("checkpoint_*/trial_state.json")]
+    killed_at = max(s["step"] for s in states)
+    assert all(s["status"] == "running" for s in states), "killed too late: the trial had already finished"
+
+    resumed = _json_result(_cli(config, storage, "victim"))
+    reference = _json_result(_cli(config, storage, "reference"))
+
+    assert reference["status"] == resumed["status"] == "completed"
+    # 256 samples / 2 workers / 16 a micro-batch = 8 steps an epoch, 2 epochs
+    assert resumed["step"] == resumed["total_steps"] == reference["step"] == reference["total_steps"] == 16
+    assert resumed["restarts"] == 1 and reference["restarts"] == 0
+    assert killed_at < 16
+    # same data order, dropout RNG and optimizer/scheduler state after the restart: the same trajectory
+    for key in ("eval_loss", "train_loss", "eval_accuracy", "lr"):
+        assert resumed["metrics"][key] == pytest.approx(reference["metrics"][key], rel=1e-5, abs=1e-9), key
+    history = json.loads((Path(resumed["checkpoint_path"]) / "trial_state.json").read_text())["history"]
+    assert [h["step"] for h in history] == [3, 6, 9, 12, 15, 16]
+    assert len(list(run_dir.glob("checkpoint_0*"))) <= 2  # keep_checkpoints
