@@ -1,0 +1,95 @@
+"""``melora-tune search SPACE.yaml``: a budget-constrained search (Optuna TPE + ASHA on Ray Tune, MLflow tracking).
+
+Progress goes to stdout, one line per change (a trial started, reported,
+ended), then a summary table with the best trial of each method marked.
+``--dry-run`` validates the space and prints how many configurations fit the
+budget per method, without starting anything. ``--resume`` continues the
+newest interrupted search of the same space (or the one named by --name).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+
+def add_search_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "search",
+        help="search adapter hyperparameters under a parameter budget (Ray Tune + Optuna + ASHA + MLflow)",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("space", help="search space YAML (see search_spaces/demo.yaml)")
+    p.add_argument("--num-samples", type=int, default=None, help="number of trials (default: the space's num_samples)")
+    p.add_argument("--address", default=None, help="join this Ray cluster (default: start a local one)")
+    p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: sqlite:///mlflow.db here)")
+    p.add_argument("--storage-path", default=None, help="where experiments go (default: the space's, else ./melora_runs)")
+    p.add_argument("--name", default=None, help="experiment name (default: <space name>-<timestamp>)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted search (the newest of this space, or --name)")
+    p.add_argument("--dry-run", action="store_true", help="validate and print the feasible space size per method; start nothing")
+    p.add_argument("--json", action="store_true", help="print the result as one JSON object at the end")
+    p.add_argument("--verbose", action="store_true", help="also relay the trial workers' logs")
+    p.set_defaults(func=search_command)
+    return p
+
+
+def search_command(args) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if args.dry_run:
+        return _dry_run(args)
+    from melora_tune.search.runner import run_search
+
+    result = run_search(
+        args.space,
+        num_samples=args.num_samples,
+        address=args.address,
+        tracking_uri=args.tracking_uri,
+        storage_path=args.storage_path,
+        resume=args.resume,
+        name=args.name,
+        verbose=args.verbose,
+    )
+    print()
+    print(result.table())
+    best = result.best_overall
+    print(f"\nsearch {result.name}: {result.status} in {result.wall_s:.0f} s; {len(result.trials)} trials")
+    for method, row in sorted(result.best.items()):
+        print(f"  best {method}: {row.label} score {row.score:.4f} ({row.status.replace('_', ' ')})"
+              + (f" adapter {row.checkpoint}" if row.checkpoint else ""))
+    if best is None:
+        print("  no trial produced a score")
+    print(f"  experiment {result.experiment_path}")
+    print(f"  optuna     {result.optuna_storage} (study {result.study_name}): optuna-dashboard {result.optuna_storage}")
+    print(f"  mlflow     {result.tracking_uri} parent run {result.parent_run_id}")
+    if args.json:
+        print(json.dumps(result.to_dict(), default=str))
+    if result.status == "interrupted":
+        print(f"interrupted: continue with  melora-tune search {args.space} --resume --name {result.name}", file=sys.stderr)
+        return 130
+    return 0
+
+
+def _dry_run(args) -> int:
+    from melora_tune.search.runner import dry_run
+
+    space, feasible = dry_run(args.space, num_samples=args.num_samples)
+    total = sum(feasible.size(m) for m in feasible.methods)
+    asha = (
+        f"ASHA on {space.asha.time_attr} (grace {space.asha.grace_period}, reduction {space.asha.reduction_factor:g}, max {space.max_t})"
+        if space.asha.enabled else "no early stopping"
+    )
+    res = space.resources
+    print(f"{space.name}: {space.model} on {space.task.name}, {feasible.shapes_summary}")
+    print(f"budget {space.budget.max_params:,} adapter params (min fraction {space.budget.min_fraction:g}): {total} feasible configurations")
+    for line in feasible.summary_lines():
+        print(line)
+    print(f"{space.num_samples} trials, at most {space.max_concurrent_trials} at once, {asha}")
+    print(f"each trial: {res.num_workers} Ray Train worker(s) x {res.cpus_per_worker:g} CPU"
+          + (f" + {res.gpus_per_worker:g} GPU" if res.gpus_per_worker else "")
+          + f", DeepSpeed ZeRO-{space.training.zero_stage}, {space.training.epochs} epoch(s)")
+    if args.json:
+        print(json.dumps({m: [c.to_dict() for c in feasible.candidates[m]] for m in feasible.methods}))
+    return 0

@@ -1,0 +1,511 @@
+"""``run_search``: a budget-constrained search on Ray Tune (Optuna TPE + ASHA), tracked in MLflow.
+
+Layout of one search under the storage path::
+
+    <storage_path>/optuna.db                   the Optuna studies (one per search, named after it)
+    <storage_path>/<name>/                      the Ray Tune experiment (state, trials, checkpoints)
+    <storage_path>/<name>/melora_search.json    study name, Optuna storage, MLflow ids: what --resume reuses
+
+``name`` is ``<space name>-<timestamp>`` unless given; ``resume=True`` without a
+name continues the newest search of the same space under the storage path.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+
+from melora_tune.errors import UsageError
+from melora_tune.search.schema import DEFAULT_STORAGE_PATH, DEFAULT_TRACKING_URI, SearchSpace, load_space, parse_space
+from melora_tune.search.space import FeasibleSpace, build_space
+
+log = logging.getLogger("melora_tune.search")
+
+META_NAME = "melora_search.json"
+METRIC, MODE = "score", "max"
+# Keys of a space that may differ between a search and its --resume.
+RESUME_MAY_CHANGE = {"storage_path", "optuna_storage", "tracking_uri"}
+
+
+@dataclass
+class SearchResult:
+    """What a search found: every trial, the best per method, and where everything is."""
+
+    name: str
+    status: str  # finished | interrupted | failed
+    trials: list  # TrialRow
+    best: dict[str, Any]  # method -> TrialRow (full-fidelity trials first)
+    parent_run_id: str
+    experiment_path: str
+    study_name: str
+    optuna_storage: str
+    tracking_uri: str
+    mlflow_experiment_id: str
+    wall_s: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def best_overall(self):
+        rows = list(self.best.values())
+        if not rows:
+            return None
+        return max(rows, key=lambda r: (r.status == "completed", r.score if r.score is not None else -math.inf))
+
+    def table(self) -> str:
+        from melora_tune.search.progress import summary_table
+
+        return summary_table(self.trials)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "status": self.status,
+            "trials": [t.to_dict() for t in self.trials],
+            "best": {k: v.to_dict() for k, v in self.best.items()},
+            "parent_run_id": self.parent_run_id,
+            "experiment_path": self.experiment_path,
+            "study_name": self.study_name,
+            "optuna_storage": self.optuna_storage,
+            "tracking_uri": self.tracking_uri,
+            "mlflow_experiment_id": self.mlflow_experiment_id,
+            "wall_s": self.wall_s,
+        }
+
+
+# ---- inputs -------------------------------------------------------------------------------------
+
+def resolve_space(space: SearchSpace | dict | str | os.PathLike) -> tuple[SearchSpace, str, str]:
+    """(validated space, its YAML text, a file name for the artifact)."""
+    if isinstance(space, SearchSpace):
+        return space, yaml.safe_dump(space.model_dump(mode="json"), sort_keys=False), f"{space.name}.yaml"
+    if isinstance(space, dict):
+        parsed = parse_space(space)
+        return parsed, yaml.safe_dump(space, sort_keys=False), f"{parsed.name}.yaml"
+    parsed, text = load_space(space)
+    return parsed, text, Path(space).name
+
+
+def _is_remote(path: str) -> bool:
+    return "://" in path
+
+
+def _comparable(space: SearchSpace) -> dict[str, Any]:
+    data = space.model_dump(mode="json")
+    for key in RESUME_MAY_CHANGE:
+        data.pop(key, None)
+    return data
+
+
+def _find_latest(storage: Path, space_name: str) -> Path | None:
+    found = [p.parent for p in storage.glob(f"{space_name}-*/{META_NAME}")]
+    found += [p.parent for p in storage.glob(f"{space_name}/{META_NAME}")]
+    return max(found, key=lambda p: (p / META_NAME).stat().st_mtime) if found else None
+
+
+def _has_snapshot(exp_dir: Path) -> bool:
+    return any(exp_dir.glob("experiment_state*.json"))
+
+
+def plan_paths(space: SearchSpace, *, storage_path: str | None, name: str | None, resume: bool) -> tuple[str, str, Path | None]:
+    """(storage path, experiment name, experiment dir when local)."""
+    storage = storage_path or space.storage_path or DEFAULT_STORAGE_PATH
+    if _is_remote(storage):
+        if resume and not name:
+            raise UsageError("--resume on remote storage needs --name (the search's experiment name)")
+        name = name or f"{space.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        return storage, name, None
+    root = Path(storage).expanduser().resolve()
+    if resume:
+        if name:
+            exp_dir = root / name
+            if not exp_dir.is_dir():
+                raise UsageError(f"nothing to resume: {exp_dir} does not exist")
+        else:
+            found = _find_latest(root, space.name)
+            if found is None:
+                raise UsageError(f"nothing to resume: no search of {space.name!r} under {root} (start one without --resume)")
+            exp_dir = found
+        if not _has_snapshot(exp_dir):
+            raise UsageError(
+                f"cannot resume {exp_dir}: the search was interrupted before Ray wrote its first snapshot "
+                f"(no experiment_state file); start it again with --name {exp_dir.name} and without --resume "
+                "(its Optuna trials and MLflow runs are reused)"
+            )
+        return str(root), exp_dir.name, exp_dir
+    name = name or f"{space.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    exp_dir = root / name
+    if exp_dir.is_dir() and _has_snapshot(exp_dir):
+        raise UsageError(f"search {exp_dir} already exists: continue it with --resume, or give another --name")
+    return str(root), name, exp_dir
+
+
+def _read_meta(exp_dir: Path | None) -> dict[str, Any]:
+    if exp_dir is None or not (exp_dir / META_NAME).is_file():
+        return {}
+    return json.loads((exp_dir / META_NAME).read_text())
+
+
+def _write_meta(exp_dir: Path | None, meta: dict[str, Any]) -> None:
+    if exp_dir is None:
+        return
+    exp_dir.mkdir(parents=True, exist_ok=True)
+    tmp = exp_dir / (META_NAME + ".tmp")
+    tmp.write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
+    tmp.replace(exp_dir / META_NAME)
+
+
+def default_optuna_storage(storage: str) -> str:
+    if _is_remote(storage):
+        return "sqlite:///" + str(Path("optuna.db").resolve())
+    return "sqlite:///" + str(Path(storage) / "optuna.db")
+
+
+# ---- Ray ------------------------------------------------------------------------------------
+
+def _start_ray(address: str | None, verbose: bool) -> bool:
+    import ray
+
+    from melora_tune.trial.driver import worker_env
+
+    if ray.is_initialized():
+        return False
+    kwargs: dict[str, Any] = dict(
+        include_dashboard=False,
+        log_to_driver=verbose,
+        logging_level=logging.WARNING,
+        runtime_env={"env_vars": worker_env()},
+    )
+    if address:
+        kwargs["address"] = address
+    try:
+        ray.init(**kwargs)
+    except ConnectionError as err:
+        raise UsageError(f"cannot join the Ray cluster at {address}: {str(err).splitlines()[0]}") from None
+    return True
+
+
+def _check_resources(space: SearchSpace) -> None:
+    """Fail fast (instead of pending forever) when one trial can never fit the cluster."""
+    import ray
+
+    total = ray.cluster_resources()
+    res = space.resources
+    need_cpu = res.driver_cpus + res.num_workers * res.cpus_per_worker
+    need_gpu = res.num_workers * res.gpus_per_worker
+    if total.get("CPU", 0) + 1e-9 < need_cpu:
+        raise UsageError(
+            f"one trial needs {need_cpu:g} CPUs (driver {res.driver_cpus:g} + {res.num_workers} worker(s) x "
+            f"{res.cpus_per_worker:g}) but the Ray cluster has {total.get('CPU', 0):g}: lower resources.cpus_per_worker or num_workers"
+        )
+    if need_gpu and total.get("GPU", 0) + 1e-9 < need_gpu:
+        raise UsageError(
+            f"one trial needs {need_gpu:g} GPUs but the Ray cluster has {total.get('GPU', 0):g}: "
+            "set resources.gpus_per_worker: 0 to train on CPU, or join a GPU cluster with --address"
+        )
+
+
+def make_scheduler(space: SearchSpace):
+    from ray.tune.schedulers import AsyncHyperBandScheduler, FIFOScheduler
+
+    if not space.asha.enabled:
+        return FIFOScheduler()
+
+    class FiniteASHA(AsyncHyperBandScheduler):
+        """ASHA that ignores non-finite scores (a diverged trial's -inf would turn a rung's cutoff into NaN)."""
+
+        def on_trial_result(self, tune_controller, trial, result):
+            if not math.isfinite(result.get(METRIC, math.nan)):
+                return self.CONTINUE
+            return super().on_trial_result(tune_controller, trial, result)
+
+        def on_trial_complete(self, tune_controller, trial, result):
+            if not math.isfinite((result or {}).get(METRIC, math.nan)):
+                self._trial_info.pop(trial.trial_id, None)
+                return
+            return super().on_trial_complete(tune_controller, trial, result)
+
+    return FiniteASHA(
+        time_attr=space.asha.time_attr,
+        max_t=space.max_t,
+        grace_period=space.asha.grace_period,
+        reduction_factor=space.asha.reduction_factor,
+        brackets=space.asha.brackets,
+        # a trial at max_t ends by itself: stopping it would kill its Train run before it shuts down cleanly
+        stop_last_trials=False,
+    )
+
+
+# ---- the search ------------------------------------------------------------------------------
+
+def search_params(space: SearchSpace, feasible: FeasibleSpace, num_samples: int, *, storage_path: str | None = None,
+                  optuna_storage: str | None = None, study_name: str | None = None) -> dict[str, Any]:
+    s = space.space
+    out: dict[str, Any] = {
+        "model": space.model,
+        "task": space.task.name,
+        "methods": space.methods,
+        "budget": space.budget.max_params,
+        "min_fraction": space.budget.min_fraction,
+        "num_samples": num_samples,
+        "max_concurrent_trials": space.max_concurrent_trials,
+        "seed": space.seed,
+        "lr_low": s.lr.low,
+        "lr_high": s.lr.high,
+        "lr_log": s.lr.log,
+        "epochs": space.training.epochs,
+        "zero_stage": space.training.zero_stage,
+        "asha": space.asha.enabled,
+        "asha_grace_period": space.asha.grace_period,
+        "asha_reduction_factor": space.asha.reduction_factor,
+        "target_modules": feasible.target_modules,
+        "modules_to_save": feasible.modules_to_save,
+        "alpha": space.adapter.alpha,
+        "dropout": space.adapter.dropout,
+        "num_workers": space.resources.num_workers,
+        # where the study and experiment live: report reads parameter importance from the study
+        "storage_path": storage_path,
+        "optuna_storage": optuna_storage,
+        "study_name": study_name,
+    }
+    for key in ("n", "r", "u", "m", "m_b", "alpha", "dropout"):
+        value = getattr(s, key)
+        if value is not None:
+            out[f"space.{key}"] = value
+    for method in feasible.methods:
+        out[f"feasible_{method}"] = feasible.size(method)
+    return out
+
+
+def run_search(
+    space: SearchSpace | dict | str | os.PathLike,
+    *,
+    num_samples: int | None = None,
+    address: str | None = None,
+    tracking_uri: str | None = None,
+    storage_path: str | None = None,
+    resume: bool = False,
+    name: str | None = None,
+    verbose: bool = False,
+    write: Callable[[str], None] | None = None,
+    spec=None,
+) -> SearchResult:
+    """Run (or ``resume``) a search; returns every trial and the best per method.
+
+    ``space``: a space YAML path, a dict, or a ``SearchSpace``. Everything a user
+    can get wrong raises ``UsageError`` before Ray starts. ``spec`` (a
+    ``ModelSpec``) skips loading the model config for the budget (tests).
+    """
+    t0 = time.time()
+    space, text, filename = resolve_space(space)
+    if num_samples is not None:
+        if num_samples < 1:
+            raise UsageError(f"--num-samples must be >= 1, got {num_samples}")
+        space = space.model_copy(update={"num_samples": num_samples})
+    feasible = build_space(space, spec=spec)
+    storage, exp_name, exp_dir = plan_paths(space, storage_path=storage_path, name=name, resume=resume)
+    meta = _read_meta(exp_dir)
+    if resume and meta.get("space") is not None and meta["space"] != _comparable(space):
+        changed = sorted(k for k in set(meta["space"]) | set(_comparable(space)) if meta["space"].get(k) != _comparable(space).get(k))
+        raise UsageError(
+            f"cannot resume {exp_name}: the space changed since it started ({', '.join(changed)}); "
+            "a resumed search must keep its space (start a new search instead)"
+        )
+    from melora_tune.search.tracking import normalize_tracking_uri
+
+    tracking = normalize_tracking_uri(tracking_uri or space.tracking_uri or meta.get("tracking_uri") or DEFAULT_TRACKING_URI)
+    optuna_storage = space.optuna_storage or meta.get("optuna_storage") or default_optuna_storage(storage)
+    if optuna_storage.startswith("sqlite:///") and not optuna_storage.startswith("sqlite:////"):
+        optuna_storage = "sqlite:///" + str(Path(optuna_storage.removeprefix("sqlite:///")).resolve())
+    study_name = meta.get("study_name") or exp_name
+    base_trial = space.base_trial_dict(feasible.target_modules, feasible.modules_to_save)
+
+    # ---- MLflow: experiment per task, parent run per search
+    from melora_tune.search import tracking as trk
+
+    mlf = trk.client(tracking)
+    experiment_id = trk.get_or_create_experiment(mlf, space.task.name, tracking)
+    parent = trk.start_parent(
+        mlf, experiment_id, run_id=meta.get("parent_run_id"), name=exp_name,
+        params=search_params(space, feasible, space.num_samples, storage_path=storage, optuna_storage=optuna_storage,
+                             study_name=study_name), space_text=text, space_filename=filename,
+    )
+    meta.update(
+        name=exp_name, study_name=study_name, optuna_storage=optuna_storage, tracking_uri=tracking,
+        mlflow_experiment_id=experiment_id, parent_run_id=parent, space=_comparable(space),
+        num_samples=space.num_samples, created=meta.get("created") or time.strftime("%Y-%m-%dT%H:%M:%S"),
+    )
+    _write_meta(exp_dir, meta)
+
+    # Ray Tune: our progress lines instead of its tables; forced snapshots after checkpoints are wanted
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    started_ray = False
+    status = "failed"
+    result = None
+    try:
+        started_ray = _start_ray(address, verbose)
+        _check_resources(space)
+        tuner = _build_tuner(space, feasible, base_trial, storage, exp_name, optuna_storage, study_name, tracking,
+                             experiment_id, parent, resume, write)
+        grid = tuner.fit()
+        result = collect(grid, space, feasible, exp_name, storage, parent, study_name, optuna_storage, tracking, experiment_id)
+        status = result.status
+        return result
+    except KeyboardInterrupt:
+        status = "interrupted"
+        raise
+    finally:
+        summary = None
+        if result is not None and result.best_overall is not None:
+            b = result.best_overall
+            summary = {"best": f"{b.label} score {b.score}", "best_score": b.score}
+        try:
+            if status != "finished":
+                trk.close_unfinished(mlf, experiment_id, parent)
+            trk.end_parent(mlf, parent, status, summary)
+        except Exception as exc:  # noqa: BLE001
+            log.warning("could not close the MLflow parent run: %s", exc)
+        if result is not None:
+            result.wall_s = time.time() - t0
+        if started_ray:
+            import ray
+
+            ray.shutdown()
+
+
+def _build_tuner(space, feasible, base_trial, storage, exp_name, optuna_storage, study_name, tracking, experiment_id,
+                 parent, resume, write):
+    from ray import tune
+
+    from melora_tune.search.progress import ProgressCallback
+    from melora_tune.search.reaper import PlacementGroupReaper
+    from melora_tune.search.searcher import BudgetOptunaSearch
+    from melora_tune.search.tracking import MlflowTrialCallback
+    from melora_tune.search.trainable import BASE_KEY, search_trial, trial_dirname
+
+    res = space.resources
+    trainable = tune.with_resources(search_trial, {"CPU": res.driver_cpus})
+    callbacks = [
+        MlflowTrialCallback(tracking, experiment_id, parent, budget=feasible.budget, min_fraction=feasible.min_fraction,
+                            max_t=space.max_t, time_attr=space.asha.time_attr, search_name=exp_name),
+        ProgressCallback(space.num_samples, space.max_concurrent_trials, space.max_t, space.asha.time_attr, write=write),
+        PlacementGroupReaper(),
+    ]
+    exp_path = storage.rstrip("/") + "/" + exp_name
+    if resume:
+        tuner = tune.Tuner.restore(exp_path, trainable=trainable, resume_errored=True)
+        # callbacks come back pickled from tuner.pkl; give the restored run fresh ones (new tracking URI, writer)
+        internal = getattr(tuner, "_local_tuner", None)
+        if internal is not None:
+            internal._run_config.callbacks = callbacks
+            internal._run_config.verbose = 0
+        return tuner
+    searcher = BudgetOptunaSearch(
+        feasible,
+        storage=optuna_storage,
+        study_name=study_name,
+        seed=space.seed,
+        n_startup_trials=space.startup_trials(),
+        max_t=space.max_t,
+        time_attr=space.asha.time_attr,
+        metric=METRIC,
+        mode=MODE,
+        points_to_evaluate=feasible.points,
+    )
+    return tune.Tuner(
+        trainable,
+        param_space={BASE_KEY: base_trial},
+        tune_config=tune.TuneConfig(
+            metric=METRIC,
+            mode=MODE,
+            search_alg=searcher,
+            scheduler=make_scheduler(space),
+            num_samples=space.num_samples,
+            max_concurrent_trials=space.max_concurrent_trials,
+            trial_dirname_creator=trial_dirname,
+        ),
+        run_config=tune.RunConfig(
+            name=exp_name,
+            storage_path=storage,
+            callbacks=callbacks,
+            verbose=0,
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=1, checkpoint_score_attribute=METRIC, checkpoint_score_order=MODE),
+            failure_config=tune.FailureConfig(max_failures=0),
+        ),
+    )
+
+
+def collect(grid, space, feasible, exp_name, storage, parent, study_name, optuna_storage, tracking, experiment_id) -> SearchResult:
+    from melora_tune.search.progress import TrialRow
+    from melora_tune.search.searcher import outcome
+    from melora_tune.search.tracking import best_checkpoint
+
+    statuses: dict[str, str] = {}
+    try:  # Tune's own view: a trial stopped by an interrupt is neither TERMINATED nor ERROR
+        statuses = {t.trial_id: str(t.status) for t in grid._experiment_analysis.trials}
+    except Exception:  # noqa: BLE001
+        pass
+    rows: list[TrialRow] = []
+    for res in grid:
+        cfg = res.config or {}
+        last = res.metrics or {}
+        kind = "failed" if res.error is not None else outcome(last, False, space.max_t, space.asha.time_attr)
+        tid = last.get("trial_id") or (Path(res.path).name.removeprefix("trial_") if res.path else None)
+        if statuses.get(tid) not in (None, "TERMINATED", "ERROR"):
+            kind = "interrupted"
+        score = last.get(METRIC)
+        trial_id = tid or "?"
+        _, adapter = best_checkpoint(res.path)
+        rows.append(TrialRow(
+            trial_id=str(trial_id),
+            method=cfg.get("method", "?"),
+            n=cfg.get("n"),
+            r=cfg.get("r", 0),
+            u=cfg.get("u"),
+            m=cfg.get("m"),
+            lr=float(cfg.get("lr", math.nan)),
+            adapter_params=int(cfg.get("adapter_params", 0)),
+            equivalent_rank=int(cfg.get("equivalent_rank", 0)),
+            score=float(score) if isinstance(score, (int, float)) and math.isfinite(score) else None,
+            status=kind,
+            epochs=last.get("epoch"),
+            optuna_trial=cfg.get("optuna_trial"),
+            checkpoint=str(adapter) if adapter is not None else None,
+        ))
+    best: dict[str, TrialRow] = {}
+    for row in rows:
+        if row.score is None or row.status not in ("completed", "stopped_early"):
+            continue
+        key = (row.status == "completed", row.score)
+        cur = best.get(row.method)
+        if cur is None or key > (cur.status == "completed", cur.score):
+            best[row.method] = row
+    for row in best.values():
+        row.best = True
+    ended = sum(1 for r in rows if r.status != "interrupted")
+    status = "finished" if ended >= space.num_samples else "interrupted"
+    return SearchResult(
+        name=exp_name, status=status, trials=rows, best=best, parent_run_id=parent,
+        experiment_path=storage.rstrip("/") + "/" + exp_name, study_name=study_name, optuna_storage=optuna_storage,
+        tracking_uri=tracking, mlflow_experiment_id=experiment_id,
+    )
+
+
+def dry_run(space: SearchSpace | dict | str | os.PathLike, *, spec=None, num_samples: int | None = None) -> tuple[SearchSpace, FeasibleSpace]:
+    """Validate a space and enumerate its feasible configurations; nothing starts."""
+    space, _, _ = resolve_space(space)
+    if num_samples is not None:
+        if num_samples < 1:
+            raise UsageError(f"--num-samples must be >= 1, got {num_samples}")
+        space = space.model_copy(update={"num_samples": num_samples})
+    feasible = build_space(space, spec=spec)
+    space.base_trial_dict(feasible.target_modules, feasible.modules_to_save)
+    return space, feasible

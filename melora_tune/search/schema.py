@@ -1,0 +1,410 @@
+"""The search space file: a pydantic schema, loaded from YAML and checked before Ray starts.
+
+Every mistake a user can make in a space file becomes one ``UsageError`` line
+(the CLI prints it and exits with status 2): an unknown key (with the closest
+known one suggested), a wrong type, a bad range, an unknown method. Whether the
+budget admits any configuration needs the model's layer shapes and is checked
+in ``melora_tune.search.space.build_space``.
+
+See ``search_spaces/demo.yaml`` for every key with its meaning and default.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from melora_tune.adapters import METHODS
+from melora_tune.errors import UsageError
+from melora_tune.trial.config import ResourcesSection, TaskSection, TrainingSection
+
+DEFAULT_STORAGE_PATH = "./melora_runs"
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+
+# Which searched hyperparameters belong to which method (used to flag choices no method uses).
+METHOD_KEYS = {"n": ("melora",), "u": ("prolora",), "m": ("prolora",), "m_b": ("prolora",)}
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+def _split_list(value: Any) -> Any:
+    if isinstance(value, str):
+        return [v.strip() for v in value.split(",") if v.strip()]
+    return value
+
+
+class FixedAdapter(_Strict):
+    """Adapter settings every trial shares (the searched ones live in ``space``)."""
+
+    target_modules: list[str] | None = None  # None: the model's attention query/value projections
+    modules_to_save: list[str] | None = None  # None: the classification head (nothing for causal_lm)
+    alpha: float = Field(16.0, gt=0)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+
+    _split = field_validator("target_modules", "modules_to_save", mode="before")(_split_list)
+
+    @model_validator(mode="after")
+    def _check(self) -> "FixedAdapter":
+        if self.target_modules is not None and not self.target_modules:
+            raise ValueError("adapter.target_modules is empty: name at least one linear module, e.g. [query, value]")
+        return self
+
+
+class Budget(_Strict):
+    max_params: int = Field(ge=1)  # trainable adapter parameters (the head in modules_to_save is not counted)
+    min_fraction: float = Field(0.0, ge=0.0, le=1.0)  # keep configs using >= this fraction of max_params
+
+
+class FloatRange(_Strict):
+    low: float
+    high: float
+    log: bool = True
+
+    @model_validator(mode="after")
+    def _check(self) -> "FloatRange":
+        if self.log and self.low <= 0:
+            raise ValueError(f"a log-scale range needs low > 0, got low={self.low:g}")
+        if self.low > self.high:
+            raise ValueError(f"low={self.low:g} is greater than high={self.high:g}")
+        return self
+
+
+def _int_choices(value: Any, name: str, minimum: int) -> list[int] | None:
+    if value is None:
+        return None
+    if isinstance(value, (int, float, str)) and not isinstance(value, bool):
+        value = [value]
+    if not isinstance(value, (list, tuple)):
+        raise ValueError(f"give a list of integers, e.g. [1, 2, 4] (got {value!r})")
+    if not value:
+        raise ValueError("the list of choices is empty: leave the key out to use every value")
+    out = []
+    for v in value:
+        if isinstance(v, bool) or not (isinstance(v, int) or (isinstance(v, float) and v.is_integer())):
+            raise ValueError(f"choices must be integers, got {v!r}")
+        if int(v) < minimum:
+            raise ValueError(f"choices must be >= {minimum}, got {int(v)}")
+        out.append(int(v))
+    return sorted(set(out))
+
+
+class SpaceSection(_Strict):
+    """What the search varies. Integer choices left out mean "every value the layers allow"."""
+
+    lr: FloatRange = Field(default_factory=lambda: FloatRange(low=1e-4, high=1e-2, log=True))
+    n: list[int] | None = None  # MELoRA: number of mini-LoRAs (None: every common divisor of the layer dims)
+    r: list[int] | None = None  # rank (per mini for MELoRA); None: 1 .. the largest the layers allow
+    u: list[int] | None = None  # PRoLoRA: unshared ranks, 0..r (None: all)
+    m: list[int] | None = None  # PRoLoRA: sharing rate of A (None: 1, 2, 4, ... 64)
+    m_b: list[int] | None = None  # PRoLoRA: sharing rate of B (None: tied to m)
+    alpha: list[float] | None = None  # optional: search alpha too (overrides adapter.alpha)
+    dropout: list[float] | None = None  # optional: search dropout too (overrides adapter.dropout)
+
+    @field_validator("n", "r", "m", "m_b", mode="before")
+    @classmethod
+    def _positive(cls, value: Any, info) -> Any:
+        return _int_choices(value, info.field_name, 1)
+
+    @field_validator("u", mode="before")
+    @classmethod
+    def _non_negative(cls, value: Any) -> Any:
+        return _int_choices(value, "u", 0)
+
+    @field_validator("lr", mode="before")
+    @classmethod
+    def _lr(cls, value: Any) -> Any:
+        if isinstance(value, (int, float, str)) and not isinstance(value, bool):
+            return {"low": value, "high": value}  # a fixed learning rate
+        if isinstance(value, (list, tuple)) and len(value) == 2:
+            return {"low": value[0], "high": value[1]}
+        return value
+
+    @field_validator("alpha", "dropout", mode="before")
+    @classmethod
+    def _float_list(cls, value: Any, info) -> Any:
+        if value is None:
+            return None
+        if not isinstance(value, (list, tuple)):
+            value = [value]
+        if not value:
+            raise ValueError("the list of choices is empty: leave the key out to keep the fixed adapter value")
+        return value
+
+    @field_validator("alpha")
+    @classmethod
+    def _alpha(cls, value: list[float] | None) -> list[float] | None:
+        if value is not None:
+            bad = [v for v in value if v <= 0]
+            if bad:
+                raise ValueError(f"alpha choices must be > 0, got {bad[0]:g}")
+            return sorted(set(value))
+        return value
+
+    @field_validator("dropout")
+    @classmethod
+    def _dropout(cls, value: list[float] | None) -> list[float] | None:
+        if value is not None:
+            bad = [v for v in value if not 0.0 <= v < 1.0]
+            if bad:
+                raise ValueError(f"dropout choices must be in [0, 1), got {bad[0]:g}")
+            return sorted(set(value))
+        return value
+
+
+class SearchTraining(TrainingSection):
+    """The trial's training section without ``lr`` (searched: ``space.lr``); ``epochs`` is the max fidelity."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_lr(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "lr" in data:
+            raise ValueError("training.lr is searched: give its range as space.lr: {low: 1.0e-4, high: 1.0e-2}")
+        return data
+
+
+class Asha(_Strict):
+    enabled: bool = True
+    time_attr: Literal["epoch", "training_iteration"] = "epoch"
+    grace_period: int = Field(1, ge=1)  # epochs (or reports) every trial gets before it can be stopped
+    reduction_factor: float = Field(2.0, gt=1.0)  # keep the top 1/reduction_factor at each rung
+    brackets: int = Field(1, ge=1)
+
+
+class Resources(_Strict):
+    """What one trial asks of the cluster."""
+
+    num_workers: int = Field(1, ge=1)  # Ray Train workers (DeepSpeed ranks) per trial
+    cpus_per_worker: float = Field(1.0, gt=0)
+    gpus_per_worker: float = Field(0.0, ge=0)  # 0: CPU; 1: one GPU per worker (fractions need trial-engine support)
+    driver_cpus: float = Field(0.1, gt=0)  # the Tune trial itself (it only waits on its TorchTrainer)
+
+    @model_validator(mode="after")
+    def _check(self) -> "Resources":
+        if self.gpus_per_worker not in (0, 1) and "gpus_per_worker" not in ResourcesSection.model_fields:
+            raise ValueError(
+                f"resources.gpus_per_worker={self.gpus_per_worker:g}: the trial engine reserves whole GPUs "
+                "(0 or 1 per worker); fractional GPUs are not supported yet"
+            )
+        return self
+
+
+class SearchSpace(_Strict):
+    """A whole search: what to train, the budget, what to vary, how to schedule and where to run."""
+
+    name: str
+    model: str = "minilm"
+    task_type: Literal["seq_cls", "causal_lm"] = "seq_cls"
+    task: TaskSection = Field(default_factory=TaskSection)
+    adapter: FixedAdapter = Field(default_factory=FixedAdapter)
+    budget: Budget
+    methods: list[str] = Field(default_factory=lambda: ["melora", "lora"])
+    space: SpaceSection = Field(default_factory=SpaceSection)
+    training: SearchTraining = Field(default_factory=SearchTraining)
+    asha: Asha = Field(default_factory=Asha)
+    num_samples: int = Field(8, ge=1)
+    max_concurrent_trials: int = Field(1, ge=1)
+    n_startup_trials: int | None = Field(None, ge=0)  # random trials before TPE (None: about a third, 2..10)
+    seed: int = Field(0, ge=0)
+    points_to_evaluate: list[dict[str, Any]] = Field(default_factory=list)  # configs to try first, e.g. {method: lora, r: 8, lr: 5e-4}
+    resources: Resources = Field(default_factory=Resources)
+    storage_path: str | None = None  # None: ./melora_runs
+    optuna_storage: str | None = None  # None: sqlite:///<storage_path>/optuna.db
+    tracking_uri: str | None = None  # None: sqlite:///mlflow.db in the working directory
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", value or ""):
+            raise ValueError(f"name must be letters, digits, '_', '-' or '.', got {value!r}")
+        return value
+
+    @field_validator("methods", mode="before")
+    @classmethod
+    def _methods(cls, value: Any) -> Any:
+        value = _split_list(value)
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list) or not value:
+            raise ValueError(f"give a list of methods from {', '.join(METHODS)}")
+        out = []
+        for v in value:
+            key = str(v).strip().lower()
+            if key not in METHODS:
+                close = difflib.get_close_matches(key, METHODS, n=1, cutoff=0.5)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                raise ValueError(f"unknown method {v!r}{hint}: choose from {', '.join(METHODS)}")
+            if key not in out:
+                out.append(key)
+        return out
+
+    @field_validator("points_to_evaluate")
+    @classmethod
+    def _points(cls, value: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        known = ("method", "n", "r", "u", "m", "m_b", "lr", "alpha", "dropout")
+        for i, point in enumerate(value):
+            for key in point:
+                if key not in known:
+                    close = closest(str(key), list(known), cutoff=0.5)
+                    hint = f" (did you mean {close!r}?)" if close else ""
+                    raise ValueError(f"point {i}: unknown key {key!r}{hint}; known: {', '.join(known)}")
+            if "method" not in point or "lr" not in point:
+                raise ValueError(f"point {i}: give at least method and lr (and the method's n/r/u/m)")
+        return value
+
+    @model_validator(mode="after")
+    def _check(self) -> "SearchSpace":
+        for key, owners in METHOD_KEYS.items():
+            if getattr(self.space, key) is not None and not any(m in self.methods for m in owners):
+                raise ValueError(f"space.{key} applies to {'/'.join(owners)} only, which is not in methods {self.methods}")
+        if self.asha.time_attr == "training_iteration" and self.training.eval_every_steps is not None:
+            raise ValueError(
+                "asha.time_attr training_iteration counts reports, which eval_every_steps makes more than one an epoch: "
+                "use time_attr: epoch"
+            )
+        if self.asha.enabled and self.asha.grace_period > self.training.epochs:
+            raise ValueError(
+                f"asha.grace_period={self.asha.grace_period} exceeds training.epochs={self.training.epochs} (the max fidelity)"
+            )
+        return self
+
+    # ---- derived ------------------------------------------------------------------
+    @property
+    def max_t(self) -> int:
+        """ASHA's max fidelity: epochs (a report per epoch when time_attr is training_iteration)."""
+        return self.training.epochs
+
+    def startup_trials(self) -> int:
+        if self.n_startup_trials is not None:
+            return self.n_startup_trials
+        return max(2, min(10, self.num_samples // 3))
+
+    def base_trial_dict(self, target_modules: list[str] | None = None, modules_to_save: list[str] | None = None) -> dict[str, Any]:
+        """The TrialConfig dict every trial starts from (the adapter's searched values are filled per trial)."""
+        from melora_tune.trial.config import TrialConfig
+
+        training = self.training.model_dump(mode="json")
+        res = self.resources
+        data = {
+            "model": self.model,
+            "task_type": self.task_type,
+            "task": self.task.model_dump(mode="json"),
+            "adapter": {
+                "method": self.methods[0],
+                "alpha": self.adapter.alpha,
+                "dropout": self.adapter.dropout,
+                "target_modules": target_modules if target_modules is not None else self.adapter.target_modules,
+                "modules_to_save": modules_to_save if modules_to_save is not None else self.adapter.modules_to_save,
+            },
+            "training": {**training, "lr": self.space.lr.low},
+            "resources": {"num_workers": res.num_workers, "use_gpu": res.gpus_per_worker > 0, "cpus_per_worker": res.cpus_per_worker},
+        }
+        if "gpus_per_worker" in ResourcesSection.model_fields:
+            data["resources"]["gpus_per_worker"] = res.gpus_per_worker
+        return TrialConfig.from_dict(data, source=f"space {self.name}").to_dict()
+
+
+# ---- loading and error messages -------------------------------------------------------
+
+def _model_at(loc: tuple) -> type[BaseModel] | None:
+    model: type[BaseModel] = SearchSpace
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        ann = getattr(field, "annotation", None) if field else None
+        candidates = [ann, *getattr(ann, "__args__", ())]
+        nested = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
+        if nested is None:
+            return None
+        model = nested
+    return model
+
+
+def _sections() -> dict[str, type[BaseModel]]:
+    out = {}
+    for name, field in SearchSpace.model_fields.items():
+        nested = _model_at((name,))
+        if nested is not None:
+            out[name] = nested
+    return out
+
+
+def closest(key: str, known: list[str], cutoff: float = 0.6) -> str | None:
+    """The known key a typo most likely meant: a prefix or substring match first, then difflib's closest."""
+    low = key.lower()
+    for pool in ([k for k in known if k.lower().startswith(low) or low.startswith(k.lower())],
+                 [k for k in known if low in k.lower()]):
+        if pool and len(low) >= 2:
+            return min(pool, key=lambda k: abs(len(k) - len(low)))
+    close = difflib.get_close_matches(key, known, n=1, cutoff=cutoff)
+    return close[0] if close else None
+
+
+def describe_error(err: ValidationError) -> str:
+    """One line for the first problem (and a count of the others)."""
+    errors = err.errors()
+    first = errors[0]
+    loc = tuple(first.get("loc", ()))
+    where = ".".join(str(p) for p in loc) or "space file"
+    kind = first.get("type", "")
+    if kind == "extra_forbidden":
+        parent, key = loc[:-1], str(loc[-1])
+        model = _model_at(parent)
+        known = list(model.model_fields) if model else []
+        close = closest(key, known)
+        prefix = ".".join(map(str, parent))
+        if close:
+            hint = f" (did you mean {'.'.join(filter(None, [prefix, close]))!r}?)"
+        else:
+            elsewhere = [f"{s}.{key}" for s, m in _sections().items() if key in m.model_fields and (s,) != parent]
+            if not parent and not elsewhere:
+                # a typo of a key that lives in a section: "epoch" -> "training.epochs"
+                pool = [f"{s}.{f}" for s, m in _sections().items() for f in m.model_fields]
+                by_name = {p.split(".", 1)[1]: p for p in pool}
+                near = difflib.get_close_matches(key, list(by_name), n=1, cutoff=0.75)
+                elsewhere = [by_name[near[0]]] if near else []
+            if not elsewhere:
+                near = difflib.get_close_matches(key, known, n=1, cutoff=0.4)
+                elsewhere = ['.'.join(filter(None, [prefix, near[0]]))] if near else []
+            hint = f" (did you mean {elsewhere[0]!r}?)" if elsewhere else ""
+        msg = f"unknown key {where!r}{hint}; known keys here: {', '.join(known)}"
+    elif kind == "missing":
+        msg = f"{where} is required"
+    else:
+        text = str(first.get("msg", "invalid value")).removeprefix("Value error, ").removeprefix("Assertion failed, ")
+        got = first.get("input")
+        shown = "" if isinstance(got, dict) or kind.startswith(("value_error", "assertion_error")) else f" (got {got!r})"
+        msg = f"{where}: {text}{shown}" if loc else f"{text}{shown}"
+    if len(errors) > 1:
+        msg += f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})"
+    return msg
+
+
+def parse_space(data: Any, source: str = "space") -> SearchSpace:
+    if not isinstance(data, dict):
+        raise UsageError(f"{source}: expected a mapping of keys (name, model, task, budget, methods, space, ...), got {type(data).__name__}")
+    try:
+        return SearchSpace.model_validate(data)
+    except ValidationError as err:
+        raise UsageError(f"{source}: {describe_error(err)}") from None
+    except UsageError as err:  # raised by a reused section's own checks
+        raise UsageError(f"{source}: {err}") from None
+
+
+def load_space(path: str | Path) -> tuple[SearchSpace, str]:
+    """The validated space and the file's text (logged to MLflow as the search's artifact)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"search space {path} does not exist")
+    text = path.read_text()
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        first = " ".join(str(err).strip().splitlines()[:2])
+        raise UsageError(f"{path} is not valid YAML: {first}") from None
+    return parse_space(data, source=str(path)), text

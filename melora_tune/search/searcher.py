@@ -1,0 +1,225 @@
+"""Optuna (TPE) under ASHA: what each ended trial tells the sampler, and a study that survives restarts.
+
+Why not Ray's stock ``OptunaSearch`` policy
+-------------------------------------------
+Stock ``OptunaSearch`` tells Optuna that a trial ASHA stopped after one epoch
+is COMPLETE with its one-epoch score. TPE then ranks a half-trained
+configuration against fully trained ones as if both were final, i.e. it mixes
+fidelities: an early-stopped trial whose epoch-1 accuracy happens to beat
+another's epoch-2 accuracy pulls TPE's "good" density towards it, and a
+trial that was stopped because it was *worse* than its rung can still look
+good in absolute terms. Here:
+
+* **COMPLETE** only for trials that reached the max fidelity (the trial's last
+  report has ``status == "completed"``, i.e. the final epoch); the value is
+  the final-epoch score, so all COMPLETE values share one fidelity.
+* **PRUNED** for trials ASHA stopped early. Every evaluation was already
+  reported as an intermediate value (``trial.report(score, step)``, step =
+  the optimizer step), so Optuna's TPE ranks them after every COMPLETE trial,
+  deeper-trained ones first and then by their last intermediate score
+  (``optuna.samplers._tpe.sampler._split_pruned_trials``). Being stopped is
+  evidence of being worse than the rung's peers, and this is how TPE uses it.
+* **PRUNED + constraint ``diverged`` = 1** for trials whose loss went
+  non-finite. A violated constraint puts them below every feasible trial
+  (TPE's infeasible group), so TPE learns to avoid the region (typically too
+  high a learning rate). FAIL would hide them from TPE entirely and let it
+  propose the same region again.
+* **FAIL** for trials that raised (a crash, a node lost): that says nothing
+  about the configuration, so TPE ignores it.
+
+Every trial also carries ``set_constraint("budget", excess)`` (<= 0: within
+budget, always the case, see ``space.py``) and user attributes (config,
+adapter_params, equivalent_rank, budget, melora.status).
+
+Restarts
+--------
+The study lives in a persistent Optuna storage (SQLite by default) under a
+stable name, so optuna-dashboard can read it and a resumed search continues
+it. Ray snapshots the searcher every few seconds; a driver killed between two
+snapshots leaves Optuna trials Ray does not know about (asked, maybe even
+told, after the last snapshot). Those *orphans* are handed out again, in
+order, to the next trials Ray asks for (same parameters: Optuna returns the
+stored value of an already-suggested name), so the study ends with exactly
+one Optuna trial per Ray trial and no duplicates. A trial told before the
+kill and re-run after it is not told twice.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import warnings
+from typing import Any
+
+import optuna
+from optuna.trial import TrialState
+from ray.tune.search.optuna import OptunaSearch
+
+log = logging.getLogger("melora_tune.search")
+
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+STATUS_ATTR = "melora.status"
+
+
+def outcome(result: dict[str, Any] | None, error: bool, max_t: float, time_attr: str = "epoch") -> str:
+    """completed | stopped_early | diverged | failed | interrupted, from a trial's last result.
+
+    A trial with no evaluation at all was never scored: ASHA cannot have stopped it, so it was
+    interrupted (the experiment was stopped, or it never started) and a --resume will run it.
+    """
+    if error:
+        return "failed"
+    result = result or {}
+    status = result.get("status")
+    if status == "diverged":
+        return "diverged"
+    if status == "failed":
+        return "failed"
+    if not _finite(result.get("score")):
+        return "interrupted"
+    if status == "completed" or (status is None and result.get(time_attr, 0) >= max_t):
+        return "completed"
+    return "stopped_early"
+
+
+def _finite(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def make_sampler(seed: int, n_startup_trials: int) -> optuna.samplers.TPESampler:
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    # multivariate + group: TPE models the parameters that occur together (one method's subtree)
+    # jointly, which is what a conditional space needs; constant_liar keeps concurrent trials apart.
+    return optuna.samplers.TPESampler(
+        seed=seed, n_startup_trials=n_startup_trials, multivariate=True, group=True, constant_liar=True
+    )
+
+
+class BudgetOptunaSearch(OptunaSearch):
+    """``OptunaSearch`` over a ``FeasibleSpace`` with the fidelity-aware tell policy above."""
+
+    def __init__(
+        self,
+        space,
+        *,
+        storage: str | optuna.storages.BaseStorage,
+        study_name: str,
+        seed: int = 0,
+        n_startup_trials: int = 10,
+        max_t: float,
+        time_attr: str = "epoch",
+        metric: str = "score",
+        mode: str = "max",
+        points_to_evaluate: list[dict] | None = None,
+    ) -> None:
+        if isinstance(storage, str):
+            storage = optuna.storages.RDBStorage(storage) if "://" in storage else optuna.storages.JournalStorage(
+                optuna.storages.journal.JournalFileBackend(storage)
+            )
+        super().__init__(
+            space=space,
+            metric=metric,
+            mode=mode,
+            sampler=make_sampler(seed, n_startup_trials),
+            study_name=study_name,
+            storage=storage,
+        )
+        self._max_t = max_t
+        self._time_attr = time_attr
+        # Ray would enqueue these again on every fresh start of the same study; skip_if_exists does not
+        for point in points_to_evaluate or []:
+            self._ot_study.enqueue_trial(point, skip_if_exists=True)
+
+    # ---- suggestions ---------------------------------------------------------------------
+    def _owned_numbers(self) -> set[int]:
+        return {t.number for t in self._ot_trials.values()}
+
+    def orphans(self) -> list[optuna.trial.FrozenTrial]:
+        """Trials in the study that no Ray trial of this search owns (left by a killed driver)."""
+        owned = self._owned_numbers()
+        states = (TrialState.RUNNING, *FINISHED)  # not WAITING: enqueued points are Optuna's to hand out
+        return [t for t in self._ot_study.get_trials(deepcopy=False, states=states) if t.number not in owned]
+
+    def suggest(self, trial_id: str) -> dict | None:
+        if trial_id not in self._ot_trials:
+            orphans = self.orphans()
+            if orphans:
+                frozen = orphans[0]
+                self._ot_trials[trial_id] = optuna.trial.Trial(self._ot_study, frozen._trial_id)
+                log.info("trial %s re-runs Optuna trial %d (left by an interrupted run)", trial_id, frozen.number)
+                if frozen.state.is_finished():
+                    # told before the kill: replay its parameters without writing to the finished trial
+                    from ray.tune.utils.util import unflatten_dict
+
+                    fixed = optuna.trial.FixedTrial(frozen.params, number=frozen.number)
+                    with warnings.catch_warnings():
+                        warnings.simplefilter("ignore")
+                        return unflatten_dict(self._suggest_from_define_by_run_func(self._space, fixed))
+        return super().suggest(trial_id)
+
+    # ---- results ---------------------------------------------------------------------------
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        if trial_id in self._completed_trials or trial_id not in self._ot_trials:
+            return
+        value = result.get(self.metric)
+        if not _finite(value):
+            return
+        step = result.get("step", result.get("training_iteration"))
+        if not _finite(step):
+            return
+        ot_trial = self._ot_trials[trial_id]
+        frozen = self._ot_study._storage.get_trial(ot_trial._trial_id)
+        if frozen.state != TrialState.RUNNING or int(step) in frozen.intermediate_values:
+            return  # already reported (a result re-delivered after a restart, or the stopping result twice)
+        ot_trial.report(float(value), int(step))
+
+    def _state(self, ot_trial) -> TrialState:
+        return self._ot_study._storage.get_trial(ot_trial._trial_id).state
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        if trial_id in self._completed_trials or trial_id not in self._ot_trials:
+            return
+        ot_trial = self._ot_trials[trial_id]
+        kind = outcome(result, error, self._max_t, self._time_attr)
+        if kind == "interrupted":
+            return  # not told: the trial stays RUNNING in the study and --resume runs (and tells) it
+        value = (result or {}).get(self.metric)
+        # Tune skips on_trial_result for the result on which the scheduler stops a trial: report it here
+        self.on_trial_result(trial_id, result or {})
+        frozen = self._ot_study._storage.get_trial(ot_trial._trial_id)
+        if frozen.state in FINISHED:
+            if frozen.state == TrialState.FAIL and kind != "failed":
+                self._retell(frozen, kind, value)  # a failed trial that --resume re-ran
+            self._completed_trials.add(trial_id)
+            return
+        ot_trial.set_user_attr(STATUS_ATTR, kind)
+        if kind == "completed" and _finite(value):
+            self._ot_study.tell(ot_trial, float(value), state=TrialState.COMPLETE)
+        elif kind == "failed":
+            self._ot_study.tell(ot_trial, None, state=TrialState.FAIL)
+        else:
+            if kind == "diverged":
+                ot_trial.set_user_attr("melora.reason", (result or {}).get("reason"))
+                ot_trial.set_constraint("diverged", 1.0)
+            self._ot_study.tell(ot_trial, None, state=TrialState.PRUNED)
+        self._completed_trials.add(trial_id)
+
+    def _retell(self, frozen: optuna.trial.FrozenTrial, kind: str, value: Any) -> None:
+        """Record a re-run of a FAIL trial as a new finished trial with the same parameters."""
+        state = TrialState.COMPLETE if kind == "completed" and _finite(value) else TrialState.PRUNED
+        constraints = dict(frozen.constraints)
+        if kind == "diverged":
+            constraints["diverged"] = 1.0
+        system_attrs = {k: v for k, v in frozen.system_attrs.items() if not k.startswith("constraints")}
+        trial = optuna.trial.create_trial(
+            state=state,
+            value=float(value) if state == TrialState.COMPLETE else None,
+            params=frozen.params,
+            distributions=frozen.distributions,
+            user_attrs={**frozen.user_attrs, STATUS_ATTR: kind, "melora.retry_of": frozen.number},
+            system_attrs=system_attrs,
+            constraints=constraints,
+            intermediate_values=frozen.intermediate_values,
+        )
+        self._ot_study.add_trial(trial)

@@ -1,0 +1,352 @@
+"""The feasible search space as an Optuna define-by-run function.
+
+A budget couples the hyperparameters (MELoRA's r depends on n, PRoLoRA's u on
+r...), but Optuna needs one fixed set of choices per parameter name. So the
+space is a tree computed once from ``enumerate_feasible``: each level's
+parameter name carries the values of its parents, and its choices are exactly
+the values that still lead to a feasible configuration::
+
+    method                       -> {melora, lora}
+    melora.n                     -> the n's with at least one feasible r
+    melora.r|n=4                 -> the r's feasible with n=4
+    lora.r                       -> the feasible r's
+    prolora.r -> prolora.u|r=8 -> prolora.m|r=8,u=2 [-> prolora.m_b|r=8,u=2,m=4]
+
+A name's choice set depends only on its parents (which are in the name), so
+it never changes between trials; every path through the tree ends at a
+feasible ``Candidate`` and every feasible candidate is the end of one path.
+Hence the search only ever proposes configurations within budget and can
+reach every one of them (``reachable()`` enumerates the tree for tests).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+from melora_tune.adapters import AdapterConfig
+from melora_tune.adapters.budget import Candidate, enumerate_feasible, smallest_config
+from melora_tune.errors import UsageError
+from melora_tune.search.schema import SearchSpace
+
+# The order in which each method's integer hyperparameters are chosen (parents first).
+LEVELS: dict[str, tuple[str, ...]] = {"melora": ("n", "r"), "lora": ("r",), "prolora": ("r", "u", "m", "m_b")}
+
+# Keys of the dict the define-by-run function returns (Ray puts them in the trial config).
+HP_KEYS = ("method", "n", "r", "u", "m", "m_b", "lr", "alpha", "dropout")
+
+
+def candidate_key(c: Candidate) -> tuple:
+    return (c.method, c.n, c.r, c.u, c.m, c.m_b)
+
+
+def describe(hp: dict[str, Any]) -> str:
+    """'melora n=4 r=2 lr=1.2e-3': what a trial is, in a few words (run names, tables)."""
+    method = hp.get("method", "?")
+    parts = [method]
+    if method == "melora":
+        parts.append(f"n={hp.get('n')}")
+    parts.append(f"r={hp.get('r')}")
+    if method == "prolora":
+        parts += [f"u={hp.get('u')}", f"m={hp.get('m')}"]
+        if hp.get("m_b") not in (None, hp.get("m")):
+            parts.append(f"m_b={hp.get('m_b')}")
+    if hp.get("lr") is not None:
+        parts.append(f"lr={format_lr(hp['lr'])}")
+    return " ".join(parts)
+
+
+def format_lr(lr: float) -> str:
+    if not math.isfinite(lr):
+        return "?"  # a trial that never started has no lr
+    mantissa, exp = f"{lr:.1e}".split("e")
+    return f"{mantissa}e{int(exp)}"
+
+
+@dataclass
+class FeasibleSpace:
+    """Every feasible configuration of each method, arranged as a conditional tree for Optuna."""
+
+    methods: tuple[str, ...]
+    candidates: dict[str, list[Candidate]]
+    budget: int
+    min_fraction: float
+    lr: tuple[float, float, bool]  # low, high, log
+    alpha: float
+    dropout: float
+    alpha_choices: list[float] | None = None
+    dropout_choices: list[float] | None = None
+    tied_m_b: bool = True
+    target_modules: list[str] = field(default_factory=list)
+    modules_to_save: list[str] = field(default_factory=list)
+    shapes_summary: str = ""
+
+    def __post_init__(self) -> None:
+        self.points: list[dict[str, Any]] = []  # points_to_evaluate as Optuna parameter names
+        self.tree: dict[str, dict] = {}
+        self.by_key: dict[tuple, Candidate] = {}
+        for method in self.methods:
+            root: dict = {}
+            levels = self.levels(method)
+            for c in self.candidates[method]:
+                node = root
+                for key in levels[:-1]:
+                    node = node.setdefault(getattr(c, key), {})
+                node[getattr(c, levels[-1])] = c
+                self.by_key[candidate_key(c)] = c
+            self.tree[method] = root
+
+    # ---- structure --------------------------------------------------------------------
+    def levels(self, method: str) -> tuple[str, ...]:
+        levels = LEVELS[method]
+        return levels[:-1] if method == "prolora" and self.tied_m_b else levels
+
+    @staticmethod
+    def param_name(method: str, key: str, parents: list[tuple[str, int]]) -> str:
+        name = f"{method}.{key}"
+        if parents:
+            name += "|" + ",".join(f"{k}={v}" for k, v in parents)
+        return name
+
+    def size(self, method: str) -> int:
+        return len(self.candidates[method])
+
+    def reachable(self) -> set[tuple]:
+        """Every configuration some sequence of choices leads to (walks the tree exactly as ``__call__`` does)."""
+        out: set[tuple] = set()
+
+        def walk(method: str, node: Any, depth: int, parents: list[tuple[str, int]]) -> None:
+            levels = self.levels(method)
+            if depth == len(levels):
+                assert isinstance(node, Candidate)
+                out.add(candidate_key(node))
+                return
+            for value in self.choices(method, parents):
+                walk(method, node[value], depth + 1, [*parents, (levels[depth], value)])
+
+        for method in self.methods:
+            walk(method, self.tree[method], 0, [])
+        return out
+
+    def choices(self, method: str, parents: list[tuple[str, int]]) -> list[int]:
+        node = self.tree[method]
+        for _, value in parents:
+            node = node[value]
+        return sorted(node)
+
+    def distributions(self) -> dict[str, list]:
+        """Every parameter name with its choice list (a name always has the same choices)."""
+        out: dict[str, list] = {"method": list(self.methods)}
+
+        def walk(method: str, depth: int, parents: list[tuple[str, int]]) -> None:
+            levels = self.levels(method)
+            if depth == len(levels):
+                return
+            options = self.choices(method, parents)
+            out[self.param_name(method, levels[depth], parents)] = options
+            for value in options:
+                walk(method, depth + 1, [*parents, (levels[depth], value)])
+
+        for method in self.methods:
+            walk(method, 0, [])
+        return out
+
+    # ---- the define-by-run function -----------------------------------------------------
+    def __call__(self, trial) -> dict[str, Any]:
+        """Sample one feasible configuration; ``trial`` is an ``optuna.Trial`` (or Ray's wrapper of one)."""
+        method = trial.suggest_categorical("method", list(self.methods))
+        levels = self.levels(method)
+        node: Any = self.tree[method]
+        parents: list[tuple[str, int]] = []
+        for key in levels:
+            value = trial.suggest_categorical(self.param_name(method, key, parents), sorted(node))
+            parents.append((key, value))
+            node = node[value]
+        cand: Candidate = node
+        low, high, log = self.lr
+        lr = trial.suggest_float("lr", low, high, log=log)
+        alpha = trial.suggest_categorical("alpha", self.alpha_choices) if self.alpha_choices else self.alpha
+        dropout = trial.suggest_categorical("dropout", self.dropout_choices) if self.dropout_choices else self.dropout
+        floor = math.ceil(self.min_fraction * self.budget)
+        excess = max(cand.adapter_params - self.budget, floor - cand.adapter_params)
+        if excess > 0:  # cannot happen: the tree holds feasible candidates only
+            raise RuntimeError(f"infeasible candidate {cand} in the search tree (budget {self.budget})")
+        hp = {
+            "method": method,
+            "n": cand.n,
+            "r": cand.r,
+            "u": cand.u,
+            "m": cand.m,
+            "m_b": cand.m_b,
+            "lr": float(lr),
+            "alpha": float(alpha),
+            "dropout": float(dropout),
+        }
+        trial.set_user_attr("config", describe(hp))
+        trial.set_user_attr("adapter_params", cand.adapter_params)
+        trial.set_user_attr("equivalent_rank", cand.equivalent_rank)
+        trial.set_user_attr("budget", self.budget)
+        with warnings.catch_warnings():  # a re-run of an interrupted trial sets it again (Optuna keeps the first)
+            warnings.simplefilter("ignore")
+            trial.set_constraint("budget", float(excess))
+        return {**hp, "adapter_params": cand.adapter_params, "equivalent_rank": cand.equivalent_rank,
+                "budget": self.budget, "optuna_trial": int(trial.number)}
+
+    def point_params(self, point: dict[str, Any], where: str = "point") -> dict[str, Any]:
+        """A user's {method, n, r, ..., lr} as Optuna parameter names (UsageError if it is not feasible)."""
+        method = point.get("method")
+        if method not in self.methods:
+            raise UsageError(f"{where}: method {method!r} is not one of the searched methods {list(self.methods)}")
+        out: dict[str, Any] = {"method": method}
+        parents: list[tuple[str, int]] = []
+        node: Any = self.tree[method]
+        for key in self.levels(method):
+            options = sorted(node)
+            value = point.get(key)
+            if value is None and len(options) == 1:
+                value = options[0]
+            if value not in node:
+                shown = ", ".join(f"{k}={v}" for k, v in parents)
+                raise UsageError(
+                    f"{where}: {method} {key}={value} is not feasible under the budget"
+                    + (f" with {shown}" if shown else "") + f" (feasible {key}: {', '.join(map(str, options))})"
+                )
+            out[self.param_name(method, key, parents)] = value
+            parents.append((key, value))
+            node = node[value]
+        low, high, _ = self.lr
+        lr = float(point["lr"])
+        if not low <= lr <= high:
+            raise UsageError(f"{where}: lr={lr:g} is outside space.lr [{low:g}, {high:g}]")
+        out["lr"] = lr
+        for key, choices in (("alpha", self.alpha_choices), ("dropout", self.dropout_choices)):
+            if key in point:
+                if not choices or float(point[key]) not in choices:
+                    raise UsageError(f"{where}: {key}={point[key]} is not among the searched space.{key} choices {choices}")
+                out[key] = float(point[key])
+        return out
+
+    # ---- reporting --------------------------------------------------------------------
+    def summary_lines(self) -> list[str]:
+        lines = []
+        for method in self.methods:
+            cands = self.candidates[method]
+            params = [c.adapter_params for c in cands]
+            ranks = [c.equivalent_rank for c in cands]
+            values = {key: sorted({getattr(c, key) for c in cands}) for key in self.levels(method)}
+            shown = ", ".join(f"{k} in {{{', '.join(map(str, v))}}}" for k, v in values.items())
+            lines.append(
+                f"  {method:<8} {len(cands):>4} feasible configs ({shown}); {min(params):,}-{max(params):,} params, "
+                f"equivalent rank {min(ranks)}-{max(ranks)}"
+            )
+        low, high, log = self.lr
+        lines.append(f"  lr       {'log-uniform' if log else 'uniform'} [{low:g}, {high:g}]")
+        if self.alpha_choices:
+            lines.append(f"  alpha    {self.alpha_choices}")
+        if self.dropout_choices:
+            lines.append(f"  dropout  {self.dropout_choices}")
+        return lines
+
+
+def num_labels_of(task) -> int | None:
+    """Classes of a known task without loading it (None: a local file; the head is not budgeted anyway)."""
+    from melora_tune.data.registry import BUILTIN_TASKS, glue_name, GLUE_TASKS
+
+    info = BUILTIN_TASKS.get(task.name)
+    if info is None and task.path is None:
+        key = glue_name(task.name)
+        info = GLUE_TASKS.get(key) if key else None
+    if info is None and task.glue_task:
+        key = glue_name(task.glue_task)
+        info = GLUE_TASKS.get(key) if key else None
+    if info is None:
+        return None
+    return len(info.label_names) if info.label_names is not None else 1
+
+
+def model_spec(space: SearchSpace):
+    """The model's layer shapes from its config alone (meta device; needs config.json, not the weights)."""
+    from melora_tune.adapters.accounting import ModelSpec
+
+    return ModelSpec.from_pretrained(space.model, task=space.task_type, num_labels=num_labels_of(space.task))
+
+
+def _choices_for(space: SearchSpace, method: str) -> dict[str, Any]:
+    s = space.space
+    out: dict[str, Any] = {"r": s.r}
+    if method == "melora":
+        out["n"] = s.n
+    if method == "prolora":
+        out.update(u=s.u, m=s.m, m_b=s.m_b)
+    return out
+
+
+def build_space(space: SearchSpace, spec=None) -> FeasibleSpace:
+    """Enumerate every feasible configuration of every method (UsageError when a method has none)."""
+    from melora_tune.trial.prepare import default_target_modules, find_head_modules
+
+    spec = spec if spec is not None else model_spec(space)
+    targets = list(space.adapter.target_modules or default_target_modules(spec.model))
+    heads = (
+        list(space.adapter.modules_to_save)
+        if space.adapter.modules_to_save is not None
+        else find_head_modules(spec.model, space.task_type, num_labels_of(space.task))
+    )
+    shapes = spec.targets(targets)
+    spec.head_params(heads)  # names a modules_to_save entry that matches nothing
+    budget, fraction = space.budget.max_params, space.budget.min_fraction
+    found: dict[str, list[Candidate]] = {}
+    too_small: dict[str, Candidate] = {}
+    for method in space.methods:
+        base = AdapterConfig(method=method, alpha=space.adapter.alpha, target_modules=targets, modules_to_save=heads)
+        choices = _choices_for(space, method)
+        cands = enumerate_feasible(shapes, method, budget, min_fraction=fraction, base=base, **choices)
+        if cands:
+            found[method] = sorted(cands, key=candidate_key)
+            continue
+        cheapest = smallest_config(shapes, method, base=base, **choices)
+        if cheapest is None:
+            declared = ", ".join(f"space.{k}={v}" for k, v in choices.items() if v is not None) or "the defaults"
+            raise UsageError(
+                f"no {method} configuration within {declared} fits the {len(shapes)} target layers "
+                f"({', '.join(targets)}): widen the choices"
+            )
+        if cheapest.adapter_params > budget:
+            too_small[method] = cheapest
+            continue
+        under = enumerate_feasible(shapes, method, budget, min_fraction=0.0, base=base, **choices)
+        largest = max(c.adapter_params for c in under)
+        raise UsageError(
+            f"no {method} configuration uses between {math.ceil(fraction * budget):,} and {budget:,} params "
+            f"(budget.min_fraction={fraction:g}); the largest within budget uses {largest:,}: "
+            f"lower budget.min_fraction to <= {math.floor(largest / budget * 1000) / 1000:g}"
+        )
+    if too_small:
+        need = max(c.adapter_params for c in too_small.values())
+        method, cheapest = max(too_small.items(), key=lambda kv: kv[1].adapter_params)
+        others = f" ({', '.join(sorted(too_small))} all need more)" if len(too_small) > 1 else ""
+        raise UsageError(
+            f"budget.max_params={budget:,} fits no {method} configuration{others}: the smallest "
+            f"({describe(cheapest.to_dict())}) needs {cheapest.adapter_params:,} params; "
+            f"the smallest budget that fits every method is {need:,}"
+        )
+    s = space.space
+    feasible = FeasibleSpace(
+        methods=tuple(space.methods),
+        candidates=found,
+        budget=budget,
+        min_fraction=fraction,
+        lr=(s.lr.low, s.lr.high, s.lr.log),
+        alpha=space.adapter.alpha,
+        dropout=space.adapter.dropout,
+        alpha_choices=s.alpha,
+        dropout_choices=s.dropout,
+        tied_m_b=s.m_b is None,
+        target_modules=targets,
+        modules_to_save=heads,
+        shapes_summary=f"{len(shapes)} layers ({', '.join(targets)})",
+    )
+    feasible.points = [feasible.point_params(p, f"points_to_evaluate[{i}]") for i, p in enumerate(space.points_to_evaluate)]
+    return feasible
