@@ -1,0 +1,240 @@
+"""Build a search's report: read MLflow (and the Optuna study), draw, render, write, log on the parent run.
+
+Files of one dataset's report (``reports/<dataset>/`` by default)::
+
+    report.md           Markdown, images linked next to it
+    report.html         one self-contained page (images embedded)
+    frontier.png        score vs adapter parameters, one series per method
+    heatmap_n_r.png     MELoRA: best score over n x r (when MELoRA was searched)
+    lr_sensitivity.png  score vs learning rate (log x)
+    importance.png      Optuna parameter importance (when the study has enough completed trials)
+    trials.csv          every trial (one row per MLflow child run)
+
+The same files are logged on the search's parent run under ``report/``.
+Several datasets (``--dataset a --dataset b`` or ``--dataset all``) give one
+folder each under the output folder plus ``index.md``/``index.html`` with the
+cross-dataset table.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from melora_tune.errors import UsageError
+from melora_tune.report import collect
+from melora_tune.report.render import Figure, ReportData, render_html, render_index_html, render_index_markdown, render_markdown
+
+log = logging.getLogger("melora_tune.report")
+
+FIGURE_FILES = ("frontier.png", "heatmap_n_r.png", "lr_sensitivity.png", "importance.png")
+REPORT_FILES = ("report.md", "report.html", "trials.csv")
+SETTINGS = [  # (parent run param, label)
+    ("model", "model"), ("methods", "methods"), ("budget", "budget (adapter params)"), ("min_fraction", "min fraction of budget"),
+    ("num_samples", "trials requested"), ("epochs", "epochs (max fidelity)"), ("asha", "ASHA early stopping"),
+]
+
+
+@dataclass
+class ReportResult:
+    dataset: str
+    out_dir: Path
+    files: list[Path]
+    parent_run_id: str
+    logged: bool
+    data: ReportData
+    warnings: list[str] = field(default_factory=list)
+
+
+def safe_folder_name(name: str) -> str:
+    """A dataset (experiment) name as one folder name: never a path, never '.' or '..'."""
+    slug = re.sub(r"[^A-Za-z0-9_.=-]+", "_", name).strip("._") or "dataset"
+    return slug
+
+
+def _settings(search: collect.SearchInfo) -> dict[str, str]:
+    p = search.params
+    out = {label: p[key] for key, label in SETTINGS if p.get(key) not in (None, "")}
+    if p.get("lr_low") and p.get("lr_high"):
+        out["lr range"] = f"{p['lr_low']} .. {p['lr_high']}" + (" (log)" if p.get("lr_log") == "True" else "")
+    budget = p.get("budget")
+    if budget:
+        try:
+            out["budget (adapter params)"] = f"{int(float(budget)):,}"
+        except ValueError:
+            pass
+    return out
+
+
+def cross_dataset_rows(mlf, current: dict[str, tuple[collect.SearchInfo, object]] | None = None, only: list[str] | None = None):
+    """Best trial per method of the newest search of every dataset with a search (or of ``only``);
+    ``current`` gives the search and trials to use for some datasets."""
+    import pandas as pd
+
+    current = current or {}
+    datasets = set(only) if only is not None else set(collect.searched_datasets(mlf)) | set(current)
+    rows = []
+    for dataset in sorted(datasets):
+        if dataset in current:
+            search, trials = current[dataset]
+        else:
+            search = collect.resolve_search(mlf, dataset)
+            trials = collect.trials_frame(mlf, search)
+        for _, row in collect.best_per_method(trials).iterrows():
+            rows.append({
+                "dataset": dataset, "search": search.name, "method": row["method"], "score": row["score"], "n": row["n"],
+                "r": row["r"], "u": row["u"], "m": row["m"], "lr": row["lr"], "adapter_params": row["adapter_params"],
+                "equivalent_rank": row["equivalent_rank"], "trials": len(trials),
+            })
+    frame = pd.DataFrame(rows)
+    if frame.empty:
+        return frame
+    return collect.normalize_frame(frame).sort_values(["method", "dataset"], kind="mergesort").reset_index(drop=True)
+
+
+def build_report(
+    dataset: str,
+    *,
+    search: str | None = None,
+    tracking_uri: str | None = None,
+    out_dir: str | Path | None = None,
+    top_k: int = 10,
+    log_artifacts: bool = True,
+    cross: bool = True,
+    mlf=None,
+) -> ReportResult:
+    """Write one dataset's report (see the module docstring) and log it on the search's parent run."""
+    from melora_tune.report import importance as imp
+    from melora_tune.report import plots
+
+    if top_k < 1:
+        raise UsageError(f"--top-k must be >= 1, got {top_k}")
+    uri = collect.tracking_uri(tracking_uri)
+    mlf = mlf or collect.client(uri)
+    info = collect.resolve_search(mlf, dataset, search)
+    trials = collect.trials_frame(mlf, info)
+    out = Path(out_dir) if out_dir is not None else Path("reports") / safe_folder_name(dataset)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file, not a folder")
+    out.mkdir(parents=True, exist_ok=True)
+    for name in FIGURE_FILES:  # a figure not drawn this time must not linger from an earlier report
+        (out / name).unlink(missing_ok=True)
+
+    ranked = collect.rank_trials(trials)
+    best = collect.best_per_method(trials)
+    notes = []
+    if info.status == "running":
+        notes.append("This search is still running (or was killed without closing its run): the report shows the trials so far.")
+    elif info.status in ("interrupted", "failed"):
+        notes.append(f"This search ended {info.status}: the report shows the trials it finished.")
+    if trials.empty:
+        notes.append("The search has no trial runs in MLflow yet.")
+
+    budget = None
+    try:
+        budget = float(info.params.get("budget")) if info.params.get("budget") else None
+    except ValueError:
+        budget = None
+    figures = [
+        Figure("frontier", "Score vs adapter parameters (budget frontier)", plots.frontier(trials, out / "frontier.png", budget),
+               "One series per method; hollow markers: trials ASHA stopped early (their score is from fewer epochs). "
+               "The line is each method's best score at or below that many parameters."),
+    ]
+    heat = plots.heatmap_n_r(trials, out / "heatmap_n_r.png")
+    figures.append(Figure("heatmap", "MELoRA: best score over n x r", heat,
+                          "" if heat else "No scored MELoRA trial in this search, so there is no n x r heatmap."))
+    lr_fig = plots.lr_sensitivity(trials, out / "lr_sensitivity.png")
+    figures.append(Figure("lr", "Learning-rate sensitivity", lr_fig, "" if lr_fig else "No scored trial to plot."))
+    location = collect.study_location(info, trials)
+    importance = imp.search_importance(location)
+    imp_fig = plots.importance_bars(importance.scopes, out / "importance.png")
+    where = f" Optuna study {location['study_name']} in {location['optuna_storage']}." if location else ""
+    figures.append(Figure("importance", "Parameter importance (Optuna, fANOVA)", imp_fig,
+                          "How much of the score's variance each searched parameter explains, over the trials that "
+                          "trained every epoch." + where))
+
+    cross_rows = None
+    if cross:
+        try:
+            cross_rows = cross_dataset_rows(mlf, {dataset: (info, trials)})
+            if cross_rows.empty or cross_rows["dataset"].nunique() < 2:
+                cross_rows = None  # one dataset: nothing to compare
+        except Exception as exc:  # noqa: BLE001  (another experiment's trouble must not cost this report)
+            log.warning("cross-dataset table skipped: %s", exc)
+            cross_rows = None
+
+    data = ReportData(
+        dataset=dataset, search_name=info.name, parent_run_id=info.run_id, experiment_id=info.experiment_id,
+        tracking_uri=uri, search_status=info.status, generated=time.strftime("%Y-%m-%d %H:%M:%S"), trials=trials,
+        best=best, top=ranked.head(top_k), top_k=top_k, figures=figures, importance=importance,
+        settings=_settings(info), cross=cross_rows, notes=notes,
+    )
+    files = []
+    (out / "report.md").write_text(render_markdown(data))
+    (out / "report.html").write_text(render_html(data))
+    trials.to_csv(out / "trials.csv", index=False)
+    files += [out / "report.md", out / "report.html", out / "trials.csv"]
+    files += [f.path for f in figures if f.path is not None]
+
+    warnings = []
+    logged = False
+    if log_artifacts:
+        try:
+            for path in files:
+                mlf.log_artifact(info.run_id, str(path), artifact_path="report")
+            logged = True
+        except Exception as exc:  # noqa: BLE001
+            warnings.append(f"could not log the report on run {info.run_id}: {exc}")
+    return ReportResult(dataset, out, files, info.run_id, logged, data, warnings)
+
+
+def build_reports(
+    datasets: list[str],
+    *,
+    search: str | None = None,
+    tracking_uri: str | None = None,
+    out_dir: str | Path | None = None,
+    top_k: int = 10,
+    log_artifacts: bool = True,
+) -> tuple[list[ReportResult], list[Path]]:
+    """Reports of one or several datasets ('all': every experiment with a search); returns (reports, index files)."""
+    uri = collect.tracking_uri(tracking_uri)
+    mlf = collect.client(uri)
+    names: list[str] = []
+    for d in datasets:
+        if d == "all":
+            found = collect.searched_datasets(mlf)
+            if not found:
+                raise UsageError("--dataset all: this tracking store holds no search yet")
+            names += found
+        else:
+            names.append(d)
+    names = list(dict.fromkeys(names))
+    if len(names) == 1:
+        return [build_report(names[0], search=search, tracking_uri=uri, out_dir=out_dir, top_k=top_k,
+                             log_artifacts=log_artifacts, mlf=mlf)], []
+    if search is not None:
+        raise UsageError("--search names one search, which belongs to one dataset: give a single --dataset with it")
+    root = Path(out_dir) if out_dir is not None else Path("reports")
+    folders = [safe_folder_name(n) for n in names]
+    if len(set(folders)) != len(folders):
+        raise UsageError(f"datasets {', '.join(names)} map to the same folder name: report them one at a time with --out")
+    results = [
+        build_report(name, tracking_uri=uri, out_dir=root / folder, top_k=top_k, log_artifacts=log_artifacts, mlf=mlf)
+        for name, folder in zip(names, folders)
+    ]
+    cross = cross_dataset_rows(mlf, {r.dataset: (collect.SearchInfo(**_info_kwargs(r)), r.data.trials) for r in results}, only=names)
+    generated = time.strftime("%Y-%m-%d %H:%M:%S")
+    links = list(zip(names, folders))
+    (root / "index.md").write_text(render_index_markdown(cross, links, generated))
+    (root / "index.html").write_text(render_index_html(cross, links, generated))
+    return results, [root / "index.md", root / "index.html"]
+
+
+def _info_kwargs(result: ReportResult) -> dict:
+    d = result.data
+    return dict(run_id=d.parent_run_id, name=d.search_name, experiment_id=d.experiment_id, experiment_name=d.dataset,
+                status=d.search_status, mlflow_status="", start_time=None, end_time=None)

@@ -1,0 +1,317 @@
+"""Read a search back from MLflow: its parent run, its trials as a DataFrame, the best trial per method.
+
+What a search records (``melora_tune.search.tracking``): one MLflow experiment per
+task (the dataset), one parent run per search (tag ``melora.kind=search``, the
+space file as artifact ``space/<file>.yaml``), one child run per trial (tag
+``mlflow.parentRunId``; params method/n/r/u/m/lr/alpha/...; metric ``score`` per
+evaluation and ``best_score`` of the best checkpoint; tag ``melora.status``;
+artifact ``adapter/``).
+
+Ranking, the same rule the search itself uses for its summary: trials that
+reached the full number of epochs (``completed``) before trials ASHA stopped
+early (``stopped_early``), then the final ``score``, then ``best_score``;
+ties go to the trial that started first. Failed, diverged and interrupted
+trials are never "best".
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from melora_tune.errors import UsageError
+
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+PARENT_TAG = "mlflow.parentRunId"
+KIND_TAG = "melora.kind"
+STATUS_TAG = "melora.status"
+SEARCH_TAG = "melora.search"
+TRIAL_TAG = "melora.trial_id"
+OPTUNA_TAG = "melora.optuna_trial"
+REASON_TAG = "melora.reason"
+CHECKPOINT_TAG = "melora.best_checkpoint"
+META_NAME = "melora_search.json"  # written by melora_tune.search.runner next to the Ray experiment
+SCORED = ("completed", "stopped_early")
+INT_COLUMNS = ("optuna_trial", "n", "r", "u", "m", "m_b", "equivalent_rank", "adapter_params")
+FLOAT_COLUMNS = ("lr", "alpha", "dropout", "score", "best_score", "epoch")
+COLUMNS = (
+    "run_id", "run_name", "trial_id", "optuna_trial", "method", "n", "r", "u", "m", "m_b", "lr", "alpha", "dropout",
+    "equivalent_rank", "adapter_params", "score", "best_score", "epoch", "status", "reason", "mlflow_status",
+    "start_time", "duration_s", "best_checkpoint",
+)
+
+
+def tracking_uri(uri: str | None) -> str:
+    """The user's URI (default ``sqlite:///mlflow.db``) made absolute; a missing SQLite file is a usage error
+    (MLflow would silently create an empty store)."""
+    from melora_tune.search.store import normalize_tracking_uri
+
+    uri = normalize_tracking_uri(uri or DEFAULT_TRACKING_URI)
+    if uri.startswith("sqlite:///"):
+        db = Path(uri.removeprefix("sqlite:///"))
+        if not db.is_file():
+            raise UsageError(f"no MLflow database at {db}: run a search first, or pass --tracking-uri sqlite:///path/to/mlflow.db")
+    return uri
+
+
+def client(uri: str):
+    import os
+
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # downloads here are a few small files
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+@dataclass
+class SearchInfo:
+    """A search's parent run."""
+
+    run_id: str
+    name: str
+    experiment_id: str
+    experiment_name: str
+    status: str  # melora.status: running | finished | failed | interrupted
+    mlflow_status: str
+    start_time: int | None
+    end_time: int | None
+    params: dict[str, str] = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)
+    tags: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def from_run(cls, run, experiment_name: str) -> "SearchInfo":
+        tags = dict(run.data.tags)
+        return cls(
+            run_id=run.info.run_id,
+            name=tags.get(SEARCH_TAG) or run.info.run_name or run.info.run_id,
+            experiment_id=run.info.experiment_id,
+            experiment_name=experiment_name,
+            status=tags.get(STATUS_TAG, "?"),
+            mlflow_status=run.info.status,
+            start_time=run.info.start_time,
+            end_time=run.info.end_time,
+            params=dict(run.data.params),
+            metrics=dict(run.data.metrics),
+            tags=tags,
+        )
+
+
+def _all_runs(mlf, experiment_ids: list[str], filter_string: str, order_by: list[str] | None = None) -> list:
+    out, token = [], None
+    while True:
+        page = mlf.search_runs(experiment_ids, filter_string, max_results=1000, order_by=order_by, page_token=token)
+        out.extend(page)
+        token = getattr(page, "token", None)
+        if not token:
+            return out
+
+
+def searched_datasets(mlf) -> list[str]:
+    """Names of the experiments (datasets) that hold at least one search, sorted."""
+    from mlflow.entities import ViewType
+
+    names = []
+    for exp in mlf.search_experiments(view_type=ViewType.ACTIVE_ONLY):
+        if mlf.search_runs([exp.experiment_id], f"tags.`{KIND_TAG}` = 'search'", max_results=1):
+            names.append(exp.name)
+    return sorted(names)
+
+
+def experiment(mlf, dataset: str):
+    exp = mlf.get_experiment_by_name(dataset)
+    if exp is None or exp.lifecycle_stage == "deleted":
+        known = searched_datasets(mlf)
+        hint = f"datasets with searches: {', '.join(known)}" if known else "this tracking store holds no search yet"
+        raise UsageError(f"no MLflow experiment named {dataset!r} ({hint})")
+    return exp
+
+
+def list_searches(mlf, experiment_id: str) -> list:
+    """Parent runs of the experiment's searches, newest first."""
+    return _all_runs(mlf, [experiment_id], f"tags.`{KIND_TAG}` = 'search'", order_by=["attributes.start_time DESC"])
+
+
+def resolve_search(mlf, dataset: str, search: str | None = None) -> SearchInfo:
+    """The search ``search`` (a parent run id, or a search name) of ``dataset``; default: the newest."""
+    exp = experiment(mlf, dataset)
+    if search is None:
+        runs = list_searches(mlf, exp.experiment_id)
+        if not runs:
+            raise UsageError(f"experiment {dataset!r} has no search (no run tagged melora.kind=search)")
+        return SearchInfo.from_run(runs[0], exp.name)
+    run = None
+    try:
+        run = mlf.get_run(search)
+    except Exception:  # noqa: BLE001  (not a run id: maybe a search name)
+        run = None
+    if run is None:
+        quoted = search.replace("'", "")
+        found = _all_runs(mlf, [exp.experiment_id], f"tags.`{KIND_TAG}` = 'search' and tags.`{SEARCH_TAG}` = '{quoted}'",
+                          order_by=["attributes.start_time DESC"])
+        if not found:
+            raise UsageError(f"--search {search!r}: no parent run with that id or search name in experiment {dataset!r}")
+        run = found[0]
+    if run.info.experiment_id != exp.experiment_id:
+        raise UsageError(f"--search {search}: that run belongs to another experiment, not {dataset!r}")
+    if run.data.tags.get(KIND_TAG) != "search":
+        parent = run.data.tags.get(PARENT_TAG)
+        hint = f" (it is a trial of search run {parent})" if parent else ""
+        raise UsageError(f"--search {search}: not the parent run of a search{hint}")
+    return SearchInfo.from_run(run, exp.name)
+
+
+def _num(value: Any) -> float:
+    try:
+        out = float(value)
+    except (TypeError, ValueError):
+        return math.nan
+    return out
+
+
+def trials_frame(mlf, search: SearchInfo):
+    """One row per child run (trial) of the search; columns ``COLUMNS``."""
+    import pandas as pd
+
+    runs = _all_runs(mlf, [search.experiment_id], f"tags.`{PARENT_TAG}` = '{search.run_id}'")
+    rows = []
+    for run in runs:
+        p, m, t = run.data.params, run.data.metrics, run.data.tags
+        start, end = run.info.start_time, run.info.end_time
+        rows.append({
+            "run_id": run.info.run_id,
+            "run_name": run.info.run_name,
+            "trial_id": t.get(TRIAL_TAG),
+            "optuna_trial": t.get(OPTUNA_TAG, p.get("optuna_trial")),
+            "method": p.get("method", "?"),
+            **{k: p.get(k) for k in ("n", "r", "u", "m", "m_b", "lr", "alpha", "dropout", "equivalent_rank", "adapter_params")},
+            "score": m.get("score"),
+            "best_score": m.get("best_score"),
+            "epoch": m.get("epoch"),
+            "status": t.get(STATUS_TAG, "?"),
+            "reason": t.get(REASON_TAG),
+            "mlflow_status": run.info.status,
+            "start_time": start,
+            "duration_s": (end - start) / 1000.0 if start and end else None,
+            "best_checkpoint": t.get(CHECKPOINT_TAG),
+        })
+    df = pd.DataFrame(rows, columns=list(COLUMNS))
+    return normalize_frame(df)
+
+
+def normalize_frame(df):
+    """Numeric dtypes for the parameter and metric columns (params come back from MLflow as strings)."""
+    import pandas as pd
+
+    df = df.copy()
+    for col in INT_COLUMNS:
+        if col in df:
+            df[col] = pd.to_numeric(df[col].map(_num), errors="coerce").round().astype("Int64")
+    for col in FLOAT_COLUMNS:
+        if col in df:
+            df[col] = pd.to_numeric(df[col].map(_num), errors="coerce").astype(float)
+    return df
+
+
+def rank_trials(df):
+    """Scored trials (completed / stopped early, finite score) best first, with a 1-based ``rank`` column."""
+    import numpy as np
+
+    scored = df[df["status"].isin(SCORED) & np.isfinite(df["score"].astype(float))].copy()
+    scored["_full"] = scored["status"] == "completed"
+    scored["_best"] = scored["best_score"].fillna(-np.inf)
+    scored["_start"] = scored["start_time"].fillna(0) if "start_time" in scored else 0
+    scored = scored.sort_values(["_full", "score", "_best", "_start"], ascending=[False, False, False, True], kind="mergesort")
+    scored = scored.drop(columns=["_full", "_best", "_start"])
+    scored.insert(0, "rank", range(1, len(scored) + 1))
+    return scored.reset_index(drop=True)
+
+
+def best_per_method(df):
+    """The best trial of each method (the first row of each method in ``rank_trials`` order)."""
+    ranked = rank_trials(df)
+    return ranked.groupby("method", sort=False, as_index=False).head(1).reset_index(drop=True)
+
+
+def best_run(df, method: str | None = None):
+    """The best trial overall (or of ``method``) as a row, or None."""
+    ranked = rank_trials(df)
+    if method is not None:
+        ranked = ranked[ranked["method"] == method]
+    return None if ranked.empty else ranked.iloc[0]
+
+
+# ---- what else a search recorded ----------------------------------------------------------------
+
+def study_location(search: SearchInfo, trials=None) -> dict[str, str] | None:
+    """{study_name, optuna_storage} of the search's Optuna study, or None when it cannot be found.
+
+    From the parent run's params when the search logged them, else from ``melora_search.json`` in the Ray
+    experiment folder (found through the trials' best-checkpoint paths; local storage only).
+    """
+    p = search.params
+    if p.get("optuna_storage") and p.get("study_name"):
+        return {"study_name": p["study_name"], "optuna_storage": p["optuna_storage"], "source": "parent run params"}
+    candidates: list[Path] = []
+    if p.get("storage_path") and "://" not in p["storage_path"]:
+        candidates.append(Path(p["storage_path"]) / search.name / META_NAME)
+    if trials is not None and "best_checkpoint" in trials:
+        for ckpt in trials["best_checkpoint"].dropna():
+            if "://" not in str(ckpt):
+                candidates.append(Path(ckpt).parent.parent / META_NAME)
+    candidates.append(Path("melora_runs") / search.name / META_NAME)
+    seen = set()
+    for path in candidates:
+        if path in seen:
+            continue
+        seen.add(path)
+        try:
+            meta = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if meta.get("parent_run_id") == search.run_id and meta.get("optuna_storage") and meta.get("study_name"):
+            return {"study_name": meta["study_name"], "optuna_storage": meta["optuna_storage"], "source": str(path)}
+    return None
+
+
+def space_artifact(mlf, run_id: str) -> tuple[str, str] | None:
+    """(file name, YAML text) of the search space logged on a parent run, or None."""
+    try:
+        files = [a for a in mlf.list_artifacts(run_id, "space") if not a.is_dir and a.path.endswith((".yaml", ".yml"))]
+    except Exception:  # noqa: BLE001
+        return None
+    if not files:
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        local = mlf.download_artifacts(run_id, files[0].path, tmp)
+        return Path(files[0].path).name, Path(local).read_text()
+
+
+def fmt(value: Any, digits: int = 4) -> str:
+    """A table cell: '' for missing, compact floats, learning rates in scientific notation."""
+    if value is None:
+        return ""
+    try:
+        import pandas as pd
+
+        if pd.isna(value):
+            return ""
+    except (TypeError, ValueError):
+        pass
+    if isinstance(value, float):
+        if value.is_integer() and abs(value) < 1e9:
+            return str(int(value))
+        return f"{value:.{digits}g}"
+    return str(value)
+
+
+def fmt_lr(value: Any) -> str:
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        return ""
+    return f"{v:.2e}" if math.isfinite(v) else ""

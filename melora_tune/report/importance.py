@@ -1,0 +1,149 @@
+"""Parameter importance from the search's Optuna study (Optuna's fANOVA evaluator, seeded).
+
+The search space is conditional: MELoRA's rank is named ``melora.r|n=4`` (its
+choices depend on n), LoRA's ``lora.r``. Importance is computed on a copy of
+the study with those names folded to what a user searched (``method``, ``n``,
+``r``, ``u``, ``m``, ``m_b``, ``lr``, ``alpha``, ``dropout``): once over every
+method (the parameters every trial has) and once per method. Only COMPLETE
+trials count (the full-fidelity ones; ASHA-stopped trials are PRUNED).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+
+log = logging.getLogger("melora_tune.report")
+
+MIN_TRIALS = 2
+
+
+@dataclass
+class Importance:
+    """Importances per scope ("all methods", "melora", ...): a {param: importance} dict, or why there is none."""
+
+    study_name: str | None = None
+    storage: str | None = None
+    scopes: dict[str, dict[str, float]] = field(default_factory=dict)
+    notes: dict[str, str] = field(default_factory=dict)  # scope -> why no importance
+    error: str | None = None  # the study itself could not be read
+
+    @property
+    def available(self) -> bool:
+        return bool(self.scopes)
+
+
+def canonical_name(name: str) -> str:
+    """'melora.r|n=4' -> 'r'; 'lora.r' -> 'r'; 'lr' -> 'lr'."""
+    head = name.split("|", 1)[0]
+    return head.split(".", 1)[1] if "." in head else head
+
+
+def _merge(a, b):
+    """Union of two distributions of one canonical parameter (categorical choices merged)."""
+    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+
+    if a is None:
+        return b
+    if isinstance(a, CategoricalDistribution) and isinstance(b, CategoricalDistribution):
+        choices = list(a.choices) + [c for c in b.choices if c not in a.choices]
+        try:
+            choices = sorted(choices)
+        except TypeError:
+            pass
+        return CategoricalDistribution(choices)
+    if isinstance(a, FloatDistribution) and isinstance(b, FloatDistribution):
+        return FloatDistribution(min(a.low, b.low), max(a.high, b.high), log=a.log and b.log)
+    if isinstance(a, IntDistribution) and isinstance(b, IntDistribution):
+        return IntDistribution(min(a.low, b.low), max(a.high, b.high), log=a.log and b.log)
+    return a
+
+
+def canonical_trials(trials) -> list:
+    """COMPLETE trials with folded parameter names (FrozenTrials ready for an in-memory study)."""
+    import optuna
+    from optuna.trial import TrialState
+
+    complete = [t for t in trials if t.state == TrialState.COMPLETE and t.value is not None and math.isfinite(t.value)]
+    dists: dict[str, object] = {}
+    for t in complete:
+        for name, dist in t.distributions.items():
+            dists[canonical_name(name)] = _merge(dists.get(canonical_name(name)), dist)
+    out = []
+    for t in complete:
+        params = {canonical_name(k): v for k, v in t.params.items()}
+        out.append(optuna.trial.create_trial(
+            params=params,
+            distributions={k: dists[k] for k in params},
+            value=t.value,
+            state=TrialState.COMPLETE,
+            user_attrs=dict(t.user_attrs),
+        ))
+    return out
+
+
+def _importances(trials, direction, params: list[str]) -> dict[str, float]:
+    import optuna
+    from optuna.importance import FanovaImportanceEvaluator
+
+    study = optuna.create_study(direction=direction)
+    study.add_trials(trials)
+    result = optuna.importance.get_param_importances(study, evaluator=FanovaImportanceEvaluator(seed=0), params=params)
+    return {k: float(v) for k, v in result.items()}
+
+
+def study_importance(study) -> Importance:
+    """Importances of a loaded Optuna study: overall and per method."""
+    import warnings
+
+    out = Importance(study_name=study.study_name)
+    trials = canonical_trials(study.get_trials(deepcopy=False))
+    direction = study.direction
+    scopes: list[tuple[str, list]] = [("all methods", trials)]
+    methods = sorted({t.params.get("method") for t in trials if t.params.get("method")})
+    if len(methods) > 1:
+        scopes += [(m, [t for t in trials if t.params.get("method") == m]) for m in methods]
+    elif methods:
+        scopes = [(methods[0], trials)]
+    for scope, subset in scopes:
+        if len(subset) < MIN_TRIALS:
+            out.notes[scope] = (
+                f"needs at least {MIN_TRIALS} completed (full-fidelity) trials, the study has {len(subset)}"
+            )
+            continue
+        common = set.intersection(*(set(t.params) for t in subset))
+        varying = sorted(k for k in common if len({repr(t.params[k]) for t in subset}) > 1)
+        if not varying:
+            out.notes[scope] = "the completed trials share no parameter that varies between them: nothing to compare"
+            continue
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                values = _importances(subset, direction, varying)
+        except Exception as exc:  # noqa: BLE001  (fANOVA fails e.g. when every value is equal)
+            out.notes[scope] = f"Optuna could not compute it: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}".rstrip(": ")
+            continue
+        if not values:
+            out.notes[scope] = "no parameter is shared by every completed trial"
+            continue
+        out.scopes[scope] = values
+    return out
+
+
+def search_importance(location: dict[str, str] | None) -> Importance:
+    """Load the study at ``location`` ({study_name, optuna_storage}) and compute its importances."""
+    if location is None:
+        return Importance(error="the search's Optuna study was not found (its storage path is not recorded in MLflow "
+                                "and melora_search.json is not next to the trials' checkpoints)")
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    name, storage = location["study_name"], location["optuna_storage"]
+    try:
+        study = optuna.load_study(study_name=name, storage=storage)
+    except Exception as exc:  # noqa: BLE001
+        return Importance(study_name=name, storage=storage, error=f"cannot load Optuna study {name!r} from {storage}: {exc}")
+    result = study_importance(study)
+    result.storage = storage
+    return result

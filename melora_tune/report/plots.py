@@ -1,0 +1,145 @@
+"""The report's figures as PNG files (matplotlib, Agg backend: no display needed).
+
+Every function takes the trials DataFrame of ``collect.trials_frame`` and returns the path it wrote,
+or None when the data has nothing to draw (the report then says why).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+MARKERS = {"melora": "o", "lora": "s", "prolora": "^"}
+COLORS = {"melora": "#1f77b4", "lora": "#d62728", "prolora": "#2ca02c"}
+DPI = 110
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _scored(df):
+    import numpy as np
+
+    from melora_tune.report.collect import SCORED
+
+    return df[df["status"].isin(SCORED) & np.isfinite(df["score"].astype(float))]
+
+
+def _save(fig, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=DPI, metadata={"Software": None})
+    _plt().close(fig)
+    return path
+
+
+def _series(ax, data, x: str, method: str) -> None:
+    """Completed trials filled, trials ASHA stopped early hollow."""
+    color = COLORS.get(method)
+    marker = MARKERS.get(method, "o")
+    full = data[data["status"] == "completed"]
+    early = data[data["status"] != "completed"]
+    ax.scatter(full[x].astype(float), full["score"], marker=marker, color=color, label=f"{method}", zorder=3)
+    if not early.empty:
+        ax.scatter(early[x].astype(float), early["score"], marker=marker, facecolors="none", edgecolors=color,
+                   label=f"{method} (stopped early)", zorder=3)
+
+
+def frontier(df, path: str | Path, budget: float | None = None) -> Path | None:
+    """Score vs trainable adapter parameters, one series per method, with each method's best-so-far frontier."""
+    data = _scored(df).dropna(subset=["adapter_params"])
+    if data.empty:
+        return None
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for method, group in data.groupby("method", sort=True):
+        _series(ax, group, "adapter_params", method)
+        best = group.groupby("adapter_params")["score"].max().sort_index()
+        ax.step(best.index.astype(float), best.cummax().values, where="post", color=COLORS.get(method), alpha=0.5, lw=1.2)
+    if budget:
+        ax.axvline(float(budget), color="grey", ls="--", lw=1, label=f"budget {int(budget):,}")
+    ax.set_xlabel("trainable adapter parameters")
+    ax.set_ylabel("score")
+    ax.set_title("Budget frontier: score vs adapter parameters")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, Path(path))
+
+
+def heatmap_n_r(df, path: str | Path, method: str = "melora") -> Path | None:
+    """Best score over n x r (MELoRA), one cell per (n, r) tried; untried cells blank."""
+    import numpy as np
+
+    data = _scored(df)
+    data = data[(data["method"] == method)].dropna(subset=["n", "r"])
+    if data.empty:
+        return None
+    table = data.groupby(["n", "r"])["score"].max().unstack("r")
+    ns = sorted(int(v) for v in table.index)
+    rs = sorted(int(v) for v in table.columns)
+    table.index = [int(v) for v in table.index]
+    table.columns = [int(v) for v in table.columns]
+    grid = table.reindex(index=ns, columns=rs).to_numpy(dtype=float, na_value=np.nan)
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(1.3 * len(rs) + 3.0, 0.9 * len(ns) + 2.2))
+    cmap = plt.get_cmap("viridis").with_extremes(bad="#eeeeee")
+    finite = grid[np.isfinite(grid)]
+    lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
+    if hi - lo < 1e-9:
+        lo, hi = lo - 0.01, hi + 0.01
+    im = ax.imshow(np.ma.masked_invalid(grid), cmap=cmap, vmin=lo, vmax=hi, aspect="auto", origin="lower")
+    for i in range(len(ns)):
+        for j in range(len(rs)):
+            if np.isfinite(grid[i, j]):
+                frac = (grid[i, j] - lo) / (hi - lo)
+                ax.text(j, i, f"{grid[i, j]:.3f}", ha="center", va="center", fontsize=9, color="black" if frac > 0.6 else "white")
+    ax.set_xticks(range(len(rs)), [str(r) for r in rs])
+    ax.set_yticks(range(len(ns)), [str(n) for n in ns])
+    ax.set_xlabel("r (rank of each mini-LoRA)")
+    ax.set_ylabel("n (number of mini-LoRAs)")
+    ax.set_title(f"{ {'melora': 'MELoRA'}.get(method, method)}: best score over n x r")
+    fig.colorbar(im, ax=ax, label="best score")
+    return _save(fig, Path(path))
+
+
+def lr_sensitivity(df, path: str | Path) -> Path | None:
+    """Score vs learning rate (log scale), one series per method."""
+    data = _scored(df).dropna(subset=["lr"])
+    data = data[data["lr"] > 0]
+    if data.empty:
+        return None
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for method, group in data.groupby("method", sort=True):
+        _series(ax, group.sort_values("lr"), "lr", method)
+    ax.set_xscale("log")
+    ax.set_xlabel("learning rate (log scale)")
+    ax.set_ylabel("score")
+    ax.set_title("Learning-rate sensitivity")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    return _save(fig, Path(path))
+
+
+def importance_bars(scopes: dict[str, dict[str, float]], path: str | Path) -> Path | None:
+    """Horizontal bars of parameter importance, one panel per scope."""
+    scopes = {k: v for k, v in scopes.items() if v}
+    if not scopes:
+        return None
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(scopes), figsize=(3.6 * len(scopes) + 0.6, 0.45 * max(len(v) for v in scopes.values()) + 1.8),
+                             squeeze=False)
+    for ax, (scope, values) in zip(axes[0], scopes.items()):
+        items = sorted(values.items(), key=lambda kv: kv[1])
+        ax.barh([k for k, _ in items], [v for _, v in items], color=COLORS.get(scope, "#7f7f7f"))
+        ax.set_xlim(0, 1)
+        ax.set_title(scope, fontsize=10)
+        ax.set_xlabel("importance (fANOVA)")
+        ax.grid(alpha=0.3, axis="x")
+    fig.suptitle("Parameter importance")
+    return _save(fig, Path(path))

@@ -1,0 +1,249 @@
+"""Markdown and a self-contained HTML page (CSS inline, PNGs embedded as base64: one file to mail or archive)."""
+
+from __future__ import annotations
+
+import base64
+import html
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from melora_tune.report.collect import fmt, fmt_lr
+
+# (column, header) of the best-per-method table; method-specific columns are dropped when no row has them.
+BEST_COLUMNS = [
+    ("method", "method"), ("score", "score"), ("best_score", "best ckpt score"), ("status", "status"), ("n", "n"),
+    ("r", "r"), ("u", "u"), ("m", "m"), ("lr", "lr"), ("alpha", "alpha"), ("adapter_params", "adapter params"),
+    ("equivalent_rank", "equivalent rank"), ("trial_id", "trial id"), ("optuna_trial", "optuna trial"), ("run_id", "MLflow run"),
+]
+TOP_COLUMNS = [
+    ("rank", "#"), ("run_name", "configuration"), ("score", "score"), ("best_score", "best ckpt score"), ("status", "status"),
+    ("epoch", "epochs"), ("adapter_params", "adapter params"), ("equivalent_rank", "equivalent rank"), ("trial_id", "trial id"),
+]
+CROSS_COLUMNS = [
+    ("dataset", "dataset"), ("search", "search"), ("method", "method"), ("score", "score"), ("n", "n"), ("r", "r"),
+    ("u", "u"), ("m", "m"), ("lr", "lr"), ("adapter_params", "adapter params"), ("equivalent_rank", "equivalent rank"),
+    ("trials", "trials"),
+]
+OPTIONAL = ("n", "u", "m", "best_score", "optuna_trial")
+
+
+@dataclass
+class Figure:
+    key: str
+    title: str
+    path: Path | None  # None: nothing to draw
+    note: str = ""  # shown under the title (or instead of the figure)
+
+
+@dataclass
+class ReportData:
+    """Everything one dataset's report shows."""
+
+    dataset: str
+    search_name: str
+    parent_run_id: str
+    experiment_id: str
+    tracking_uri: str
+    search_status: str
+    generated: str
+    trials: Any  # DataFrame (collect.trials_frame)
+    best: Any  # DataFrame (collect.best_per_method)
+    top: Any  # DataFrame (collect.rank_trials().head(k))
+    top_k: int
+    figures: list[Figure] = field(default_factory=list)
+    importance: Any = None  # importance.Importance
+    settings: dict[str, str] = field(default_factory=dict)  # budget, epochs, ... from the parent run
+    cross: Any = None  # DataFrame of cross_dataset_rows, or None
+    notes: list[str] = field(default_factory=list)
+
+
+def cell(col: str, value: Any) -> str:
+    if col == "lr":
+        return fmt_lr(value)
+    if col == "run_id" and isinstance(value, str):
+        return value
+    if col in ("adapter_params",) and value is not None:
+        try:
+            return f"{int(value):,}"
+        except (TypeError, ValueError):
+            return fmt(value)
+    return fmt(value)
+
+
+def columns_for(df, spec: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """Drop columns the frame lacks and optional ones no row fills."""
+    out = []
+    for col, head in spec:
+        if col not in df.columns:
+            continue
+        if col in OPTIONAL and df[col].isna().all():
+            continue
+        out.append((col, head))
+    return out
+
+
+def table_rows(df, spec: list[tuple[str, str]]) -> tuple[list[str], list[list[str]]]:
+    cols = columns_for(df, spec)
+    heads = [h for _, h in cols]
+    rows = [[cell(c, row[c]) for c, _ in cols] for _, row in df.iterrows()]
+    return heads, rows
+
+
+def md_escape(text: str) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def md_table(heads: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(md_escape(h) for h in heads) + " |", "|" + "|".join("---" for _ in heads) + "|"]
+    lines += ["| " + " | ".join(md_escape(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def html_table(heads: list[str], rows: list[list[str]]) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in heads)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def status_counts(df) -> str:
+    counts = df["status"].value_counts()
+    return ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in counts.items()) or "none"
+
+
+def _summary_lines(data: ReportData) -> list[tuple[str, str]]:
+    lines = [
+        ("dataset", data.dataset),
+        ("search", f"{data.search_name} ({data.search_status})"),
+        ("MLflow parent run", f"{data.parent_run_id} (experiment {data.experiment_id})"),
+        ("tracking URI", data.tracking_uri),
+        ("trials", f"{len(data.trials)}: {status_counts(data.trials)}"),
+    ]
+    lines += list(data.settings.items())
+    lines.append(("generated", data.generated))
+    return lines
+
+
+def _importance_sections(data: ReportData) -> list[tuple[str, str]]:
+    """(scope, text) lines: the importances as text, or why there are none."""
+    imp = data.importance
+    if imp is None:
+        return [("", "parameter importance was not computed")]
+    if imp.error:
+        return [("", f"parameter importance is not available: {imp.error}")]
+    out = []
+    for scope, values in imp.scopes.items():
+        ranked = sorted(values.items(), key=lambda kv: -kv[1])
+        out.append((scope, ", ".join(f"{k} {v:.2f}" for k, v in ranked)))
+    for scope, note in imp.notes.items():
+        out.append((scope, f"not available: {note}"))
+    return out
+
+
+# ---- Markdown --------------------------------------------------------------------------------------
+
+def render_markdown(data: ReportData) -> str:
+    out = [f"# Search report: {data.dataset}", ""]
+    for key, value in _summary_lines(data):
+        out.append(f"- **{key}**: {md_escape(value)}")
+    out.append("")
+    for note in data.notes:
+        out += [f"> {md_escape(note)}", ""]
+    out += ["## Best configuration per method", ""]
+    if data.best.empty:
+        out += ["No trial finished with a score (completed or stopped early).", ""]
+    else:
+        out += [md_table(*table_rows(data.best, BEST_COLUMNS)), ""]
+        out += ["Ranking: trials that trained every epoch before trials ASHA stopped early, then the final score. "
+                "*best ckpt score* is the best evaluation of the trial, the checkpoint whose adapter was saved.", ""]
+    out += [f"## Top {data.top_k} trials", ""]
+    out += [md_table(*table_rows(data.top, TOP_COLUMNS)) if not data.top.empty else "No scored trial.", ""]
+    for fig in data.figures:
+        out += [f"## {fig.title}", ""]
+        if fig.note:
+            out += [fig.note, ""]
+        if fig.path is not None:
+            out += [f"![{fig.title}]({fig.path.name})", ""]
+        if fig.key == "importance":
+            for scope, text in _importance_sections(data):
+                out.append(f"- {scope + ': ' if scope else ''}{md_escape(text)}")
+            out.append("")
+    if data.cross is not None and not data.cross.empty:
+        out += ["## Best configuration by dataset", "", md_table(*table_rows(data.cross, CROSS_COLUMNS)), ""]
+    return "\n".join(out).rstrip() + "\n"
+
+
+# ---- HTML ------------------------------------------------------------------------------------------
+
+CSS = """
+body{font-family:-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:2em auto;max-width:1100px;color:#222;padding:0 1em}
+h1{font-size:1.6em}h2{font-size:1.25em;margin-top:1.6em;border-bottom:1px solid #ddd;padding-bottom:.2em}
+table{border-collapse:collapse;margin:.6em 0;font-size:.9em}th,td{border:1px solid #ccc;padding:.25em .6em;text-align:left;white-space:nowrap}
+th{background:#f3f3f3}tr:nth-child(even) td{background:#fafafa}dl{display:grid;grid-template-columns:max-content auto;gap:.2em 1em}
+dt{font-weight:600}dd{margin:0}img{max-width:100%;border:1px solid #eee}.note{color:#555;font-style:italic}
+code{background:#f3f3f3;padding:0 .2em}
+"""
+
+
+def png_data_uri(path: Path) -> str:
+    return "data:image/png;base64," + base64.b64encode(Path(path).read_bytes()).decode("ascii")
+
+
+def render_html(data: ReportData) -> str:
+    e = html.escape
+    parts = [
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        f"<title>Search report: {e(data.dataset)}</title>",
+        f"<style>{CSS}</style></head><body>",
+        f"<h1>Search report: {e(data.dataset)}</h1><dl>",
+    ]
+    for key, value in _summary_lines(data):
+        parts.append(f"<dt>{e(key)}</dt><dd>{e(str(value))}</dd>")
+    parts.append("</dl>")
+    for note in data.notes:
+        parts.append(f'<p class="note">{e(note)}</p>')
+    parts.append("<h2>Best configuration per method</h2>")
+    if data.best.empty:
+        parts.append("<p>No trial finished with a score (completed or stopped early).</p>")
+    else:
+        parts.append(html_table(*table_rows(data.best, BEST_COLUMNS)))
+        parts.append('<p class="note">Ranking: trials that trained every epoch before trials ASHA stopped early, then the '
+                     "final score. <em>best ckpt score</em> is the best evaluation of the trial, the checkpoint whose "
+                     "adapter was saved.</p>")
+    parts.append(f"<h2>Top {data.top_k} trials</h2>")
+    parts.append(html_table(*table_rows(data.top, TOP_COLUMNS)) if not data.top.empty else "<p>No scored trial.</p>")
+    for fig in data.figures:
+        parts.append(f"<h2>{e(fig.title)}</h2>")
+        if fig.note:
+            parts.append(f'<p class="note">{e(fig.note)}</p>')
+        if fig.path is not None:
+            parts.append(f'<img alt="{e(fig.title)}" src="{png_data_uri(fig.path)}">')
+        if fig.key == "importance":
+            items = "".join(f"<li>{e(scope + ': ' if scope else '')}{e(text)}</li>" for scope, text in _importance_sections(data))
+            parts.append(f"<ul>{items}</ul>")
+    if data.cross is not None and not data.cross.empty:
+        parts.append("<h2>Best configuration by dataset</h2>")
+        parts.append(html_table(*table_rows(data.cross, CROSS_COLUMNS)))
+    parts.append("</body></html>")
+    return "\n".join(parts) + "\n"
+
+
+def render_index_markdown(cross, reports: list[tuple[str, str]], generated: str) -> str:
+    """The cross-dataset page: the best configuration per dataset and method, and links to each report."""
+    out = ["# Search reports: best configuration by dataset", "", f"generated {generated}", ""]
+    out += [md_table(*table_rows(cross, CROSS_COLUMNS)) if cross is not None and not cross.empty else "No scored trial.", ""]
+    out += ["## Reports", ""]
+    out += [f"- [{md_escape(name)}]({rel}/report.md)" for name, rel in reports]
+    return "\n".join(out) + "\n"
+
+
+def render_index_html(cross, reports: list[tuple[str, str]], generated: str) -> str:
+    e = html.escape
+    table = html_table(*table_rows(cross, CROSS_COLUMNS)) if cross is not None and not cross.empty else "<p>No scored trial.</p>"
+    links = "".join(f'<li><a href="{e(rel)}/report.html">{e(name)}</a></li>' for name, rel in reports)
+    return (
+        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>Search reports by dataset</title>'
+        f"<style>{CSS}</style></head><body><h1>Search reports: best configuration by dataset</h1>"
+        f'<p class="note">generated {e(generated)}</p>{table}<h2>Reports</h2><ul>{links}</ul></body></html>\n'
+    )
