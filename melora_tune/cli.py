@@ -22,14 +22,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"melora-tune {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
     from melora_tune.budget_cli import add_budget_parser
+    from melora_tune.cluster import add_cluster_parser
+    from melora_tune.export_best import add_export_parser
+    from melora_tune.report.cli import add_report_parser
+    from melora_tune.search.cli import add_search_parser
+    from melora_tune.trial.cli import add_train_parser
+    from melora_tune.ui import add_ui_parser
 
-    add_budget_parser(sub)
-    try:
-        from melora_tune.trial.cli import add_train_parser
-    except ImportError:  # the trial package is optional while it is being built
-        pass
-    else:
-        add_train_parser(sub)
+    # in the order a user meets them: size a budget, debug one trial, search, read, export, browse, scale out
+    for add in (add_budget_parser, add_train_parser, add_search_parser, add_report_parser, add_export_parser,
+                add_ui_parser, add_cluster_parser):
+        add(sub)
     return parser
 
 
