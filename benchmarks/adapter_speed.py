@@ -358,7 +358,7 @@ def main(argv: list[str] | None = None) -> int:
         verdicts.append(ok1)
         q1, q3 = worst["melora_over_peft_r_q1q3"]
         note = f"; {noisy} of the {len(misses)} misses have q1 <= 1.0 (within the round-to-round spread)" if misses else ""
-        print(f"GOAL {mode:>7}: MELoRA <= 1.0x PEFT LoRA(r): {'HELD' if ok1 else 'NOT MET'} on "
+        print(f"GOAL {mode:>7}: MELoRA <= 1.0x PEFT LoRA(r): {'HELD' if ok1 else 'NOT MET'}: holds on "
               f"{len(rows) - len(misses)}/{len(rows)} (worst {worst['melora_over_peft_r']:.2f}x [{q1:.2f}-{q3:.2f}] "
               f"at {worst['shape']} n={worst['n']}{note})")
         n8 = [res for res in rows if res["n"] == 8]
@@ -367,7 +367,7 @@ def main(argv: list[str] | None = None) -> int:
             held8 = sum(res["loop_over_melora"] >= 4.0 for res in n8)
             ok2 = held8 == len(n8)
             verdicts.append(ok2)
-            print(f"GOAL {mode:>7}: MELoRA >= 4x faster than the loop at n=8: {'HELD' if ok2 else 'NOT MET'} on "
+            print(f"GOAL {mode:>7}: MELoRA >= 4x faster than the loop at n=8: {'HELD' if ok2 else 'NOT MET'}: holds on "
                   f"{held8}/{len(n8)} (lowest {low['loop_over_melora']:.2f}x at {low['shape']})")
     print(f"GOALS: {'all held' if all(verdicts) else 'not all held'}")
 

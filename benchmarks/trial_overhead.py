@@ -34,18 +34,19 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def trial_config(args):
-    from melora_tune.trial import TrialConfig, apply_overrides
+    from melora_tune.trial import TrialConfig, apply_overrides, prepare_trial
 
-    return apply_overrides(TrialConfig(), {
+    return prepare_trial(apply_overrides(TrialConfig(), {
         "model": "minilm", "task.name": "rotten_tomatoes", "max_train_samples": args.train, "max_eval_samples": args.eval,
         "method": "melora", "n": 4, "r": 2, "alpha": 16, "lr": 3e-3, "epochs": args.epochs, "micro_batch_size": 32,
         "max_length": 64, "zero_stage": args.zero, "num_workers": 1, "cpus_per_worker": args.threads, "seed": 0,
         "keep_checkpoints": 1,
-    })
+    })).cfg  # target modules and head resolved, as the trial path does
 
 
 def bare_loop(cfg, threads: int) -> dict:
@@ -62,6 +63,7 @@ def bare_loop(cfg, threads: int) -> dict:
 
     t0 = time.perf_counter()
     torch.set_num_threads(threads)
+    transformers.utils.logging.set_verbosity_error()
     tr = cfg.training
     path = resolve_model(cfg.model)
     task = load_task(cfg.task_spec())
