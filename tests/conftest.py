@@ -64,3 +64,30 @@ def saved_tiny_llama(tmp_path):
     path = tmp_path / "tiny-llama"
     LlamaForCausalLM(tiny_llama_config()).save_pretrained(path)
     return path
+
+
+def save_tiny_classifier(path, *, head_bias=(0.3, 0.0), max_positions: int = 128):
+    """A tiny random BertForSequenceClassification (2 layers, hidden 32) with the bundled MiniLM tokenizer,
+    saved to ``path``: what the real-stack search tests train.
+
+    The head's bias starts at ``head_bias``: untrained, it predicts "rotten" (label 0, the minority class of
+    rotten_tomatoes, 0.42 accuracy); a learning rate around 1e-2 moves it to the majority class within an
+    epoch (0.58), 1e-5 does not, which makes ASHA's first rung deterministic in those tests.
+    """
+    import torch
+    import transformers
+
+    from melora_tune.models import resolve_model
+
+    tok = transformers.AutoTokenizer.from_pretrained(resolve_model("minilm"))
+    config = transformers.BertConfig(
+        vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+        max_position_embeddings=max_positions, num_labels=2,
+    )
+    torch.manual_seed(0)
+    model = transformers.BertForSequenceClassification(config)
+    with torch.no_grad():
+        model.classifier.bias.copy_(torch.tensor(head_bias))
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path

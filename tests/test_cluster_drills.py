@@ -25,6 +25,7 @@ import pytest
 import yaml
 
 from melora_tune import cluster
+from conftest import save_tiny_classifier
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 
@@ -38,20 +39,7 @@ def melora(*args: str, env=None, timeout: float = 300, cwd=None) -> subprocess.C
 
 
 def make_tiny_model(path: Path) -> Path:
-    import torch
-    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
-
-    from melora_tune.models import resolve_model
-
-    tok = AutoTokenizer.from_pretrained(resolve_model("minilm"))
-    torch.manual_seed(0)
-    cfg = BertConfig(
-        vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-        intermediate_size=64, max_position_embeddings=128, num_labels=2,
-    )
-    BertForSequenceClassification(cfg).save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
+    return save_tiny_classifier(path, head_bias=(0.0, 0.0))
 
 
 @pytest.fixture(scope="module")

@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 
 from melora_tune.cli import main
+from conftest import save_tiny_classifier
 
 DATASET = "rotten_tomatoes"
 
@@ -321,24 +322,7 @@ def test_ui_commands_bind_loopback_with_one_worker(tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
-    import torch
-    import transformers
-
-    from melora_tune.models import resolve_model
-
-    path = tmp_path_factory.mktemp("models") / "tiny-bert"
-    tok = transformers.AutoTokenizer.from_pretrained(resolve_model("minilm"))
-    config = transformers.BertConfig(
-        vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-        max_position_embeddings=64, num_labels=2,
-    )
-    torch.manual_seed(0)
-    model = transformers.BertForSequenceClassification(config)
-    with torch.no_grad():
-        model.classifier.bias.copy_(torch.tensor([0.3, 0.0]))
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
+    return save_tiny_classifier(tmp_path_factory.mktemp("models") / "tiny-bert", max_positions=64)
 
 
 def space(model_dir, root: Path) -> dict:

@@ -93,6 +93,15 @@ def resolve_space(space: SearchSpace | dict | str | os.PathLike) -> tuple[Search
     return parsed, text, Path(space).name
 
 
+def with_num_samples(space: SearchSpace, num_samples: int | None) -> SearchSpace:
+    """The space with ``--num-samples`` applied (None keeps the space's own)."""
+    if num_samples is None:
+        return space
+    if num_samples < 1:
+        raise UsageError(f"--num-samples must be >= 1, got {num_samples}")
+    return space.model_copy(update={"num_samples": num_samples})
+
+
 def _is_remote(path: str) -> bool:
     return "://" in path
 
@@ -305,10 +314,7 @@ def run_search(
     """
     t0 = time.time()
     space, text, filename = resolve_space(space)
-    if num_samples is not None:
-        if num_samples < 1:
-            raise UsageError(f"--num-samples must be >= 1, got {num_samples}")
-        space = space.model_copy(update={"num_samples": num_samples})
+    space = with_num_samples(space, num_samples)
     feasible = build_space(space, spec=spec)
     storage, exp_name, exp_dir = plan_paths(space, storage_path=storage_path, name=name, resume=resume)
     meta = _read_meta(exp_dir)
@@ -502,10 +508,7 @@ def collect(grid, space, feasible, exp_name, storage, parent, study_name, optuna
 def dry_run(space: SearchSpace | dict | str | os.PathLike, *, spec=None, num_samples: int | None = None) -> tuple[SearchSpace, FeasibleSpace]:
     """Validate a space and enumerate its feasible configurations; nothing starts."""
     space, _, _ = resolve_space(space)
-    if num_samples is not None:
-        if num_samples < 1:
-            raise UsageError(f"--num-samples must be >= 1, got {num_samples}")
-        space = space.model_copy(update={"num_samples": num_samples})
+    space = with_num_samples(space, num_samples)
     feasible = build_space(space, spec=spec)
     space.base_trial_dict(feasible.target_modules, feasible.modules_to_save)
     return space, feasible
