@@ -245,3 +245,23 @@ def test_train_command_rejects_bad_settings_before_ray_starts(tmp_path):
     config.write_text("adapter:\n  method: melora\n")
     assert main(["train", str(config), "--set", "lrr=1"]) == 2
     assert main(["train", str(tmp_path / "nope.yaml")]) == 2
+
+
+def test_fractional_gpus_reach_the_trainer_and_the_search(tmp_path):
+    """gpus_per_worker: 0.5 packs two trials' workers on one GPU: Ray Train must ask for exactly that share."""
+    from melora_tune.search.schema import parse_space
+    from melora_tune.trial.driver import build_trainer
+
+    cfg = apply_overrides(TrialConfig(), {"use_gpu": True, "num_workers": 2, "resources.gpus_per_worker": 0.5})
+    scaling = build_trainer(cfg, tmp_path, "t").scaling_config
+    assert scaling.use_gpu and scaling.num_workers == 2
+    assert scaling.resources_per_worker == {"CPU": 1.0, "GPU": 0.5}
+    assert TrialConfig().resources.gpus_per_worker == 1.0  # a whole GPU per worker unless told otherwise
+
+    space = parse_space({"name": "s", "task": {"name": "rotten_tomatoes"}, "budget": {"max_params": 20000},
+                         "resources": {"gpus_per_worker": 0.25}})
+    trial = space.base_trial_dict(["query", "value"], ["classifier"])
+    assert trial["resources"]["use_gpu"] is True and trial["resources"]["gpus_per_worker"] == 0.25
+    with pytest.raises(Exception, match="gpus_per_worker"):
+        parse_space({"name": "s", "task": {"name": "rotten_tomatoes"}, "budget": {"max_params": 20000},
+                     "resources": {"gpus_per_worker": 2}})

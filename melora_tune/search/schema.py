@@ -182,17 +182,8 @@ class Resources(_Strict):
 
     num_workers: int = Field(1, ge=1)  # Ray Train workers (DeepSpeed ranks) per trial
     cpus_per_worker: float = Field(1.0, gt=0)
-    gpus_per_worker: float = Field(0.0, ge=0)  # 0: CPU; 1: one GPU per worker (fractions need trial-engine support)
+    gpus_per_worker: float = Field(0.0, ge=0, le=1)  # 0: CPU; 1: a GPU per worker; 0.5: two trials' workers share a GPU
     driver_cpus: float = Field(0.1, gt=0)  # the Tune trial itself (it only waits on its TorchTrainer)
-
-    @model_validator(mode="after")
-    def _check(self) -> "Resources":
-        if self.gpus_per_worker not in (0, 1) and "gpus_per_worker" not in ResourcesSection.model_fields:
-            raise ValueError(
-                f"resources.gpus_per_worker={self.gpus_per_worker:g}: the trial engine reserves whole GPUs "
-                "(0 or 1 per worker); fractional GPUs are not supported yet"
-            )
-        return self
 
 
 class SearchSpace(_Strict):
@@ -305,7 +296,7 @@ class SearchSpace(_Strict):
             "training": {**training, "lr": self.space.lr.low},
             "resources": {"num_workers": res.num_workers, "use_gpu": res.gpus_per_worker > 0, "cpus_per_worker": res.cpus_per_worker},
         }
-        if "gpus_per_worker" in ResourcesSection.model_fields:
+        if res.gpus_per_worker > 0:
             data["resources"]["gpus_per_worker"] = res.gpus_per_worker
         return TrialConfig.from_dict(data, source=f"space {self.name}").to_dict()
 

@@ -102,6 +102,9 @@ class ResourcesSection(_Section):
     num_workers: int = Field(1, ge=1)
     use_gpu: bool = False
     cpus_per_worker: float = Field(1.0, gt=0)
+    # GPU share of each worker when use_gpu: 0.5 packs two trials' workers on a GPU. Ray only counts it;
+    # it does not isolate GPU memory, so size fractions by measured peak memory.
+    gpus_per_worker: float = Field(1.0, gt=0, le=1)
 
 
 class TrialConfig(_Section):
