@@ -265,3 +265,21 @@ def test_fractional_gpus_reach_the_trainer_and_the_search(tmp_path):
     with pytest.raises(Exception, match="gpus_per_worker"):
         parse_space({"name": "s", "task": {"name": "rotten_tomatoes"}, "budget": {"max_params": 20000},
                      "resources": {"gpus_per_worker": 2}})
+
+
+def test_max_failures_reach_train_and_tune(tmp_path):
+    """A lost node or a crashed worker restarts the trial from its checkpoint (the node drill
+    proves it end to end); here: the configured count reaches Train's FailureConfig and the search."""
+    from melora_tune.search.schema import parse_space
+    from melora_tune.trial.driver import build_trainer
+
+    assert build_trainer(TrialConfig(), tmp_path, "t").run_config.failure_config.max_failures == 2
+    cfg = apply_overrides(TrialConfig(), {"resources.max_failures": 0})
+    assert build_trainer(cfg, tmp_path, "t").run_config.failure_config.max_failures == 0
+
+    space = parse_space({"name": "s", "task": {"name": "rotten_tomatoes"}, "budget": {"max_params": 20000},
+                         "resources": {"max_failures": 5}})
+    assert space.base_trial_dict(["query", "value"], ["classifier"])["resources"]["max_failures"] == 5
+    with pytest.raises(Exception, match="max_failures"):
+        parse_space({"name": "s", "task": {"name": "rotten_tomatoes"}, "budget": {"max_params": 20000},
+                     "resources": {"max_failures": -1}})

@@ -407,6 +407,7 @@ def _build_tuner(space, feasible, base_trial, storage, exp_name, optuna_storage,
     ]
     exp_path = storage.rstrip("/") + "/" + exp_name
     if resume:
+        _forget_given_up(exp_path)
         tuner = tune.Tuner.restore(exp_path, trainable=trainable, resume_errored=True)
         # callbacks come back pickled from tuner.pkl; give the restored run fresh ones (new tracking URI, writer)
         internal = getattr(tuner, "_local_tuner", None)
@@ -444,9 +445,18 @@ def _build_tuner(space, feasible, base_trial, storage, exp_name, optuna_storage,
             callbacks=callbacks,
             verbose=0,
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1, checkpoint_score_attribute=METRIC, checkpoint_score_order=MODE),
-            failure_config=tune.FailureConfig(max_failures=0),
+            failure_config=tune.FailureConfig(max_failures=space.resources.max_failures),
         ),
     )
+
+
+def _forget_given_up(exp_path: str) -> None:
+    """An explicit --resume retries failed trials (resume_errored) with a fresh set of Train restarts."""
+    from melora_tune.trial.driver import GAVE_UP_NAME
+
+    if "://" not in exp_path:
+        for marker in Path(exp_path).glob(f"trial_*/{GAVE_UP_NAME}"):
+            marker.unlink(missing_ok=True)
 
 
 def collect(grid, space, feasible, exp_name, storage, parent, study_name, optuna_storage, tracking, experiment_id) -> SearchResult:

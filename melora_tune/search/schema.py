@@ -184,6 +184,9 @@ class Resources(_Strict):
     cpus_per_worker: float = Field(1.0, gt=0)
     gpus_per_worker: float = Field(0.0, ge=0, le=1)  # 0: CPU; 1: a GPU per worker; 0.5: two trials' workers share a GPU
     driver_cpus: float = Field(0.1, gt=0)  # the Tune trial itself (it only waits on its TorchTrainer)
+    # Restarts of a trial after a worker error or a lost node, from its last checkpoint: Train restarts its
+    # workers this many times; Tune restarts the trial itself this many times if its own process is lost.
+    max_failures: int = Field(2, ge=0)
 
 
 class SearchSpace(_Strict):
@@ -294,7 +297,8 @@ class SearchSpace(_Strict):
                 "modules_to_save": modules_to_save if modules_to_save is not None else self.adapter.modules_to_save,
             },
             "training": {**training, "lr": self.space.lr.low},
-            "resources": {"num_workers": res.num_workers, "use_gpu": res.gpus_per_worker > 0, "cpus_per_worker": res.cpus_per_worker},
+            "resources": {"num_workers": res.num_workers, "use_gpu": res.gpus_per_worker > 0,
+                          "cpus_per_worker": res.cpus_per_worker, "max_failures": res.max_failures},
         }
         if res.gpus_per_worker > 0:
             data["resources"]["gpus_per_worker"] = res.gpus_per_worker

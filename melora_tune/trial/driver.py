@@ -24,6 +24,15 @@ from melora_tune.trial.prepare import PreparedTrial, prepare_trial
 
 log = logging.getLogger("melora_tune.trial")
 
+# In a Tune trial folder: Train gave up on the trial after its own restarts (one line: the error).
+# `melora-tune search --resume` removes it, so an explicit resume retries failed trials.
+GAVE_UP_NAME = "train_gave_up.txt"
+
+
+class TrialGaveUpError(RuntimeError):
+    """A restarted Tune trial whose training already failed after every Train restart."""
+
+
 # Environment the workers must see (Ray workers on other nodes do not inherit the driver's).
 PROPAGATED_ENV = (
     "HF_HUB_OFFLINE",
@@ -101,7 +110,7 @@ def build_trainer(
             name=name,
             storage_path=storage,
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.training.keep_checkpoints),
-            failure_config=FailureConfig(max_failures=0),
+            failure_config=FailureConfig(max_failures=res.max_failures),
             callbacks=callbacks or [],
             worker_runtime_env={"env_vars": worker_env()},
         ),
@@ -299,7 +308,7 @@ def tune_trial(config: dict[str, Any]) -> None:
     request theirs separately (``resources.num_workers x cpus_per_worker``).
     """
     import ray.tune
-    from ray.train import Checkpoint
+    from ray.train import Checkpoint, TrainingFailedError
     from ray.util.queue import Empty, Queue
 
     base = dict(config.get(TRIAL_KEY) or {})
@@ -309,6 +318,12 @@ def tune_trial(config: dict[str, Any]) -> None:
     trial_id = ctx.get_trial_id()
     storage = Path(ctx.get_trial_dir())
     name = f"train_{trial_id}"
+
+    gave_up = storage / GAVE_UP_NAME
+    if gave_up.is_file():
+        # Train already spent resources.max_failures restarts on this trial: a Tune restart would only
+        # repeat them (Tune's own restarts are for a lost trial process, not for a failing training).
+        raise TrialGaveUpError(gave_up.read_text().strip() or "training failed")
 
     resume_from = None
     tune_ckpt = ray.tune.get_checkpoint()
@@ -352,4 +367,10 @@ def tune_trial(config: dict[str, Any]) -> None:
             break
     q.shutdown()
     if "error" in outcome:
-        raise outcome["error"]
+        err = outcome["error"]
+        if isinstance(err, TrainingFailedError):
+            try:
+                gave_up.write_text(_one_line(err) + "\n")
+            except OSError:  # remote storage: Tune may then repeat the Train restarts
+                pass
+        raise err

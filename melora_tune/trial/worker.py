@@ -365,6 +365,8 @@ class TrialWorker:
             "head_params": int(self.report_info.head_params),
             "equivalent_rank": int(self.report_info.equivalent_rank),
             "world_size": self.world,
+            "restarts": state.get("restarts", 0),  # Train/Tune restarts after failures, and resumes
+            "worker_node_ip": _node_ip(),  # rank 0's node: where a restarted trial went on
         }
 
     def run(self) -> dict[str, Any]:
@@ -488,3 +490,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     Returns rank 0's summary (status, reason, step, final and best metrics, timings).
     """
     return TrialWorker(config).run()
+
+
+def _node_ip() -> str | None:
+    try:
+        import ray.util
+
+        return ray.util.get_node_ip_address()
+    except Exception:  # noqa: BLE001  (outside Ray)
+        return None
