@@ -454,7 +454,7 @@ def _forget_given_up(exp_path: str) -> None:
     """An explicit --resume retries failed trials (resume_errored) with a fresh set of Train restarts."""
     from melora_tune.trial.driver import GAVE_UP_NAME
 
-    if "://" not in exp_path:
+    if not _is_remote(exp_path):
         for marker in Path(exp_path).glob(f"trial_*/{GAVE_UP_NAME}"):
             marker.unlink(missing_ok=True)
 

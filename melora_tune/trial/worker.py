@@ -88,6 +88,7 @@ def _finite(x: float) -> bool:
 class TrialWorker:
     def __init__(self, config: dict[str, Any]) -> None:
         import ray.train
+        import ray.util
 
         self.t0 = time.perf_counter()
         self.wall_start = time.time()  # the driver compares it with its own clock: Ray's start-up cost
@@ -98,6 +99,7 @@ class TrialWorker:
         ctx = ray.train.get_context()
         self.rank = ctx.get_world_rank()
         self.world = ctx.get_world_size()
+        self.node_ip = ray.util.get_node_ip_address()  # reported: where a restarted trial went on
         self.on_gpu = bool(self.cfg.resources.use_gpu and torch.cuda.is_available())
         if not self.on_gpu:
             os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -366,7 +368,7 @@ class TrialWorker:
             "equivalent_rank": int(self.report_info.equivalent_rank),
             "world_size": self.world,
             "restarts": state.get("restarts", 0),  # Train/Tune restarts after failures, and resumes
-            "worker_node_ip": _node_ip(),  # rank 0's node: where a restarted trial went on
+            "worker_node_ip": self.node_ip,
         }
 
     def run(self) -> dict[str, Any]:
@@ -490,12 +492,3 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     Returns rank 0's summary (status, reason, step, final and best metrics, timings).
     """
     return TrialWorker(config).run()
-
-
-def _node_ip() -> str | None:
-    try:
-        import ray.util
-
-        return ray.util.get_node_ip_address()
-    except Exception:  # noqa: BLE001  (outside Ray)
-        return None
