@@ -55,8 +55,9 @@ def check_method(method: str | None) -> str | None:
     """A method name, or a one-line refusal (a name with '/', '..' or the like would reach outside DIR)."""
     if method is None:
         return None
-    from melora_tune.adapters import METHODS
+    from melora_tune.adapters import method_names
 
+    METHODS = method_names()
     if not NAME_RE.fullmatch(method):
         raise UsageError(f"--method {method!r} is not a method name (letters, digits, '_' or '-' only; nothing that "
                          f"could reach outside the output folder): choose one of {', '.join(METHODS)}")

@@ -206,7 +206,7 @@ def test_layer_rejects_configs_that_do_not_fit(cfg, needle):
 
 
 @pytest.mark.parametrize("cfg,needle", [
-    (dict(method="dora"), "unknown adapter method 'dora'"),
+    (dict(method="dorra"), "unknown adapter method 'dorra' \\(did you mean 'dora'\\?\\)"),
     (dict(r=0), "rank r must be >= 1"),
     (dict(method="prolora", r=2, u=3), "u must be in"),
     (dict(n=0), "n .* must be >= 1"),

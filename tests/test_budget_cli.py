@@ -47,7 +47,7 @@ def test_readable_table_without_json():
     (["--method", "lora", "--targets", "q_proj", "--r", "1"], "its linear layers are named"),
     (["--method", "lora", "--budget", "100"], "smallest lora configuration needs 9216"),
     (["--method", "lora", "--n", "2", "--r", "1"], "--n does not apply to method lora"),
-    (["--method", "dora", "--r", "1"], "unknown adapter method"),
+    (["--method", "dorra", "--r", "1"], "unknown adapter method"),
     (["--method", "lora", "--r", "x"], "invalid int value"),
     (["--method", "lora"], "give --r"),
 ])

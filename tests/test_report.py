@@ -264,7 +264,7 @@ def test_export_refuses_non_empty_out_and_escaping_names(tmp_path, capsys):
         assert main(["export", "--dataset", DATASET, "--method", bad, "--out", str(tmp_path / "new")]) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and "--method" in err
-    assert main(["export", "--dataset", DATASET, "--method", "dora", "--out", str(tmp_path / "new")]) == 2
+    assert main(["export", "--dataset", DATASET, "--method", "dorra", "--out", str(tmp_path / "new")]) == 2
     assert "unknown --method" in capsys.readouterr().err
     assert not (tmp_path / "new").exists()
 

@@ -106,7 +106,7 @@ BAD = [
     ("space.dropout", [0.0, 1.0], "dropout choices must be in [0, 1)"),
     # methods
     ("methods", ["melra", "lora"], "unknown method 'melra' (did you mean 'melora'?)"),
-    ("methods", ["dora"], "unknown method 'dora'"),
+    ("methods", ["dorra"], "unknown method 'dorra'"),
     ("space.u", [0, 1], "space.u applies to prolora only"),
     # required
     ("budget", DELETE, "budget is required"),

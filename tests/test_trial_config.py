@@ -74,7 +74,7 @@ def test_parse_overrides_values():
         (["r=two"], "adapter.r"),
         (["zero_stage=4"], "training.zero_stage"),
         (["precision=fp16"], "'auto', 'fp32' or 'bf16'"),
-        (["method=melra"], "'lora', 'melora' or 'prolora'"),
+        (["method=melra"], "unknown adapter method 'melra' (did you mean 'melora'?)"),
         (["u=5", "r=2"], "u=5 must be <= r=2"),
         (["task_type=seq2seq"], "task_type"),
         (["warmup_ratio=1.5"], "training.warmup_ratio"),

@@ -1,34 +1,50 @@
-"""Adapter layers (LoRA, MELoRA, PRoLoRA), their injection into models, accounting and export."""
+"""Adapter methods (LoRA, MELoRA, PRoLoRA, DoRA), their registry, injection into models, accounting and export.
+
+Each method lives in one module here and registers itself (``adapters.registry``);
+importing this package registers the built-in ones.
+"""
 
 from melora_tune.adapters.base import AdapterLinear
-from melora_tune.adapters.config import METHODS, AdapterConfig
-from melora_tune.adapters.lora import LoRALinear
-from melora_tune.adapters.melora import MELoRALinear
-from melora_tune.adapters.prolora import PRoLoRALinear
+from melora_tune.adapters.config import AdapterConfig
+from melora_tune.adapters.registry import (
+    HYPERPARAMS,
+    HyperParam,
+    Method,
+    all_methods,
+    describe,
+    format_lr,
+    get_method,
+    method_names,
+    register_method,
+    unregister_method,
+)
 
-LAYERS: dict[str, type[AdapterLinear]] = {
-    "lora": LoRALinear,
-    "melora": MELoRALinear,
-    "prolora": PRoLoRALinear,
-}
+# The built-in methods register themselves on import (order: how tables and --help list them).
+from melora_tune.adapters.lora import LoRALinear  # noqa: E402
+from melora_tune.adapters.melora import MELoRALinear  # noqa: E402
+from melora_tune.adapters.prolora import PRoLoRALinear  # noqa: E402
+from melora_tune.adapters import dora as _dora  # noqa: E402,F401
 
 
 def layer_class(method: str) -> type[AdapterLinear]:
-    return LAYERS[AdapterConfig(method=method).method]
+    return get_method(AdapterConfig(method=method).method).layer
 
 
 def make_layer(base, cfg: AdapterConfig) -> AdapterLinear:
-    return LAYERS[cfg.method](base, cfg)
+    return cfg.spec.make_layer(base, cfg)
+
+
+def __getattr__(name: str):
+    # Live views of the registry, so that methods registered later (plug-ins, tests) are included.
+    if name == "METHODS":
+        return method_names()
+    if name == "LAYERS":
+        return {m.name: m.layer for m in all_methods()}
+    raise AttributeError(name)
 
 
 __all__ = [
-    "METHODS",
-    "AdapterConfig",
-    "AdapterLinear",
-    "LoRALinear",
-    "MELoRALinear",
-    "PRoLoRALinear",
-    "LAYERS",
-    "layer_class",
-    "make_layer",
+    "METHODS", "HYPERPARAMS", "HyperParam", "Method", "AdapterConfig", "AdapterLinear", "LoRALinear",
+    "MELoRALinear", "PRoLoRALinear", "LAYERS", "all_methods", "describe", "format_lr", "get_method",
+    "layer_class", "make_layer", "method_names", "register_method", "unregister_method",
 ]

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from melora_tune.adapters import LAYERS, AdapterConfig
+from melora_tune.adapters import AdapterConfig
 from melora_tune.adapters.inject import find_modules_to_save, find_targets
 from melora_tune.models import auto_class, load_config
 
@@ -60,16 +60,16 @@ class ModelSpec:
 
 def check_config(shapes: list[LinearShape], cfg: AdapterConfig) -> None:
     """Raise UsageError if cfg does not fit every targeted layer."""
-    layer = LAYERS[cfg.method]
+    method = cfg.spec
     for s in shapes:
-        layer.check(s.d_in, s.d_out, cfg)
+        method.check(s.d_in, s.d_out, cfg)
 
 
 def adapter_params(shapes: list[LinearShape], cfg: AdapterConfig) -> int:
     """Trainable adapter parameters of cfg over these layers (checks feasibility first)."""
     check_config(shapes, cfg)
-    layer = LAYERS[cfg.method]
-    return sum(layer.count_params(s.d_in, s.d_out, cfg) for s in shapes)
+    method = cfg.spec
+    return sum(method.count_params(s.d_in, s.d_out, cfg) for s in shapes)
 
 
 def account(spec: ModelSpec, cfg: AdapterConfig) -> dict:

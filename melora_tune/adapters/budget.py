@@ -1,61 +1,75 @@
 """Which adapter configurations fit a trainable-parameter budget.
 
-A configuration is feasible when every targeted layer accepts it (MELoRA's n
-divides d_in and d_out, per-mini rank r <= min(d_in, d_out) / n, equivalent
-rank <= min(d_in, d_out), PRoLoRA's u <= r and sharing rates <= d) and its
-adapter parameters lie in [min_fraction * budget, budget]. The enumeration is
-exact over the declared choices: parameters grow with r, so r stops at the
-first value over budget, and nothing feasible below it is skipped.
+A configuration is feasible when every targeted layer accepts it (the method's
+``check``: MELoRA's n divides d_in and d_out, per-mini rank r <= min(d_in,
+d_out) / n, PRoLoRA's u <= r and sharing rates <= d, ...) and its adapter
+parameters lie in [min_fraction * budget, budget]. The enumeration walks each
+method's hyperparameters in the order the method declares them and is exact
+over the declared choices: for a hyperparameter that only adds parameters as it
+grows (``HyperParam.grows_params``, e.g. r), the walk stops at the first value
+whose whole subtree is over budget, and nothing feasible below it is skipped.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
-from functools import reduce
-from typing import Iterable, Sequence
+from dataclasses import dataclass
+from fractions import Fraction
+from typing import Any, Iterable, Sequence
 
-from melora_tune.adapters import AdapterConfig
 from melora_tune.adapters.accounting import LinearShape, adapter_params
+from melora_tune.adapters.config import AdapterConfig
+from melora_tune.adapters.registry import DEFAULT_SHARING_RATES, HYPERPARAMS, common_divisors, get_method  # noqa: F401
 from melora_tune.errors import UsageError
-
-DEFAULT_SHARING_RATES = (1, 2, 4, 8, 16, 32, 64)
 
 
 @dataclass(frozen=True)
 class Candidate:
-    """One feasible configuration and what it costs."""
+    """One feasible configuration and what it costs.
+
+    ``values`` holds the method's hyperparameters in its declared order (tied ones
+    resolved); ``c.n``, ``c.u``... read a value, or the default of a hyperparameter
+    the method does not use (LoRA's n is 1).
+    """
 
     method: str
-    n: int
-    r: int
-    u: int
-    m: int
-    m_b: int
+    values: tuple[tuple[str, int], ...]
     adapter_params: int
     equivalent_rank: int
 
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_") or name not in HYPERPARAMS:
+            raise AttributeError(name)
+        values = dict(self.values)
+        if name in values:
+            return values[name]
+        tied = HYPERPARAMS[name].tied_to
+        if tied:
+            return getattr(self, tied)
+        return AdapterConfig.model_fields[name].default
+
+    @property
+    def key(self) -> tuple:
+        """(method, *every hyperparameter of the vocabulary): one identity across methods."""
+        return (self.method, *(getattr(self, k) for k in HYPERPARAMS))
+
     def apply(self, base: AdapterConfig) -> AdapterConfig:
-        return replace(base, method=self.method, n=self.n, r=self.r, u=self.u, m=self.m, m_b=self.m_b)
+        return base.replace(method=self.method, **dict(self.values))
 
     def to_dict(self) -> dict:
         """The fields that mean something for this method (MELoRA has no u, LoRA no n...)."""
-        return {"method": self.method, **self.apply(AdapterConfig()).method_params(),
-                "adapter_params": self.adapter_params, "equivalent_rank": self.equivalent_rank}
+        return {"method": self.method, **dict(self.values), "adapter_params": self.adapter_params,
+                "equivalent_rank": self.equivalent_rank}
 
 
-def common_divisors(shapes: Sequence[LinearShape]) -> list[int]:
-    g = reduce(math.gcd, [d for s in shapes for d in (s.d_in, s.d_out)])
-    return [k for k in range(1, g + 1) if g % k == 0]
+def budget_floor(min_fraction: float, budget: int) -> int:
+    """ceil(min_fraction * budget) in exact decimal arithmetic: 0.56 * 1600 is 896, not 897 as in floating point."""
+    return math.ceil(Fraction(str(min_fraction)) * budget)
 
 
 def max_rank(shapes: Sequence[LinearShape], method: str, n: int = 1) -> int:
     """Largest r the layers allow (per mini for MELoRA)."""
-    return min(min(s.d_in, s.d_out) for s in shapes) // (n if method == "melora" else 1)
-
-
-def _choices(declared: Iterable[int] | None, default: Iterable[int]) -> list[int]:
-    return sorted(set(default if declared is None else declared))
+    return get_method(method).max_rank(shapes, {"n": n})
 
 
 def enumerate_feasible(
@@ -64,17 +78,13 @@ def enumerate_feasible(
     budget: int | None,
     *,
     min_fraction: float = 0.0,
-    n: Iterable[int] | None = None,
-    r: Iterable[int] | None = None,
-    u: Iterable[int] | None = None,
-    m: Iterable[int] | None = None,
-    m_b: Iterable[int] | None = None,
     base: AdapterConfig | None = None,
+    **choices: Iterable[int] | None,
 ) -> list[Candidate]:
-    """Every feasible configuration of ``method`` within the declared choices.
+    """Every feasible configuration of ``method`` within the declared choices (``r=[1, 2]``, ``n=None``...).
 
-    ``None`` choices mean: n over all common divisors of the layers' dims, r over
-    1..max, u over 0..r, m over DEFAULT_SHARING_RATES, m_b tied to m.
+    ``None`` (or no) choices mean the method's defaults: n over all common divisors of the
+    layers' dims, r over 1..max, u over 0..r, m over DEFAULT_SHARING_RATES, m_b tied to m.
     ``budget=None`` drops the upper bound (used to find the smallest config).
     """
     if not shapes:
@@ -83,43 +93,50 @@ def enumerate_feasible(
         raise UsageError(f"min_fraction must be in [0, 1], got {min_fraction}")
     if budget is not None and budget < 1:
         raise UsageError(f"budget must be a positive number of parameters, got {budget}")
-    base = replace(base or AdapterConfig(), method=method)
-    floor = math.ceil(min_fraction * budget) if budget is not None else 0
-    n_list = _choices(n, common_divisors(shapes)) if method == "melora" else [1]
-    m_list = _choices(m, DEFAULT_SHARING_RATES) if method == "prolora" else [1]
-    tied_b = method == "prolora" and m_b is None
-    mb_list = _choices(m_b, DEFAULT_SHARING_RATES) if method == "prolora" and not tied_b else [None]
-
+    spec = get_method(method)
+    stray = [k for k, v in choices.items() if k not in HYPERPARAMS]
+    if stray:
+        raise UsageError(f"unknown hyperparameter {stray[0]!r}: known ones are {', '.join(HYPERPARAMS)}")
+    base = (base or AdapterConfig()).replace(method=method)
+    floor = budget_floor(min_fraction, budget) if budget is not None else 0
+    tied = {k: HYPERPARAMS[k].tied_to for k in spec.hyperparams if HYPERPARAMS[k].tied_to and choices.get(k) is None}
+    levels = [k for k in spec.hyperparams if k not in tied]
     out: list[Candidate] = []
-    for n_ in n_list:
-        if n_ < 1:
-            continue
-        ceiling = max_rank(shapes, method, n_)
-        r_list = _choices(r, range(1, ceiling + 1))
-        for r_ in r_list:
-            if r_ < 1 or r_ > ceiling:
+
+    def leaf(chosen: dict[str, int]) -> tuple[bool, bool]:
+        values = {k: chosen[tied[k]] if k in tied else chosen[k] for k in spec.hyperparams}
+        cfg = base.model_copy(update={**values, **({"m_b": None} if "m_b" in tied else {})})
+        try:
+            params = adapter_params(shapes, cfg)
+        except UsageError:
+            return False, False
+        if budget is not None and params > budget:
+            return True, False
+        if params >= floor:
+            out.append(Candidate(method, tuple(values.items()), params, spec.equivalent_rank(cfg)))
+        return True, True
+
+    def walk(depth: int, chosen: dict[str, int]) -> tuple[bool, bool]:
+        if depth == len(levels):
+            return leaf(chosen)
+        name = levels[depth]
+        hp = HYPERPARAMS[name]
+        declared = choices.get(name)
+        options = sorted(set(spec.default_choices(name, shapes, chosen) if declared is None else declared))
+        any_valid = any_within = False
+        for value in options:
+            if value < hp.minimum or not spec.allows(name, value, chosen):
                 continue
-            u_list = _choices(u, range(0, r_ + 1)) if method == "prolora" else [0]
-            any_valid = any_within = False
-            for u_ in (x for x in u_list if 0 <= x <= r_):
-                for m_ in m_list:
-                    for mb_ in mb_list:
-                        cfg = replace(base, n=n_, r=r_, u=u_, m=m_, m_b=(m_ if tied_b else mb_) if method == "prolora" else None)
-                        try:
-                            params = adapter_params(shapes, cfg)
-                        except UsageError:
-                            continue
-                        any_valid = True
-                        if budget is not None and params > budget:
-                            continue
-                        any_within = True
-                        if params >= floor:
-                            out.append(Candidate(method, n_, r_, u_, m_, cfg.sharing_b, params, cfg.equivalent_rank))
-            # For fixed (n, u, m, m_b) every count grows with r, and the cheapest declared u
-            # that is <= r stays the cheapest as r grows; so once the valid configs of one
-            # rank are all over budget, those of every larger rank are too.
-            if budget is not None and any_valid and not any_within:
+            valid, within = walk(depth + 1, {**chosen, name: value})
+            any_valid |= valid
+            any_within |= within
+            # Every count grows with this value (the rest fixed), and the cheapest completion of a larger
+            # value costs at least that of this one: once this subtree is all over budget, larger ones are too.
+            if hp.grows_params and budget is not None and valid and not within:
                 break
+        return any_valid, any_within
+
+    walk(0, {})
     return out
 
 

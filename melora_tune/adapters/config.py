@@ -1,29 +1,61 @@
-"""The adapter configuration: one typed record shared by every method, saved as JSON."""
+"""The adapter configuration: one typed record shared by every method, saved as JSON.
+
+This pydantic model is the single schema of an adapter: the trial config's
+``adapter`` section subclasses it (``trial.config.AdapterSection``) and the
+search space's fixed ``adapter`` section takes its shared fields. What each
+method accepts is declared by the method (``adapters.registry``).
+"""
 
 from __future__ import annotations
 
-import dataclasses
-import difflib
 import json
-from dataclasses import dataclass, field
+import math
 from pathlib import Path
 from typing import Any
 
-from melora_tune.errors import UsageError
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
 
-METHODS = ("lora", "melora", "prolora")
+from melora_tune.errors import UsageError, did_you_mean
+
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
+META_KEY = "melora_tune"  # provenance saved next to the config (ignored when loading)
+
+# The integer hyperparameter vocabulary (see adapters.registry.HYPERPARAMS) and how a user names each.
+_TITLES = {
+    "r": "adapter rank r",
+    "n": "MELoRA n (number of minis)",
+    "u": "PRoLoRA unshared ranks u",
+    "m": "PRoLoRA sharing rate m",
+    "m_b": "PRoLoRA sharing rate m_b",
+}
 
 
-@dataclass
-class AdapterConfig:
+def split_list(value: Any) -> Any:
+    """'query,value' -> ['query', 'value'] (YAML, CLI and JSON all accept either form)."""
+    if isinstance(value, str):
+        return [v.strip() for v in value.split(",") if v.strip()]
+    return value
+
+
+def error_message(err: ValidationError) -> str:
+    """The first problem of a validation error as plain text (the search and trial schemas add locations)."""
+    first = err.errors()[0]
+    text = str(first.get("msg", "invalid value")).removeprefix("Value error, ").removeprefix("Assertion failed, ")
+    loc = ".".join(str(p) for p in first.get("loc", ()))
+    return f"{loc}: {text}" if loc and first.get("type") != "value_error" else text
+
+
+class AdapterConfig(BaseModel):
     """What to adapt and how.
 
     ``r`` is always the rank of one factor pair: the rank of LoRA, the rank of
     *each* MELoRA mini (equivalent rank ``n * r``), the total rank of PRoLoRA
-    (``u`` of which are unshared).
+    (``u`` of which are unshared). Hyperparameters a method does not use keep
+    their defaults.
     """
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
     method: str = "melora"
     r: int = 8
@@ -33,34 +65,63 @@ class AdapterConfig:
     u: int = 0  # PRoLoRA: unshared ranks
     m: int = 1  # PRoLoRA: sharing rate of A (copies of the shared chunk along d_in)
     m_b: int | None = None  # PRoLoRA: sharing rate of B; None means "same as m"
-    target_modules: list[str] = field(default_factory=lambda: ["query", "value"])
-    modules_to_save: list[str] = field(default_factory=list)
+    target_modules: list[str] = ["query", "value"]
+    modules_to_save: list[str] = []
 
-    def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise UsageError(f"unknown adapter method {self.method!r}: choose one of {', '.join(METHODS)}")
-        if isinstance(self.target_modules, str):
-            self.target_modules = [t for t in self.target_modules.split(",") if t]
-        if isinstance(self.modules_to_save, str):
-            self.modules_to_save = [t for t in self.modules_to_save.split(",") if t]
-        for name in ("r", "n", "u", "m"):
+    def __init__(self, **data: Any) -> None:
+        try:
+            super().__init__(**data)
+        except ValidationError as err:
+            raise UsageError(error_message(err)) from None
+
+    _split = field_validator("target_modules", "modules_to_save", mode="before")(split_list)
+
+    @field_validator("method", mode="before")
+    @classmethod
+    def _method(cls, value: Any) -> Any:
+        from melora_tune.adapters.registry import get_method
+
+        key = str(value).strip().lower() if isinstance(value, str) else value
+        get_method(key)
+        return key
+
+    @field_validator("r", "n", "u", "m", "m_b", mode="before")
+    @classmethod
+    def _integer(cls, value: Any, info) -> Any:
+        if value is None and info.field_name == "m_b":
+            return None
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"adapter {info.field_name} must be an integer, got {value!r}")
+        return value
+
+    @model_validator(mode="after")
+    def _check(self) -> "AdapterConfig":
+        from melora_tune.adapters.registry import HYPERPARAMS, get_method
+
+        for name, hp in HYPERPARAMS.items():
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise UsageError(f"adapter {name} must be an integer, got {value!r}")
-        if self.m_b is not None and (isinstance(self.m_b, bool) or not isinstance(self.m_b, int)):
-            raise UsageError(f"adapter m_b must be an integer, got {self.m_b!r}")
-        if self.r < 1:
-            raise UsageError(f"adapter rank r must be >= 1, got {self.r}")
-        if self.n < 1:
-            raise UsageError(f"MELoRA n (number of minis) must be >= 1, got {self.n}")
-        if not 0 <= self.u <= self.r:
-            raise UsageError(f"PRoLoRA unshared ranks u must be in [0, r={self.r}], got {self.u}")
-        if self.m < 1 or (self.m_b is not None and self.m_b < 1):
-            raise UsageError(f"PRoLoRA sharing rates m, m_b must be >= 1, got m={self.m}, m_b={self.m_b}")
+            if value is not None and value < hp.minimum:
+                raise ValueError(f"{_TITLES.get(name, name)} must be >= {hp.minimum}, got {value}")
+            bound = getattr(self, hp.at_most) if hp.at_most else None
+            if bound is not None and value is not None and value > bound:
+                raise ValueError(f"{_TITLES.get(name, name)} must be in [{hp.minimum}, {hp.at_most}]: "
+                                 f"{name}={value} must be <= {hp.at_most}={bound}")
+        if isinstance(self.alpha, bool) or not math.isfinite(float(self.alpha)) or self.alpha <= 0:
+            raise ValueError(f"adapter alpha must be a finite number > 0, got {self.alpha}")
         if not 0.0 <= float(self.dropout) < 1.0:
-            raise UsageError(f"adapter dropout must be in [0, 1), got {self.dropout}")
-        if not self.target_modules:
-            raise UsageError("target_modules is empty: name at least one linear module, e.g. query,value")
+            raise ValueError(f"adapter dropout must be in [0, 1), got {self.dropout}")
+        if self.target_modules is not None and not self.target_modules:
+            raise ValueError("target_modules is empty: name at least one linear module, e.g. query,value")
+        get_method(self.method).validate(self)
+        return self
+
+    # ---- derived ---------------------------------------------------------------------
+    @property
+    def spec(self):
+        """The registered ``Method`` of this config."""
+        from melora_tune.adapters.registry import get_method
+
+        return get_method(self.method)
 
     @property
     def sharing_b(self) -> int:
@@ -68,7 +129,7 @@ class AdapterConfig:
 
     @property
     def equivalent_rank(self) -> int:
-        return self.n * self.r if self.method == "melora" else self.r
+        return self.spec.equivalent_rank(self)
 
     @property
     def scale(self) -> float:
@@ -76,30 +137,28 @@ class AdapterConfig:
 
     def method_params(self) -> dict[str, Any]:
         """The method-specific hyperparameters that matter (for names, logs, tables)."""
-        if self.method == "melora":
-            return {"n": self.n, "r": self.r}
-        if self.method == "prolora":
-            return {"r": self.r, "u": self.u, "m": self.m, "m_b": self.sharing_b}
-        return {"r": self.r}
+        return self.spec.values(self)
+
+    def replace(self, **changes: Any) -> "AdapterConfig":
+        """A copy with changes, validated."""
+        return type(self)(**{**self.model_dump(), **changes})
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return self.model_dump(mode="json")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "AdapterConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        extra = {k: v for k, v in data.items() if k not in known and k != "melora_tune"}
-        for key in extra:
-            close = difflib.get_close_matches(key, known, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise UsageError(f"unknown adapter config key {key!r}{hint}")
-        return cls(**{k: v for k, v in data.items() if k in known})
+        known = list(cls.model_fields)
+        for key in data:
+            if key not in known and key != META_KEY:
+                raise UsageError(f"unknown adapter config key {key!r}{did_you_mean(str(key), known)}")
+        return cls(**{k: v for k, v in data.items() if k != META_KEY})
 
     def save(self, directory: str | Path, **extra: Any) -> Path:
         path = Path(directory) / CONFIG_NAME
         payload = self.to_dict()
         if extra:
-            payload["melora_tune"] = extra
+            payload[META_KEY] = extra
         path.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
         return path
 
@@ -109,3 +168,12 @@ class AdapterConfig:
         if not path.is_file():
             raise UsageError(f"no {CONFIG_NAME} in {directory}: point to a folder written by save_adapter")
         return cls.from_dict(json.loads(path.read_text()))
+
+
+def __getattr__(name: str):
+    # METHODS is the registry's list of names at the time of asking (plug-ins included).
+    if name == "METHODS":
+        from melora_tune.adapters.registry import method_names
+
+        return method_names()
+    raise AttributeError(name)

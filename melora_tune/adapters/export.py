@@ -30,7 +30,6 @@ def _peft_targets(skeleton: nn.Module, targets: list[str], suffixes: list[str]) 
     return list(suffixes) if selected == set(targets) else sorted(targets)
 
 
-@torch.no_grad()
 def export_peft_lora(
     model: nn.Module,
     cfg: AdapterConfig,
@@ -38,40 +37,71 @@ def export_peft_lora(
     base_model_name_or_path: str | None = None,
     task_type: str = "seq_cls",
 ) -> Path:
-    """Write ``adapter_config.json`` + ``adapter_model.safetensors`` of an equivalent PEFT LoRA."""
-    from peft import LoraConfig, get_peft_model
-
-    layers = adapter_layers(model)
-    if not layers:
+    """Write the model's adapters as a standard PEFT adapter folder, the way the method declares
+    (``Method.export_peft``: a lossless LoRA for LoRA/MELoRA/PRoLoRA, a native adapter for PEFT's own methods)."""
+    if not adapter_layers(model):
         raise ValueError("the model has no melora-tune adapter layers to export")
+    cfg.spec.export_peft(model, cfg, out_dir, base_model_name_or_path, task_type)
+    return Path(out_dir)
+
+
+@torch.no_grad()
+def export_lora_factors(
+    model: nn.Module,
+    cfg: AdapterConfig,
+    out_dir: str | Path,
+    base_model_name_or_path: str | None = None,
+    task_type: str = "seq_cls",
+) -> Path:
+    """``adapter_config.json`` + ``adapter_model.safetensors`` of a PEFT LoRA equal to B @ A of every layer."""
+    layers = adapter_layers(model)
     factors = {name: layer.lora_factors() for name, layer in layers.items()}
     ranks = {a.shape[0] for a, _ in factors.values()}
     if len(ranks) != 1:
         raise ValueError(f"adapter layers disagree on rank: {sorted(ranks)}")
     rank = ranks.pop()
-    saved = find_modules_to_save(model, cfg.modules_to_save)
+    state = {}
+    for name, (a, b) in factors.items():
+        prefix = f"base_model.model.{name}"
+        state[f"{prefix}.lora_A.default.weight"] = a
+        state[f"{prefix}.lora_B.default.weight"] = b
+    # PEFT scaling = lora_alpha / r = 1: our scale lives in B
+    return save_peft_adapter(model, cfg, out_dir, state, base_model_name_or_path, task_type,
+                             lora_kwargs=dict(r=rank, lora_alpha=rank))
 
+
+@torch.no_grad()
+def save_peft_adapter(
+    model: nn.Module,
+    cfg: AdapterConfig,
+    out_dir: str | Path,
+    state: dict[str, torch.Tensor],
+    base_model_name_or_path: str | None,
+    task_type: str,
+    lora_kwargs: dict,
+) -> Path:
+    """Save PEFT-named adapter tensors (``base_model.model.<layer>.lora_*.default.*``) plus the
+    modules_to_save through a meta-device PEFT skeleton, so the files are what this PEFT version writes."""
+    from peft import LoraConfig, get_peft_model
+
+    layers = adapter_layers(model)
+    saved = find_modules_to_save(model, cfg.modules_to_save)
     with torch.device("meta"):
         skeleton = type(model)(model.config)
         lora_cfg = LoraConfig(
-            r=rank,
-            lora_alpha=rank,  # PEFT scaling = lora_alpha / r = 1: our scale lives in B
             lora_dropout=float(cfg.dropout),
             target_modules=_peft_targets(skeleton, list(layers), list(cfg.target_modules)),
             modules_to_save=list(cfg.modules_to_save) or None,
             task_type=PEFT_TASK_TYPES.get(task_type),
             bias="none",
             base_model_name_or_path=base_model_name_or_path,
+            **lora_kwargs,
         )
         peft_model = get_peft_model(skeleton, lora_cfg)
-
-    state = {}
     inner = peft_model.base_model.model
-    for name, (a, b) in factors.items():
-        prefix = f"base_model.model.{name}"
-        state[f"{prefix}.lora_A.default.weight"] = a.detach().float().contiguous().cpu()
-        state[f"{prefix}.lora_B.default.weight"] = b.detach().float().contiguous().cpu()
+    for name in layers:
         assert isinstance(inner.get_submodule(name).lora_A["default"], nn.Linear)
+    state = {k: v.detach().float().contiguous().cpu() for k, v in state.items()}
     for name in saved:
         for pname, p in model.get_submodule(name).named_parameters():
             state[f"base_model.model.{name}.modules_to_save.default.{pname}"] = p.detach().float().contiguous().cpu()

@@ -7,6 +7,7 @@ from torch import nn
 
 from melora_tune.adapters.base import AdapterLinear, kaiming_uniform_
 from melora_tune.adapters.config import AdapterConfig
+from melora_tune.adapters.registry import Method, register_method
 from melora_tune.errors import UsageError
 
 
@@ -40,3 +41,15 @@ class LoRALinear(AdapterLinear):
 
     def adapter_forward(self, x: torch.Tensor) -> torch.Tensor:
         return (x @ self.lora_A.t()) @ self.lora_B.t() * self.scale
+
+
+@register_method
+class LoRA(Method):
+    """LoRA(r): the baseline every other method is compared with."""
+
+    name = "lora"
+    label = "LoRA"
+    summary = "LoRA (Hu et al., 2021): s B A of rank r"
+    hyperparams = ("r",)
+    layer = LoRALinear
+    marker, color = "s", "#d62728"

@@ -7,6 +7,7 @@ from torch import nn
 
 from melora_tune.adapters.base import AdapterLinear, kaiming_uniform_
 from melora_tune.adapters.config import AdapterConfig
+from melora_tune.adapters.registry import Method, common_divisors, min_dim, register_method
 from melora_tune.errors import UsageError
 
 
@@ -75,3 +76,30 @@ class MELoRALinear(AdapterLinear):
     def lora_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Block-diagonal A (n r, d_in) and B (d_out, n r): MELoRA(n, r) as LoRA of rank n r."""
         return torch.block_diag(*self.melora_A), torch.block_diag(*(self.melora_B * self.scale))
+
+
+@register_method
+class MELoRA(Method):
+    """MELoRA(n, r): n must divide every layer's d_in and d_out; r is per mini, r <= min(d_in, d_out) / n."""
+
+    name = "melora"
+    label = "MELoRA"
+    summary = "MELoRA (Ren et al., 2024): n mini-LoRAs of rank r side by side, equivalent rank n r"
+    hyperparams = ("n", "r")
+    layer = MELoRALinear
+    marker, color = "o", "#1f77b4"
+
+    def default_choices(self, name, shapes, chosen):
+        if name == "n":
+            return common_divisors(shapes)
+        return super().default_choices(name, shapes, chosen)
+
+    def max_rank(self, shapes, chosen):
+        return min_dim(shapes) // chosen.get("n", 1)
+
+    def equivalent_rank(self, cfg):
+        return cfg.n * cfg.r
+
+    def peft_description(self, cfg):
+        return (f"a standard PEFT LoRA of rank {cfg.n * cfg.r} with block-diagonal A and B; "
+                "the update B @ A is identical")

@@ -9,6 +9,7 @@ from torch import nn
 
 from melora_tune.adapters.base import AdapterLinear, kaiming_uniform_
 from melora_tune.adapters.config import AdapterConfig
+from melora_tune.adapters.registry import DEFAULT_SHARING_RATES, Method, register_method
 from melora_tune.errors import UsageError
 
 
@@ -95,3 +96,22 @@ class PRoLoRALinear(AdapterLinear):
 
     def adapter_forward(self, x: torch.Tensor) -> torch.Tensor:
         return (x @ self.full_A().t()) @ self.full_B().t() * self.scale
+
+
+@register_method
+class PRoLoRA(Method):
+    """PRoLoRA(r, u, m, m_b): u <= r unshared ranks; sharing rates m (of A) and m_b (of B, tied to m by default)."""
+
+    name = "prolora"
+    label = "PRoLoRA"
+    summary = "PRoLoRA (Wang et al., 2024): LoRA of rank r built from rotated shared chunks plus u unshared ranks"
+    hyperparams = ("r", "u", "m", "m_b")
+    layer = PRoLoRALinear
+    marker, color = "^", "#2ca02c"
+
+    def default_choices(self, name, shapes, chosen):
+        if name == "u":
+            return range(0, chosen["r"] + 1)
+        if name in ("m", "m_b"):
+            return DEFAULT_SHARING_RATES
+        return super().default_choices(name, shapes, chosen)

@@ -8,9 +8,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-MARKERS = {"melora": "o", "lora": "s", "prolora": "^"}
-COLORS = {"melora": "#1f77b4", "lora": "#d62728", "prolora": "#2ca02c"}
 DPI = 110
+
+
+def _style(method: str) -> tuple[str | None, str]:
+    """(colour, marker) of a method's series, as the method declares them (unknown names: defaults)."""
+    from melora_tune.adapters.registry import all_methods
+
+    spec = next((m for m in all_methods() if m.name == method), None)
+    return (spec.color, spec.marker) if spec else (None, "o")
 
 
 def _plt():
@@ -40,8 +46,7 @@ def _save(fig, path: Path) -> Path:
 
 def _series(ax, data, x: str, method: str) -> None:
     """Completed trials filled, trials ASHA stopped early hollow."""
-    color = COLORS.get(method)
-    marker = MARKERS.get(method, "o")
+    color, marker = _style(method)
     full = data[data["status"] == "completed"]
     early = data[data["status"] != "completed"]
     ax.scatter(full[x].astype(float), full["score"], marker=marker, color=color, label=f"{method}", zorder=3)
@@ -60,7 +65,7 @@ def frontier(df, path: str | Path, budget: float | None = None) -> Path | None:
     for method, group in data.groupby("method", sort=True):
         _series(ax, group, "adapter_params", method)
         best = group.groupby("adapter_params")["score"].max().sort_index()
-        ax.step(best.index.astype(float), best.cummax().values, where="post", color=COLORS.get(method), alpha=0.5, lw=1.2)
+        ax.step(best.index.astype(float), best.cummax().values, where="post", color=_style(method)[0], alpha=0.5, lw=1.2)
     if budget:
         ax.axvline(float(budget), color="grey", ls="--", lw=1, label=f"budget {int(budget):,}")
     ax.set_xlabel("trainable adapter parameters")
@@ -71,9 +76,17 @@ def frontier(df, path: str | Path, budget: float | None = None) -> Path | None:
     return _save(fig, Path(path))
 
 
-def heatmap_n_r(df, path: str | Path, method: str = "melora") -> Path | None:
-    """Best score over n x r (MELoRA), one cell per (n, r) tried; untried cells blank."""
+def heatmap_n_r(df, path: str | Path, method: str | None = None) -> Path | None:
+    """Best score over n x r of a method searched over both (MELoRA), one cell per (n, r) tried; untried blank."""
     import numpy as np
+
+    from melora_tune.adapters.registry import all_methods
+
+    if method is None:  # the first searched method with both an n and an r
+        method = next((m.name for m in all_methods() if {"n", "r"} <= set(m.hyperparams)
+                       and (df["method"] == m.name).any()), None) if not df.empty else None
+        if method is None:
+            return None
 
     data = _scored(df)
     data = data[(data["method"] == method)].dropna(subset=["n", "r"])
@@ -102,7 +115,9 @@ def heatmap_n_r(df, path: str | Path, method: str = "melora") -> Path | None:
     ax.set_yticks(range(len(ns)), [str(n) for n in ns])
     ax.set_xlabel("r (rank of each mini-LoRA)")
     ax.set_ylabel("n (number of mini-LoRAs)")
-    ax.set_title(f"{ {'melora': 'MELoRA'}.get(method, method)}: best score over n x r")
+    from melora_tune.adapters.registry import get_method
+
+    ax.set_title(f"{get_method(method).label}: best score over n x r")
     fig.colorbar(im, ax=ax, label="best score")
     return _save(fig, Path(path))
 
@@ -136,7 +151,7 @@ def importance_bars(scopes: dict[str, dict[str, float]], path: str | Path) -> Pa
                              squeeze=False)
     for ax, (scope, values) in zip(axes[0], scopes.items()):
         items = sorted(values.items(), key=lambda kv: kv[1])
-        ax.barh([k for k, _ in items], [v for _, v in items], color=COLORS.get(scope, "#7f7f7f"))
+        ax.barh([k for k, _ in items], [v for _, v in items], color=_style(scope)[0] or "#7f7f7f")
         ax.set_xlim(0, 1)
         ax.set_title(scope, fontsize=10)
         ax.set_xlabel("importance (fANOVA)")

@@ -10,8 +10,8 @@ from typing import Any, Callable
 
 from ray.tune import Callback
 
+from melora_tune.adapters import describe, format_lr, get_method
 from melora_tune.search.searcher import outcome
-from melora_tune.search.space import describe, format_lr
 
 
 def _finite(x: Any) -> bool:
@@ -160,13 +160,14 @@ def summary_table(rows: list[TrialRow]) -> str:
     header = ["", "trial", "method", "n", "r", "u/m", "lr", "params", "eq.rank", "epochs", "score", "status"]
     cells = []
     for row in sorted(rows, key=lambda r: (r.method, -(r.score if r.score is not None else -math.inf))):
+        uses = set(get_method(row.method).hyperparams)
         cells.append([
             "*" if row.best else "",
             str(row.optuna_trial if row.optuna_trial is not None else row.trial_id),
             row.method,
-            str(row.n) if row.method == "melora" else "",
+            str(row.n) if "n" in uses else "",
             str(row.r),
-            f"{row.u}/{row.m}" if row.method == "prolora" else "",
+            f"{row.u}/{row.m}" if "u" in uses else "",
             format_lr(row.lr),
             f"{row.adapter_params:,}",
             str(row.equivalent_rank),

@@ -19,15 +19,13 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from melora_tune.adapters import METHODS
-from melora_tune.errors import UsageError
+from melora_tune.adapters import HYPERPARAMS, method_names
+from melora_tune.adapters.registry import owners
+from melora_tune.errors import UsageError, closest, did_you_mean
 from melora_tune.trial.config import ResourcesSection, TaskSection, TrainingSection
 
 DEFAULT_STORAGE_PATH = "./melora_runs"
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
-
-# Which searched hyperparameters belong to which method (used to flag choices no method uses).
-METHOD_KEYS = {"n": ("melora",), "u": ("prolora",), "m": ("prolora",), "m_b": ("prolora",)}
 
 
 class _Strict(BaseModel):
@@ -107,15 +105,10 @@ class SpaceSection(_Strict):
     alpha: list[float] | None = None  # optional: search alpha too (overrides adapter.alpha)
     dropout: list[float] | None = None  # optional: search dropout too (overrides adapter.dropout)
 
-    @field_validator("n", "r", "m", "m_b", mode="before")
+    @field_validator(*HYPERPARAMS, mode="before")
     @classmethod
-    def _positive(cls, value: Any, info) -> Any:
-        return _int_choices(value, info.field_name, 1)
-
-    @field_validator("u", mode="before")
-    @classmethod
-    def _non_negative(cls, value: Any) -> Any:
-        return _int_choices(value, "u", 0)
+    def _int_lists(cls, value: Any, info) -> Any:
+        return _int_choices(value, info.field_name, HYPERPARAMS[info.field_name].minimum)
 
     @field_validator("lr", mode="before")
     @classmethod
@@ -225,15 +218,14 @@ class SearchSpace(_Strict):
         value = _split_list(value)
         if isinstance(value, str):
             value = [value]
+        known = list(method_names())
         if not isinstance(value, list) or not value:
-            raise ValueError(f"give a list of methods from {', '.join(METHODS)}")
+            raise ValueError(f"give a list of methods from {', '.join(known)}")
         out = []
         for v in value:
             key = str(v).strip().lower()
-            if key not in METHODS:
-                close = difflib.get_close_matches(key, METHODS, n=1, cutoff=0.5)
-                hint = f" (did you mean {close[0]!r}?)" if close else ""
-                raise ValueError(f"unknown method {v!r}{hint}: choose from {', '.join(METHODS)}")
+            if key not in known:
+                raise ValueError(f"unknown method {v!r}{did_you_mean(key, known)}: choose from {', '.join(known)}")
             if key not in out:
                 out.append(key)
         return out
@@ -241,7 +233,7 @@ class SearchSpace(_Strict):
     @field_validator("points_to_evaluate")
     @classmethod
     def _points(cls, value: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        known = ("method", "n", "r", "u", "m", "m_b", "lr", "alpha", "dropout")
+        known = ("method", *HYPERPARAMS, "lr", "alpha", "dropout")
         for i, point in enumerate(value):
             for key in point:
                 if key not in known:
@@ -254,9 +246,10 @@ class SearchSpace(_Strict):
 
     @model_validator(mode="after")
     def _check(self) -> "SearchSpace":
-        for key, owners in METHOD_KEYS.items():
-            if getattr(self.space, key) is not None and not any(m in self.methods for m in owners):
-                raise ValueError(f"space.{key} applies to {'/'.join(owners)} only, which is not in methods {self.methods}")
+        for key in HYPERPARAMS:
+            users = owners(key)
+            if getattr(self.space, key) is not None and not any(m in self.methods for m in users):
+                raise ValueError(f"space.{key} applies to {'/'.join(users)} only, which is not in methods {self.methods}")
         if self.asha.time_attr == "training_iteration" and self.training.eval_every_steps is not None:
             raise ValueError(
                 "asha.time_attr training_iteration counts reports, which eval_every_steps makes more than one an epoch: "
@@ -327,17 +320,6 @@ def _sections() -> dict[str, type[BaseModel]]:
         if nested is not None:
             out[name] = nested
     return out
-
-
-def closest(key: str, known: list[str], cutoff: float = 0.6) -> str | None:
-    """The known key a typo most likely meant: a prefix or substring match first, then difflib's closest."""
-    low = key.lower()
-    for pool in ([k for k in known if k.lower().startswith(low) or low.startswith(k.lower())],
-                 [k for k in known if low in k.lower()]):
-        if pool and len(low) >= 2:
-            return min(pool, key=lambda k: abs(len(k) - len(low)))
-    close = difflib.get_close_matches(key, known, n=1, cutoff=cutoff)
-    return close[0] if close else None
 
 
 def describe_error(err: ValidationError) -> str:

@@ -26,43 +26,17 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
-from melora_tune.adapters import AdapterConfig
-from melora_tune.adapters.budget import Candidate, enumerate_feasible, smallest_config
+from melora_tune.adapters import HYPERPARAMS, AdapterConfig, describe, format_lr, get_method  # noqa: F401
+from melora_tune.adapters.budget import Candidate, budget_floor, enumerate_feasible, smallest_config
 from melora_tune.errors import UsageError
 from melora_tune.search.schema import SearchSpace
 
-# The order in which each method's integer hyperparameters are chosen (parents first).
-LEVELS: dict[str, tuple[str, ...]] = {"melora": ("n", "r"), "lora": ("r",), "prolora": ("r", "u", "m", "m_b")}
-
 # Keys of the dict the define-by-run function returns (Ray puts them in the trial config).
-HP_KEYS = ("method", "n", "r", "u", "m", "m_b", "lr", "alpha", "dropout")
+HP_KEYS = ("method", *HYPERPARAMS, "lr", "alpha", "dropout")
 
 
 def candidate_key(c: Candidate) -> tuple:
-    return (c.method, c.n, c.r, c.u, c.m, c.m_b)
-
-
-def describe(hp: dict[str, Any]) -> str:
-    """'melora n=4 r=2 lr=1.2e-3': what a trial is, in a few words (run names, tables)."""
-    method = hp.get("method", "?")
-    parts = [method]
-    if method == "melora":
-        parts.append(f"n={hp.get('n')}")
-    parts.append(f"r={hp.get('r')}")
-    if method == "prolora":
-        parts += [f"u={hp.get('u')}", f"m={hp.get('m')}"]
-        if hp.get("m_b") not in (None, hp.get("m")):
-            parts.append(f"m_b={hp.get('m_b')}")
-    if hp.get("lr") is not None:
-        parts.append(f"lr={format_lr(hp['lr'])}")
-    return " ".join(parts)
-
-
-def format_lr(lr: float) -> str:
-    if not math.isfinite(lr):
-        return "?"  # a trial that never started has no lr
-    mantissa, exp = f"{lr:.1e}".split("e")
-    return f"{mantissa}e{int(exp)}"
+    return c.key
 
 
 @dataclass
@@ -78,7 +52,7 @@ class FeasibleSpace:
     dropout: float
     alpha_choices: list[float] | None = None
     dropout_choices: list[float] | None = None
-    tied_m_b: bool = True
+    tied: tuple[str, ...] = ()  # hyperparameters with no declared choices that follow another (m_b = m)
     target_modules: list[str] = field(default_factory=list)
     modules_to_save: list[str] = field(default_factory=list)
     shapes_summary: str = ""
@@ -100,8 +74,8 @@ class FeasibleSpace:
 
     # ---- structure --------------------------------------------------------------------
     def levels(self, method: str) -> tuple[str, ...]:
-        levels = LEVELS[method]
-        return levels[:-1] if method == "prolora" and self.tied_m_b else levels
+        """The method's hyperparameters in the order they are chosen, less those tied to another."""
+        return tuple(k for k in get_method(method).hyperparams if k not in self.tied)
 
     @staticmethod
     def param_name(method: str, key: str, parents: list[tuple[str, int]]) -> str:
@@ -169,17 +143,13 @@ class FeasibleSpace:
         lr = trial.suggest_float("lr", low, high, log=log)
         alpha = trial.suggest_categorical("alpha", self.alpha_choices) if self.alpha_choices else self.alpha
         dropout = trial.suggest_categorical("dropout", self.dropout_choices) if self.dropout_choices else self.dropout
-        floor = math.ceil(self.min_fraction * self.budget)
+        floor = budget_floor(self.min_fraction, self.budget)
         excess = max(cand.adapter_params - self.budget, floor - cand.adapter_params)
         if excess > 0:  # cannot happen: the tree holds feasible candidates only
             raise RuntimeError(f"infeasible candidate {cand} in the search tree (budget {self.budget})")
         hp = {
             "method": method,
-            "n": cand.n,
-            "r": cand.r,
-            "u": cand.u,
-            "m": cand.m,
-            "m_b": cand.m_b,
+            **{k: getattr(cand, k) for k in HYPERPARAMS},
             "lr": float(lr),
             "alpha": float(alpha),
             "dropout": float(dropout),
@@ -274,13 +244,8 @@ def model_spec(space: SearchSpace):
 
 
 def _choices_for(space: SearchSpace, method: str) -> dict[str, Any]:
-    s = space.space
-    out: dict[str, Any] = {"r": s.r}
-    if method == "melora":
-        out["n"] = s.n
-    if method == "prolora":
-        out.update(u=s.u, m=s.m, m_b=s.m_b)
-    return out
+    """The declared choices (space.r, space.n, ...) of the hyperparameters this method uses."""
+    return {k: getattr(space.space, k) for k in get_method(method).hyperparams}
 
 
 def build_space(space: SearchSpace, spec=None) -> FeasibleSpace:
@@ -319,7 +284,7 @@ def build_space(space: SearchSpace, spec=None) -> FeasibleSpace:
         under = enumerate_feasible(shapes, method, budget, min_fraction=0.0, base=base, **choices)
         largest = max(c.adapter_params for c in under)
         raise UsageError(
-            f"no {method} configuration uses between {math.ceil(fraction * budget):,} and {budget:,} params "
+            f"no {method} configuration uses between {budget_floor(fraction, budget):,} and {budget:,} params "
             f"(budget.min_fraction={fraction:g}); the largest within budget uses {largest:,}: "
             f"lower budget.min_fraction to <= {math.floor(largest / budget * 1000) / 1000:g}"
         )
@@ -343,7 +308,7 @@ def build_space(space: SearchSpace, spec=None) -> FeasibleSpace:
         dropout=space.adapter.dropout,
         alpha_choices=s.alpha,
         dropout_choices=s.dropout,
-        tied_m_b=s.m_b is None,
+        tied=tuple(k for k, hp in HYPERPARAMS.items() if hp.tied_to and getattr(s, k) is None),
         target_modules=targets,
         modules_to_save=heads,
         shapes_summary=f"{len(shapes)} layers ({', '.join(targets)})",

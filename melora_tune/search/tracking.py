@@ -25,7 +25,7 @@ from ray.tune import Callback
 
 from melora_tune.search.searcher import outcome
 from melora_tune.search.store import artifact_location, normalize_tracking_uri  # noqa: F401  (re-exported)
-from melora_tune.search.space import describe
+from melora_tune.adapters import describe, get_method
 
 log = logging.getLogger("melora_tune.search")
 
@@ -94,11 +94,7 @@ def _param_str(v: Any) -> str:
 def trial_params(config: dict[str, Any], budget: int, min_fraction: float) -> dict[str, Any]:
     method = config.get("method")
     out: dict[str, Any] = {"method": method}
-    if method == "melora":
-        out["n"] = config.get("n")
-    out["r"] = config.get("r")
-    if method == "prolora":
-        out.update(u=config.get("u"), m=config.get("m"), m_b=config.get("m_b"))
+    out.update({k: config.get(k) for k in get_method(method).hyperparams})
     out.update(
         lr=config.get("lr"),
         alpha=config.get("alpha"),

@@ -4,21 +4,27 @@ from __future__ import annotations
 
 from typing import Any
 
+from melora_tune.adapters import HYPERPARAMS, AdapterConfig, get_method
+
 BASE_KEY = "trial"  # the param_space key holding the base TrialConfig dict
-ADAPTER_KEYS = ("method", "n", "r", "u", "m", "m_b", "alpha", "dropout")
+ADAPTER_KEYS = ("method", *HYPERPARAMS, "alpha", "dropout")
 
 
 def trial_config(config: dict[str, Any]) -> dict[str, Any]:
-    """The full TrialConfig dict of a sampled configuration (base config + the searched values)."""
+    """The full TrialConfig dict of a sampled configuration (base config + the searched values).
+
+    Hyperparameters the sampled method does not use go back to their defaults, so that two
+    trials of one configuration have equal configs whatever else the space holds.
+    """
     base = config[BASE_KEY]
     adapter = dict(base["adapter"])
     for key in ADAPTER_KEYS:
         if key in config:
             adapter[key] = config[key]
-    if adapter.get("method") != "prolora":
-        adapter.update(u=0, m=1, m_b=None)
-    if adapter.get("method") != "melora":
-        adapter["n"] = 1
+    uses = get_method(adapter["method"]).hyperparams
+    for key in HYPERPARAMS:
+        if key not in uses:
+            adapter[key] = AdapterConfig.model_fields[key].default
     training = {**base["training"], "lr": float(config["lr"])}
     return {**base, "adapter": adapter, "training": training}
 

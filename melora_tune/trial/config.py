@@ -16,6 +16,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from melora_tune.adapters.config import AdapterConfig
 from melora_tune.errors import UsageError
 
 
@@ -47,34 +48,18 @@ class TaskSection(_Section):
     _split = field_validator("text_columns", mode="before")(_split_list)
 
 
-class AdapterSection(_Section):
-    """The fields of ``AdapterConfig``; None for target_modules/modules_to_save means "pick for this model"."""
+class AdapterSection(AdapterConfig):
+    """``AdapterConfig`` (the one adapter schema) with target_modules/modules_to_save None meaning
+    "pick for this model" (``melora_tune.trial.prepare_trial`` resolves them)."""
 
-    method: Literal["lora", "melora", "prolora"] = "melora"
-    r: int = Field(8, ge=1)
-    alpha: float = Field(16.0, gt=0)
-    dropout: float = Field(0.0, ge=0.0, lt=1.0)
-    n: int = Field(1, ge=1)
-    u: int = Field(0, ge=0)
-    m: int = Field(1, ge=1)
-    m_b: int | None = Field(None, ge=1)
     target_modules: list[str] | None = None
     modules_to_save: list[str] | None = None
 
-    _split = field_validator("target_modules", "modules_to_save", mode="before")(_split_list)
+    def __init__(self, **data: Any) -> None:
+        BaseModel.__init__(self, **data)  # errors stay ValidationErrors: TrialConfig names their location
 
-    @model_validator(mode="after")
-    def _check(self) -> "AdapterSection":
-        if self.u > self.r:
-            raise ValueError(f"PRoLoRA unshared ranks u={self.u} must be <= r={self.r}")
-        if self.target_modules is not None and not self.target_modules:
-            raise ValueError("target_modules is empty: name at least one linear module, e.g. query,value")
-        return self
-
-    def adapter_config(self):
+    def adapter_config(self) -> AdapterConfig:
         """The ``AdapterConfig``; target_modules/modules_to_save must be resolved first."""
-        from melora_tune.adapters import AdapterConfig
-
         if self.target_modules is None or self.modules_to_save is None:
             raise ValueError("resolve target_modules and modules_to_save first (melora_tune.trial.prepare_trial)")
         return AdapterConfig(**self.model_dump())
