@@ -25,17 +25,10 @@ from typing import Any
 
 from melora_tune.errors import UsageError
 
-DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
-PARENT_TAG = "mlflow.parentRunId"
-KIND_TAG = "melora.kind"
-STATUS_TAG = "melora.status"
-SEARCH_TAG = "melora.search"
-TRIAL_TAG = "melora.trial_id"
-OPTUNA_TAG = "melora.optuna_trial"
-REASON_TAG = "melora.reason"
-CHECKPOINT_TAG = "melora.best_checkpoint"
-META_NAME = "melora_search.json"  # written by melora_tune.search.runner next to the Ray experiment
-SCORED = ("completed", "stopped_early")
+from melora_tune.records import (  # noqa: F401  (re-exported for callers of the report API)
+    CHECKPOINT_TAG, DEFAULT_TRACKING_URI, KIND_TAG, META_NAME, OPTUNA_TAG, PARENT_TAG, REASON_TAG, SCORED, SEARCH_KIND,
+    SEARCH_TAG, STATUS_TAG, TRIAL_TAG,
+)
 INT_COLUMNS = ("optuna_trial", "n", "r", "u", "m", "m_b", "equivalent_rank", "adapter_params")
 FLOAT_COLUMNS = ("lr", "alpha", "dropout", "score", "best_score", "epoch")
 COLUMNS = (
@@ -117,7 +110,7 @@ def searched_datasets(mlf) -> list[str]:
 
     names = []
     for exp in mlf.search_experiments(view_type=ViewType.ACTIVE_ONLY):
-        if mlf.search_runs([exp.experiment_id], f"tags.`{KIND_TAG}` = 'search'", max_results=1):
+        if mlf.search_runs([exp.experiment_id], f"tags.`{KIND_TAG}` = '{SEARCH_KIND}'", max_results=1):
             names.append(exp.name)
     return sorted(names)
 
@@ -133,7 +126,7 @@ def experiment(mlf, dataset: str):
 
 def list_searches(mlf, experiment_id: str) -> list:
     """Parent runs of the experiment's searches, newest first."""
-    return _all_runs(mlf, [experiment_id], f"tags.`{KIND_TAG}` = 'search'", order_by=["attributes.start_time DESC"])
+    return _all_runs(mlf, [experiment_id], f"tags.`{KIND_TAG}` = '{SEARCH_KIND}'", order_by=["attributes.start_time DESC"])
 
 
 def resolve_search(mlf, dataset: str, search: str | None = None) -> SearchInfo:
@@ -151,14 +144,14 @@ def resolve_search(mlf, dataset: str, search: str | None = None) -> SearchInfo:
         run = None
     if run is None:
         quoted = search.replace("'", "")
-        found = _all_runs(mlf, [exp.experiment_id], f"tags.`{KIND_TAG}` = 'search' and tags.`{SEARCH_TAG}` = '{quoted}'",
+        found = _all_runs(mlf, [exp.experiment_id], f"tags.`{KIND_TAG}` = '{SEARCH_KIND}' and tags.`{SEARCH_TAG}` = '{quoted}'",
                           order_by=["attributes.start_time DESC"])
         if not found:
             raise UsageError(f"--search {search!r}: no parent run with that id or search name in experiment {dataset!r}")
         run = found[0]
     if run.info.experiment_id != exp.experiment_id:
         raise UsageError(f"--search {search}: that run belongs to another experiment, not {dataset!r}")
-    if run.data.tags.get(KIND_TAG) != "search":
+    if run.data.tags.get(KIND_TAG) != SEARCH_KIND:
         parent = run.data.tags.get(PARENT_TAG)
         hint = f" (it is a trial of search run {parent})" if parent else ""
         raise UsageError(f"--search {search}: not the parent run of a search{hint}")

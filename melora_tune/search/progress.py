@@ -14,8 +14,8 @@ from melora_tune.adapters import describe, format_lr, get_method
 from melora_tune.search.searcher import outcome
 
 
-def _finite(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+from melora_tune.records import SCORED, rank_key
+from melora_tune.records import finite as _finite
 
 
 def _duration(seconds: float) -> str:
@@ -98,8 +98,8 @@ class ProgressCallback(Callback):
             if _finite(res.get("time_total_s")):
                 durations.append(float(res["time_total_s"]))
             score = res.get("score")
-            if kind in ("completed", "stopped_early") and _finite(score):
-                cand = (kind == "completed", float(score), describe(t.config))
+            if kind in SCORED and _finite(score):
+                cand = (*rank_key(kind, score)[:2], describe(t.config))
                 if best is None or cand[:2] > best[:2]:
                     best = cand
         done = sum(v for k, v in counts.items() if k not in ("running", "interrupted"))

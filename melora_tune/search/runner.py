@@ -29,7 +29,7 @@ from melora_tune.search.space import FeasibleSpace, build_space
 
 log = logging.getLogger("melora_tune.search")
 
-META_NAME = "melora_search.json"
+from melora_tune.records import META_NAME, SCORED, rank_key  # noqa: E402
 METRIC, MODE = "score", "max"
 # Keys of a space that may differ between a search and its --resume.
 RESUME_MAY_CHANGE = {"storage_path", "optuna_storage", "tracking_uri"}
@@ -57,7 +57,7 @@ class SearchResult:
         rows = list(self.best.values())
         if not rows:
             return None
-        return max(rows, key=lambda r: (r.status == "completed", r.score if r.score is not None else -math.inf))
+        return max(rows, key=lambda r: rank_key(r.status, r.score))
 
     def table(self) -> str:
         from melora_tune.search.progress import summary_table
@@ -498,11 +498,10 @@ def collect(grid, space, feasible, exp_name, storage, parent, study_name, optuna
         ))
     best: dict[str, TrialRow] = {}
     for row in rows:
-        if row.score is None or row.status not in ("completed", "stopped_early"):
+        if row.score is None or row.status not in SCORED:
             continue
-        key = (row.status == "completed", row.score)
         cur = best.get(row.method)
-        if cur is None or key > (cur.status == "completed", cur.score):
+        if cur is None or rank_key(row.status, row.score) > rank_key(cur.status, cur.score):
             best[row.method] = row
     for row in best.values():
         row.best = True

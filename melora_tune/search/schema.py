@@ -24,8 +24,7 @@ from melora_tune.adapters.registry import owners
 from melora_tune.errors import UsageError, closest, did_you_mean
 from melora_tune.trial.config import ResourcesSection, TaskSection, TrainingSection
 
-DEFAULT_STORAGE_PATH = "./melora_runs"
-DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+from melora_tune.records import DEFAULT_STORAGE_PATH, DEFAULT_TRACKING_URI  # noqa: E402,F401  (re-exported)
 
 
 class _Strict(BaseModel):

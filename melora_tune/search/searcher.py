@@ -47,7 +47,6 @@ kill and re-run after it is not told twice.
 from __future__ import annotations
 
 import logging
-import math
 import warnings
 from typing import Any
 
@@ -82,8 +81,7 @@ def outcome(result: dict[str, Any] | None, error: bool, max_t: float, time_attr:
     return "stopped_early"
 
 
-def _finite(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+from melora_tune.records import finite as _finite  # noqa: E402
 
 
 def make_sampler(seed: int, n_startup_trials: int) -> optuna.samplers.TPESampler:

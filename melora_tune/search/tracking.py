@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import tempfile
 import time
 from pathlib import Path
@@ -29,12 +28,10 @@ from melora_tune.adapters import describe, get_method
 
 log = logging.getLogger("melora_tune.search")
 
-TRIAL_TAG = "melora.trial_id"
-OPTUNA_TAG = "melora.optuna_trial"
-STATUS_TAG = "melora.status"
-REASON_TAG = "melora.reason"
-PARENT_TAG = "mlflow.parentRunId"
-SEARCH_TAG = "melora.search"
+from melora_tune.records import (  # noqa: E402
+    CHECKPOINT_TAG, KIND_TAG, OPTUNA_TAG, PARENT_TAG, REASON_TAG, SCORED, SEARCH_KIND, SEARCH_TAG, STATUS_TAG, TRIAL_TAG,
+    finite as _finite, rank_key,
+)
 
 # Result keys that are Ray bookkeeping, not training metrics.
 RAY_KEYS = {
@@ -43,10 +40,6 @@ RAY_KEYS = {
     "should_checkpoint", "config",
 }
 INFO_KEYS = {"status", "reason", "trial_name", "step", "total_steps", "world_size"}
-
-
-def _finite(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
 def client(tracking_uri: str):
@@ -237,7 +230,7 @@ class MlflowTrialCallback(Callback):
             tags[REASON_TAG] = str(reason)[:5000]
         score, adapter = best_checkpoint(trial.path)
         if adapter is not None:
-            tags["melora.best_checkpoint"] = str(adapter.parent)
+            tags[CHECKPOINT_TAG] = str(adapter.parent)
             self.mlf.log_metric(run_id, "best_score", score)
             try:
                 self.mlf.log_artifacts(run_id, str(adapter), artifact_path="adapter")
@@ -246,7 +239,7 @@ class MlflowTrialCallback(Callback):
         for key, value in tags.items():
             self.mlf.set_tag(run_id, key, value)
         self.mlf.set_terminated(run_id, status="FAILED" if status in ("failed", "diverged") else "FINISHED")
-        final = result.get("score") if status in ("completed", "stopped_early") else None
+        final = result.get("score") if status in SCORED else None
         self._finished[trial.trial_id] = (trial.config.get("method"), status, final if _finite(final) else None)
         self._update_parent(trials)
 
@@ -262,8 +255,8 @@ class MlflowTrialCallback(Callback):
             res = t.last_result or {}
             kind = "failed" if st == "ERROR" else outcome(res, False, self.max_t, self.time_attr)
             score = res.get("score")
-            if kind in ("completed", "stopped_early") and _finite(score):
-                done.append((kind == "completed", float(score), t.config.get("method")))
+            if kind in SCORED and _finite(score):
+                done.append((*rank_key(kind, score)[:2], t.config.get("method")))
         n_done = sum(1 for t in trials if str(t.status) in ("TERMINATED", "ERROR"))
         now = int(time.time() * 1000)
         metrics = [Metric("trials_done", float(n_done), now, n_done)]
@@ -316,7 +309,7 @@ def start_parent(mlf, experiment_id: str, *, run_id: str | None, name: str, para
             mlf.set_tag(run_id, STATUS_TAG, "running")
             log_params_once(mlf, run_id, params)
             return run_id
-    run = mlf.create_run(experiment_id, run_name=name, tags={SEARCH_TAG: name, STATUS_TAG: "running", "melora.kind": "search"})
+    run = mlf.create_run(experiment_id, run_name=name, tags={SEARCH_TAG: name, STATUS_TAG: "running", KIND_TAG: SEARCH_KIND})
     log_params_once(mlf, run.info.run_id, params)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / space_filename

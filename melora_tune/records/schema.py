@@ -1,0 +1,57 @@
+"""What a search writes and the report and export read back: one place for the names and the ranking rule.
+
+MLflow, per dataset (experiment = the task name):
+
+- a parent run per search: tags ``melora.kind=search``, ``melora.search`` (the search name),
+  ``melora.status`` (running | finished | failed | interrupted); the space file as artifact
+  ``space/<file>.yaml``; the report under ``report/``.
+- a child run per trial: tag ``mlflow.parentRunId``, ``melora.trial_id`` (Ray's id, stable across
+  ``--resume``), ``melora.optuna_trial``, ``melora.status`` (one of ``TRIAL_STATUSES``),
+  ``melora.reason``, ``melora.best_checkpoint``; params method and its hyperparameters, lr, alpha,
+  dropout, equivalent_rank, adapter_params, budget, ``training.*``; metric ``score`` per evaluation
+  and ``best_score`` of the best checkpoint; artifact ``adapter/``.
+
+Next to the Ray experiment: ``melora_search.json`` (``META_NAME``: the parent run id, URIs, study).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+
+DEFAULT_STORAGE_PATH = "./melora_runs"
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+META_NAME = "melora_search.json"
+
+PARENT_TAG = "mlflow.parentRunId"
+KIND_TAG = "melora.kind"
+SEARCH_KIND = "search"
+STATUS_TAG = "melora.status"
+SEARCH_TAG = "melora.search"
+TRIAL_TAG = "melora.trial_id"
+OPTUNA_TAG = "melora.optuna_trial"
+REASON_TAG = "melora.reason"
+CHECKPOINT_TAG = "melora.best_checkpoint"
+
+# A trial's outcome: reached the last epoch / stopped by ASHA / NaN loss / crashed / the search stopped first.
+TRIAL_STATUSES = ("completed", "stopped_early", "diverged", "failed", "interrupted")
+SCORED = ("completed", "stopped_early")  # only these have a score that can be ranked
+
+
+def finite(x: Any) -> bool:
+    """A real, finite number (not a bool, None, NaN or inf)."""
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def is_scored(status: str | None, score: Any) -> bool:
+    return status in SCORED and finite(score)
+
+
+def rank_key(status: str | None, score: Any, best_score: Any = None) -> tuple[bool, float, float]:
+    """The best-trial rule, larger is better: trials that reached the full number of epochs before trials
+    ASHA stopped early (their score is from fewer epochs), then the final score, then the best checkpoint's.
+    Ties go to the trial that started first (callers keep the earliest on equal keys). Only scored trials
+    (``is_scored``) are ever ranked."""
+    return (status == "completed", float(score) if finite(score) else -math.inf,
+            float(best_score) if finite(best_score) else -math.inf)
