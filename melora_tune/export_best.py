@@ -165,11 +165,8 @@ def trial_dict(mlf, search, row, adapter_cfg) -> dict[str, Any]:
     lr = exact.get("lr")
     if not isinstance(lr, (int, float)) or not math.isfinite(lr) or not math.isclose(lr, float(row["lr"]), rel_tol=1e-4):
         lr = float(row["lr"])
-    hp = {
-        "method": adapter_cfg.method, "n": adapter_cfg.n, "r": adapter_cfg.r, "u": adapter_cfg.u, "m": adapter_cfg.m,
-        "m_b": adapter_cfg.m_b, "alpha": float(adapter_cfg.alpha), "dropout": float(adapter_cfg.dropout), "lr": float(lr),
-    }
-    return trial_config({BASE_KEY: base, **hp})
+    hp = {k: v for k, v in adapter_cfg.model_dump().items() if k not in ("target_modules", "modules_to_save")}
+    return trial_config({BASE_KEY: base, **hp, "lr": float(lr)}).to_dict()
 
 
 def write_trial_yaml(path: Path, data: dict[str, Any], header: list[str]):

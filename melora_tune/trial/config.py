@@ -136,6 +136,27 @@ class TrialConfig(_Section):
     def with_overrides(self, overrides: list[str] | dict[str, Any] | None) -> "TrialConfig":
         return apply_overrides(self, overrides)
 
+    @classmethod
+    def from_sampled(cls, base: dict[str, Any], sampled: dict[str, Any]) -> "TrialConfig":
+        """A search's base config dict with the sampled values (method, its hyperparameters, alpha, dropout, lr)
+        merged in, validated once: the one place a search's choices enter a trial. Hyperparameters the sampled
+        method does not use go back to their defaults, so two trials of one configuration have equal configs
+        whatever else the space holds."""
+        from melora_tune.adapters import HYPERPARAMS, get_method
+
+        data = {**base, "adapter": dict(base.get("adapter") or {}), "training": dict(base.get("training") or {})}
+        adapter = data["adapter"]
+        for key in ("method", *HYPERPARAMS, "alpha", "dropout"):
+            if key in sampled:
+                adapter[key] = sampled[key]
+        uses = get_method(adapter["method"]).hyperparams
+        for key in HYPERPARAMS:
+            if key not in uses:
+                adapter[key] = AdapterConfig.model_fields[key].default
+        if "lr" in sampled:
+            data["training"]["lr"] = float(sampled["lr"])
+        return cls.from_dict(data, source="sampled trial")
+
     # ---- derived -------------------------------------------------------------
     def task_spec(self):
         from melora_tune.data import TaskSpec

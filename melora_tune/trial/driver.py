@@ -99,7 +99,7 @@ def build_trainer(
     storage = str(Path(storage_path).expanduser().resolve()) if "://" not in str(storage_path) else str(storage_path)
     return TorchTrainer(
         train_loop_per_worker=_train_loop,
-        train_loop_config={"trial": cfg.to_dict(), "name": name, "resume_from": resume_from},
+        train_loop_config={"trial": cfg, "name": name, "resume_from": resume_from},
         torch_config=TorchConfig(backend="nccl" if res.use_gpu else "gloo"),
         scaling_config=ScalingConfig(
             num_workers=res.num_workers,
@@ -293,7 +293,7 @@ class _PeriodicReaper:
             log.warning("placement group reaper disabled: %s", exc)
 
 
-def tune_trial(config: dict[str, Any]) -> None:
+def tune_trial(config: TrialConfig | dict[str, Any]) -> None:
     """A Ray Tune function trainable: one trial = one TorchTrainer, every report relayed to Tune.
 
     ``config[TRIAL_KEY]`` is a TrialConfig dict; every other key is an override
@@ -311,9 +311,12 @@ def tune_trial(config: dict[str, Any]) -> None:
     from ray.train import Checkpoint, TrainingFailedError
     from ray.util.queue import Empty, Queue
 
-    base = dict(config.get(TRIAL_KEY) or {})
-    overrides = {k: v for k, v in config.items() if k != TRIAL_KEY}
-    cfg = apply_overrides(TrialConfig.from_dict(base, source="tune config"), overrides)
+    if isinstance(config, TrialConfig):  # the search's path: validated once, in search.trainable
+        cfg = config
+    else:
+        base = dict(config.get(TRIAL_KEY) or {})
+        overrides = {k: v for k, v in config.items() if k != TRIAL_KEY}
+        cfg = apply_overrides(TrialConfig.from_dict(base, source="tune config"), overrides)
     ctx = ray.tune.get_context()
     trial_id = ctx.get_trial_id()
     storage = Path(ctx.get_trial_dir())

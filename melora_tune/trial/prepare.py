@@ -123,9 +123,9 @@ def prepare_trial(cfg: TrialConfig, task=None) -> PreparedTrial:
     adapter = cfg.adapter
     targets = adapter.target_modules or default_target_modules(spec.model)
     heads = adapter.modules_to_save if adapter.modules_to_save is not None else find_head_modules(spec.model, cfg.task_type, num_labels)
-    resolved = cfg.model_copy(deep=True)
-    resolved.adapter = adapter.model_copy(update={"target_modules": list(targets), "modules_to_save": list(heads)})
-    resolved = TrialConfig.from_dict(resolved.to_dict())  # re-validate after the update
+    # lists of module names found on this model: nothing here needs validating again
+    resolved = cfg.model_copy(update={"adapter": adapter.model_copy(update={"target_modules": list(targets),
+                                                                             "modules_to_save": list(heads)})})
 
     adapter_cfg = resolved.adapter.adapter_config()
     acct = account(spec, adapter_cfg)  # raises UsageError when the adapter does not fit the layers

@@ -93,7 +93,8 @@ class TrialWorker:
         self.t0 = time.perf_counter()
         self.wall_start = time.time()  # the driver compares it with its own clock: Ray's start-up cost
         self.timings: dict[str, float] = {}
-        self.cfg = TrialConfig.from_dict(config["trial"])
+        trial = config["trial"]  # the driver's validated TrialConfig (a dict from older callers)
+        self.cfg = trial if isinstance(trial, TrialConfig) else TrialConfig.from_dict(trial)
         self.name = config.get("name", "trial")
         self.resume_from = config.get("resume_from")
         ctx = ray.train.get_context()
