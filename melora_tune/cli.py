@@ -21,7 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="melora-tune", description=__doc__)
     parser.add_argument("--version", action="version", version=f"melora-tune {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
-    from melora_tune.budget_cli import add_budget_parser
+    from melora_tune.adapters.cli import add_budget_parser
     from melora_tune.cluster import add_cluster_parser
     from melora_tune.export_best import add_export_parser
     from melora_tune.report.cli import add_report_parser

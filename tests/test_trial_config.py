@@ -12,7 +12,7 @@ from melora_tune.errors import UsageError
 from melora_tune.trial import TrialConfig, apply_overrides, build_ds_config, load_trial_config, parse_overrides, plan_steps
 from melora_tune.trial.config import resolve_key
 from melora_tune.trial.ds_config import bucket_size, plan_for
-from melora_tune.trial.prepare import default_target_modules, find_head_modules
+from melora_tune.adapters.inject import default_target_modules, find_head_modules
 
 EXAMPLE = "melora_tune/trial/example_trial.yaml"
 

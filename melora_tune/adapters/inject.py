@@ -55,6 +55,60 @@ def find_modules_to_save(model: nn.Module, names: list[str]) -> list[str]:
     return found
 
 
+# ---- model introspection: what to adapt and what to train in full when the config does not say ----
+
+# Attention projections to adapt when the config names none, first match wins (PEFT's usual picks).
+DEFAULT_TARGETS: tuple[tuple[str, ...], ...] = (
+    ("query", "value"),  # BERT, RoBERTa, ELECTRA, MiniLM
+    ("q_proj", "v_proj"),  # Llama, Mistral, Qwen, OPT, BART
+    ("q_lin", "v_lin"),  # DistilBERT
+    ("query_key_value",),  # Falcon, GPT-NeoX, BLOOM
+    ("c_attn",),  # GPT-2 (a Conv1D, not nn.Linear: will fail with the list of linear layers)
+    ("q", "v"),  # T5
+)
+
+# Names transformers gives the task heads of *ForSequenceClassification models (PEFT keeps
+# "classifier" and "score" trainable for SEQ_CLS; DistilBERT adds pre_classifier, also new).
+HEAD_NAMES: tuple[str, ...] = ("pre_classifier", "classifier", "score", "classification_head", "sequence_summary")
+
+
+def default_target_modules(model: nn.Module) -> list[str]:
+    """The attention projections to adapt when a config names none (PEFT's usual picks, first match wins)."""
+    names = list(linear_modules(model))
+    for group in DEFAULT_TARGETS:
+        if all(any(matches(n, t) for n in names) for t in group):
+            return list(group)
+    raise UsageError(
+        f"no default attention projections found in {type(model).__name__}: set adapter.target_modules "
+        f"(its linear layers are named: {', '.join(linear_suffixes(model))})"
+    )
+
+
+def find_head_modules(model: nn.Module, task_type: str, num_labels: int | None = None) -> list[str]:
+    """The task head of a sequence classifier (trained with the adapters); [] for causal LM.
+
+    Known head names among the model's top-level children first; otherwise the
+    top-level module holding the last linear layer with ``num_labels`` outputs.
+    """
+    if task_type != "seq_cls":
+        return []
+    children = [name for name, _ in model.named_children()]
+    heads = [name for name in HEAD_NAMES if name in children]
+    if heads:
+        return heads
+    if num_labels:
+        last = None
+        for name, mod in model.named_modules():
+            if isinstance(mod, nn.Linear) and mod.out_features == num_labels:
+                last = name
+        if last:
+            return [last.split(".")[0]]
+    raise UsageError(
+        f"cannot tell which module of {type(model).__name__} is the classification head: "
+        f"set adapter.modules_to_save (its top-level modules: {', '.join(children)})"
+    )
+
+
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, attr = name.rpartition(".")
     setattr(model.get_submodule(parent_name) if parent_name else model, attr, module)

@@ -122,3 +122,17 @@ def check_glue_task(name: str) -> str:
     if key is None:
         raise UsageError(f"unknown GLUE task {name!r}{suggest(name, list(GLUE_TASKS))}")
     return key
+
+
+def num_labels_of(task) -> int | None:
+    """Classes of a known task without loading it (None: a local file; the head is not budgeted anyway)."""
+    info = BUILTIN_TASKS.get(task.name)
+    if info is None and task.path is None:
+        key = glue_name(task.name)
+        info = GLUE_TASKS.get(key) if key else None
+    if info is None and task.glue_task:
+        key = glue_name(task.glue_task)
+        info = GLUE_TASKS.get(key) if key else None
+    if info is None:
+        return None
+    return len(info.label_names) if info.label_names is not None else 1

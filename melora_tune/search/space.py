@@ -26,7 +26,7 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
-from melora_tune.adapters import HYPERPARAMS, AdapterConfig, describe, format_lr, get_method  # noqa: F401
+from melora_tune.adapters import HYPERPARAMS, AdapterConfig, describe, get_method  # noqa: F401
 from melora_tune.adapters.budget import Candidate, budget_floor, enumerate_feasible, smallest_config
 from melora_tune.errors import UsageError
 from melora_tune.search.schema import SearchSpace
@@ -220,25 +220,10 @@ class FeasibleSpace:
         return lines
 
 
-def num_labels_of(task) -> int | None:
-    """Classes of a known task without loading it (None: a local file; the head is not budgeted anyway)."""
-    from melora_tune.data.registry import BUILTIN_TASKS, glue_name, GLUE_TASKS
-
-    info = BUILTIN_TASKS.get(task.name)
-    if info is None and task.path is None:
-        key = glue_name(task.name)
-        info = GLUE_TASKS.get(key) if key else None
-    if info is None and task.glue_task:
-        key = glue_name(task.glue_task)
-        info = GLUE_TASKS.get(key) if key else None
-    if info is None:
-        return None
-    return len(info.label_names) if info.label_names is not None else 1
-
-
 def model_spec(space: SearchSpace):
     """The model's layer shapes from its config alone (meta device; needs config.json, not the weights)."""
     from melora_tune.adapters.accounting import ModelSpec
+    from melora_tune.data.registry import num_labels_of
 
     return ModelSpec.from_pretrained(space.model, task=space.task_type, num_labels=num_labels_of(space.task))
 
@@ -250,7 +235,8 @@ def _choices_for(space: SearchSpace, method: str) -> dict[str, Any]:
 
 def build_space(space: SearchSpace, spec=None) -> FeasibleSpace:
     """Enumerate every feasible configuration of every method (UsageError when a method has none)."""
-    from melora_tune.trial.prepare import default_target_modules, find_head_modules
+    from melora_tune.adapters.inject import default_target_modules, find_head_modules
+    from melora_tune.data.registry import num_labels_of
 
     spec = spec if spec is not None else model_spec(space)
     targets = list(space.adapter.target_modules or default_target_modules(spec.model))
