@@ -1,8 +1,101 @@
-"""Errors a user can fix: the CLI prints them as one line and exits with status 2."""
+"""Errors a user can fix, and the one-line messages made from them (the CLI prints one line and exits with 2).
+
+Also the base of every config schema (``Schema``) and the one formatter of pydantic's validation
+errors, shared by the trial config, the adapter config and the search space.
+"""
+
+from __future__ import annotations
+
+import difflib
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 
 class UsageError(ValueError):
     """Bad input (arguments, config, targets): the message names the problem and the fix."""
+
+
+class Schema(BaseModel):
+    """A config section: unknown keys are refused, assignments validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class StandaloneSchema(Schema):
+    """A schema also built directly in code (``AdapterConfig(r=2)``): a bad value is a one-line ``UsageError``.
+
+    Pydantic calls a custom ``__init__`` for nested models too, so a section nested in a larger
+    schema must restore ``__init__ = BaseModel.__init__``: its errors then stay ``ValidationError``
+    lines that the larger schema describes with their full location (``adapter.r``).
+    """
+
+    def __init__(self, **data: Any) -> None:
+        try:
+            super().__init__(**data)
+        except ValidationError as err:
+            raise UsageError(describe_validation_error(err, type(self), what=type(self).__name__)) from None
+
+
+def _model_at(root: type[BaseModel], loc: tuple) -> type[BaseModel] | None:
+    model = root
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        ann = getattr(field, "annotation", None) if field else None
+        candidates = [ann, *getattr(ann, "__args__", ())]
+        nested = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
+        if nested is None:
+            return None
+        model = nested
+    return model
+
+
+def _sections(root: type[BaseModel]) -> dict[str, type[BaseModel]]:
+    return {name: nested for name in root.model_fields if (nested := _model_at(root, (name,))) is not None}
+
+
+def describe_validation_error(err: ValidationError, root: type[BaseModel], what: str = "config") -> str:
+    """One line for the first problem of a schema's validation error (and a count of the others).
+
+    An unknown key gets the closest known key of its section, or the section that has it
+    ("epochs" at the top -> "training.epochs"), and the list of keys known there.
+    """
+    errors = err.errors()
+    first = errors[0]
+    loc = tuple(first.get("loc", ()))
+    where = ".".join(str(p) for p in loc) or what
+    kind = first.get("type", "")
+    if kind == "extra_forbidden":
+        parent, key = loc[:-1], str(loc[-1])
+        model = _model_at(root, parent)
+        known = list(model.model_fields) if model else []
+        close = closest(key, known)
+        prefix = ".".join(map(str, parent))
+        if close:
+            hint = f" (did you mean {'.'.join(filter(None, [prefix, close]))!r}?)"
+        else:
+            sections = _sections(root)
+            elsewhere = [f"{s}.{key}" for s, m in sections.items() if key in m.model_fields and (s,) != parent]
+            if not parent and not elsewhere:
+                # a typo of a key that lives in a section: "epoch" -> "training.epochs"
+                by_name = {f: f"{s}.{f}" for s, m in sections.items() for f in m.model_fields}
+                near = difflib.get_close_matches(key, list(by_name), n=1, cutoff=0.75)
+                elsewhere = [by_name[near[0]]] if near else []
+            if not elsewhere:
+                near = difflib.get_close_matches(key, known, n=1, cutoff=0.4)
+                elsewhere = [".".join(filter(None, [prefix, near[0]]))] if near else []
+            hint = f" (did you mean {elsewhere[0]!r}?)" if elsewhere else ""
+        msg = f"unknown key {where!r}{hint}; known keys here: {', '.join(known)}"
+    elif kind == "missing":
+        msg = f"{where} is required"
+    else:
+        text = str(first.get("msg", "invalid value")).removeprefix("Value error, ").removeprefix("Assertion failed, ")
+        got = first.get("input")
+        shown = "" if isinstance(got, dict) or kind.startswith(("value_error", "assertion_error")) else f" (got {got!r})"
+        msg = f"{where}: {text}{shown}" if loc else f"{text}{shown}"
+    if len(errors) > 1:
+        msg += f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})"
+    return msg
 
 
 def first_line(err: BaseException) -> str:

@@ -1,6 +1,5 @@
 """Tasks, splits and encodings on the real offline corpora and small hand-written GLUE-like fixtures."""
 
-import dataclasses
 import json
 import os
 import subprocess
@@ -145,8 +144,8 @@ def test_max_samples_draw_seeded_stratified_subsamples(trec):
 def test_task_spec_round_trips_through_a_dict():
     spec = TaskSpec(name="glue/mrpc", path="x.csv", text_columns="a,b", seed=3, max_eval_samples=5)
     assert spec.text_columns == ["a", "b"]
-    assert TaskSpec(**dataclasses.asdict(spec)) == spec
-    assert json.loads(json.dumps(spec.to_dict())) == dataclasses.asdict(spec)
+    assert TaskSpec(**spec.to_dict()) == spec
+    assert json.loads(json.dumps(spec.to_dict())) == spec.model_dump()
 
 
 # ---------------------------------------------------------------- local files and GLUE wiring
@@ -184,7 +183,7 @@ def test_train_and_validation_files_keep_the_given_validation():
     assert task.splits["validation"]["sentence"] == [row["sentence"] for row in dev]
     assert task.sizes() == {"train": 36, "validation": 16, "test": 4}  # test carved from the training file
     assert task.main_metric == "matthews_correlation"
-    no_test = load_task(dataclasses.replace(spec, test_fraction=0.0))
+    no_test = load_task(spec.replace(test_fraction=0.0))
     assert no_test.sizes() == {"train": 40, "validation": 16}
 
 

@@ -13,9 +13,9 @@ import math
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
+from pydantic import field_validator, model_validator
 
-from melora_tune.errors import UsageError, did_you_mean
+from melora_tune.errors import StandaloneSchema, UsageError, did_you_mean
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -38,15 +38,7 @@ def split_list(value: Any) -> Any:
     return value
 
 
-def error_message(err: ValidationError) -> str:
-    """The first problem of a validation error as plain text (the search and trial schemas add locations)."""
-    first = err.errors()[0]
-    text = str(first.get("msg", "invalid value")).removeprefix("Value error, ").removeprefix("Assertion failed, ")
-    loc = ".".join(str(p) for p in first.get("loc", ()))
-    return f"{loc}: {text}" if loc and first.get("type") != "value_error" else text
-
-
-class AdapterConfig(BaseModel):
+class AdapterConfig(StandaloneSchema):
     """What to adapt and how.
 
     ``r`` is always the rank of one factor pair: the rank of LoRA, the rank of
@@ -54,8 +46,6 @@ class AdapterConfig(BaseModel):
     (``u`` of which are unshared). Hyperparameters a method does not use keep
     their defaults.
     """
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
     method: str = "melora"
     r: int = 8
@@ -67,12 +57,6 @@ class AdapterConfig(BaseModel):
     m_b: int | None = None  # PRoLoRA: sharing rate of B; None means "same as m"
     target_modules: list[str] = ["query", "value"]
     modules_to_save: list[str] = []
-
-    def __init__(self, **data: Any) -> None:
-        try:
-            super().__init__(**data)
-        except ValidationError as err:
-            raise UsageError(error_message(err)) from None
 
     _split = field_validator("target_modules", "modules_to_save", mode="before")(split_list)
 

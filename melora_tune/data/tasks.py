@@ -23,7 +23,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from melora_tune.errors import UsageError
+from pydantic import field_validator, model_validator
+
+from melora_tune.errors import StandaloneSchema, UsageError
 
 from .registry import BUILTIN_TASKS, GENERIC_PROMPTS, GLUE_TASKS, TaskInfo, check_glue_task, glue_name, unknown_task
 from .sources import COMPRESSIONS, LOCAL_SUFFIXES, load_glue_from_hub, read_builtin, read_local
@@ -45,9 +47,8 @@ AUTO_TEXT_COLUMNS = (
 )
 
 
-@dataclass
-class TaskSpec:
-    """Which data to train and evaluate on; plain values only, so it round-trips through ``asdict``."""
+class TaskSpec(StandaloneSchema):
+    """Which data to train and evaluate on (the one schema of a trial config's ``task`` section)."""
 
     name: str = "rotten_tomatoes"  # built-in name, "glue/<task>", or a label for a local file
     path: str | None = None  # local csv/tsv/json/jsonl/parquet (the training file when a pair)
@@ -61,33 +62,53 @@ class TaskSpec:
     max_train_samples: int | None = None
     max_eval_samples: int | None = None
 
-    def __post_init__(self) -> None:
-        if isinstance(self.text_columns, str):
-            self.text_columns = [c.strip() for c in self.text_columns.split(",") if c.strip()]
-        elif self.text_columns is not None:
-            self.text_columns = list(self.text_columns)
-        if self.text_columns is not None and not 1 <= len(self.text_columns) <= 2:
-            raise UsageError(f"text_columns takes one column or a pair, got {self.text_columns!r}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
-            raise UsageError(f"data seed must be a non-negative integer, got {self.seed!r}")
-        for name in ("validation_fraction", "test_fraction"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
-                raise UsageError(f"{name} must be in [0, 1), got {value!r}")
+    @field_validator("text_columns", mode="before")
+    @classmethod
+    def _columns(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = [c.strip() for c in value.split(",") if c.strip()]
+        if value is not None and not 1 <= len(value) <= 2:
+            raise ValueError(f"text_columns takes one column or a pair, got {value!r}")
+        return value
+
+    @field_validator("seed", mode="before")
+    @classmethod
+    def _seed(cls, value: Any) -> Any:
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"data seed must be a non-negative integer, got {value!r}")
+        return value
+
+    @field_validator("validation_fraction", "test_fraction", mode="before")
+    @classmethod
+    def _fraction(cls, value: Any, info) -> Any:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+            raise ValueError(f"{info.field_name} must be in [0, 1), got {value!r}")
+        return value
+
+    @field_validator("max_train_samples", "max_eval_samples", mode="before")
+    @classmethod
+    def _count(cls, value: Any, info) -> Any:
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"{info.field_name} must be a positive integer or None, got {value!r}")
+        return value
+
+    @model_validator(mode="after")
+    def _check(self) -> "TaskSpec":
         if self.validation_fraction + self.test_fraction >= 1.0:
-            raise UsageError(
+            raise ValueError(
                 f"validation_fraction + test_fraction must leave training rows, got "
                 f"{self.validation_fraction} + {self.test_fraction}"
             )
-        for name in ("max_train_samples", "max_eval_samples"):
-            value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-                raise UsageError(f"{name} must be a positive integer or None, got {value!r}")
         if self.validation_path is not None and self.path is None:
-            raise UsageError("validation_path needs path (the training file) as well")
+            raise ValueError("validation_path needs path (the training file) as well")
+        return self
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return self.model_dump()
+
+    def replace(self, **changes: Any) -> "TaskSpec":
+        """A copy with changes, validated."""
+        return type(self)(**{**self.model_dump(), **changes})
 
 
 @dataclass
@@ -118,7 +139,7 @@ def load_task(spec: TaskSpec | str) -> TaskData:
     if isinstance(spec, str):
         spec = TaskSpec(name=spec)
     if spec.path is None and _looks_like_file(spec.name):
-        spec = dataclasses.replace(spec, path=spec.name, name=_file_label(spec.name))
+        spec = spec.replace(path=spec.name, name=_file_label(spec.name))
     if spec.path is not None:
         return _load_local(spec)
     if spec.glue_task is not None and glue_name(spec.name) != check_glue_task(spec.glue_task):

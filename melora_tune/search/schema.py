@@ -11,46 +11,41 @@ See ``search_spaces/demo.yaml`` for every key with its meaning and default.
 
 from __future__ import annotations
 
-import difflib
 import re
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from melora_tune.adapters import HYPERPARAMS, method_names
+from melora_tune.adapters.config import split_list
 from melora_tune.adapters.registry import owners
-from melora_tune.errors import UsageError, closest, did_you_mean
+from melora_tune.errors import Schema, UsageError, closest, describe_validation_error, did_you_mean
 from melora_tune.trial.config import ResourcesSection, TaskSection, TrainingSection
 
 from melora_tune.records import DEFAULT_STORAGE_PATH, DEFAULT_TRACKING_URI  # noqa: E402,F401  (re-exported)
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-def _split_list(value: Any) -> Any:
-    if isinstance(value, str):
-        return [v.strip() for v in value.split(",") if v.strip()]
-    return value
+_Strict = Schema
+_split_list = split_list
 
 
 class FixedAdapter(_Strict):
-    """Adapter settings every trial shares (the searched ones live in ``space``)."""
+    """Adapter settings every trial shares (the searched ones live in ``space``); checked by the adapter schema."""
 
     target_modules: list[str] | None = None  # None: the model's attention query/value projections
     modules_to_save: list[str] | None = None  # None: the classification head (nothing for causal_lm)
-    alpha: float = Field(16.0, gt=0)
-    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    alpha: float = 16.0
+    dropout: float = 0.0
 
-    _split = field_validator("target_modules", "modules_to_save", mode="before")(_split_list)
+    _split = field_validator("target_modules", "modules_to_save", mode="before")(split_list)
 
     @model_validator(mode="after")
     def _check(self) -> "FixedAdapter":
-        if self.target_modules is not None and not self.target_modules:
-            raise ValueError("adapter.target_modules is empty: name at least one linear module, e.g. [query, value]")
+        from melora_tune.trial.config import AdapterSection
+
+        AdapterSection.model_validate(self.model_dump())  # alpha > 0 and finite, dropout in [0, 1), targets not empty
         return self
 
 
@@ -299,66 +294,9 @@ class SearchSpace(_Strict):
 
 # ---- loading and error messages -------------------------------------------------------
 
-def _model_at(loc: tuple) -> type[BaseModel] | None:
-    model: type[BaseModel] = SearchSpace
-    for part in loc:
-        field = model.model_fields.get(str(part))
-        ann = getattr(field, "annotation", None) if field else None
-        candidates = [ann, *getattr(ann, "__args__", ())]
-        nested = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
-        if nested is None:
-            return None
-        model = nested
-    return model
-
-
-def _sections() -> dict[str, type[BaseModel]]:
-    out = {}
-    for name, field in SearchSpace.model_fields.items():
-        nested = _model_at((name,))
-        if nested is not None:
-            out[name] = nested
-    return out
-
-
 def describe_error(err: ValidationError) -> str:
-    """One line for the first problem (and a count of the others)."""
-    errors = err.errors()
-    first = errors[0]
-    loc = tuple(first.get("loc", ()))
-    where = ".".join(str(p) for p in loc) or "space file"
-    kind = first.get("type", "")
-    if kind == "extra_forbidden":
-        parent, key = loc[:-1], str(loc[-1])
-        model = _model_at(parent)
-        known = list(model.model_fields) if model else []
-        close = closest(key, known)
-        prefix = ".".join(map(str, parent))
-        if close:
-            hint = f" (did you mean {'.'.join(filter(None, [prefix, close]))!r}?)"
-        else:
-            elsewhere = [f"{s}.{key}" for s, m in _sections().items() if key in m.model_fields and (s,) != parent]
-            if not parent and not elsewhere:
-                # a typo of a key that lives in a section: "epoch" -> "training.epochs"
-                pool = [f"{s}.{f}" for s, m in _sections().items() for f in m.model_fields]
-                by_name = {p.split(".", 1)[1]: p for p in pool}
-                near = difflib.get_close_matches(key, list(by_name), n=1, cutoff=0.75)
-                elsewhere = [by_name[near[0]]] if near else []
-            if not elsewhere:
-                near = difflib.get_close_matches(key, known, n=1, cutoff=0.4)
-                elsewhere = ['.'.join(filter(None, [prefix, near[0]]))] if near else []
-            hint = f" (did you mean {elsewhere[0]!r}?)" if elsewhere else ""
-        msg = f"unknown key {where!r}{hint}; known keys here: {', '.join(known)}"
-    elif kind == "missing":
-        msg = f"{where} is required"
-    else:
-        text = str(first.get("msg", "invalid value")).removeprefix("Value error, ").removeprefix("Assertion failed, ")
-        got = first.get("input")
-        shown = "" if isinstance(got, dict) or kind.startswith(("value_error", "assertion_error")) else f" (got {got!r})"
-        msg = f"{where}: {text}{shown}" if loc else f"{text}{shown}"
-    if len(errors) > 1:
-        msg += f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})"
-    return msg
+    """One line for the first problem of a space file (and a count of the others)."""
+    return describe_validation_error(err, SearchSpace, what="space file")
 
 
 def parse_space(data: Any, source: str = "space") -> SearchSpace:

@@ -14,38 +14,20 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, Field, ValidationError
 
 from melora_tune.adapters.config import AdapterConfig
-from melora_tune.errors import UsageError
+from melora_tune.data.tasks import TaskSpec
+from melora_tune.errors import Schema, UsageError, describe_validation_error
 
 
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+_Section = Schema
 
 
-def _split_list(value: Any) -> Any:
-    if isinstance(value, str):
-        return [v.strip() for v in value.split(",") if v.strip()]
-    return value
+class TaskSection(TaskSpec):
+    """The data layer's ``TaskSpec`` as the trial config's ``task`` section (see there for the fields)."""
 
-
-class TaskSection(_Section):
-    """The fields of ``melora_tune.data.TaskSpec`` (see there for their meaning)."""
-
-    name: str = "rotten_tomatoes"
-    path: str | None = None
-    validation_path: str | None = None
-    glue_task: str | None = None
-    text_columns: list[str] | None = None
-    label_column: str = "label"
-    seed: int = 0
-    validation_fraction: float = Field(0.1, ge=0.0, lt=1.0)
-    test_fraction: float = Field(0.1, ge=0.0, lt=1.0)
-    max_train_samples: int | None = Field(None, ge=1)
-    max_eval_samples: int | None = Field(None, ge=1)
-
-    _split = field_validator("text_columns", mode="before")(_split_list)
+    __init__ = BaseModel.__init__  # nested: errors keep their location (task.seed)
 
 
 class AdapterSection(AdapterConfig):
@@ -55,8 +37,7 @@ class AdapterSection(AdapterConfig):
     target_modules: list[str] | None = None
     modules_to_save: list[str] | None = None
 
-    def __init__(self, **data: Any) -> None:
-        BaseModel.__init__(self, **data)  # errors stay ValidationErrors: TrialConfig names their location
+    __init__ = BaseModel.__init__  # nested: errors keep their location (adapter.r)
 
     def adapter_config(self) -> AdapterConfig:
         """The ``AdapterConfig``; target_modules/modules_to_save must be resolved first."""
@@ -113,7 +94,7 @@ class TrialConfig(_Section):
         try:
             return cls.model_validate(data)
         except ValidationError as err:
-            raise UsageError(f"{source}: {describe_validation_error(err)}") from None
+            raise UsageError(f"{source}: {describe_validation_error(err, cls)}") from None
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "TrialConfig":
@@ -158,10 +139,8 @@ class TrialConfig(_Section):
         return cls.from_dict(data, source="sampled trial")
 
     # ---- derived -------------------------------------------------------------
-    def task_spec(self):
-        from melora_tune.data import TaskSpec
-
-        return TaskSpec(**self.task.model_dump())
+    def task_spec(self) -> TaskSpec:
+        return self.task
 
     @property
     def uses_gpu(self) -> bool:
@@ -182,42 +161,6 @@ SECTIONS: dict[str, type[BaseModel]] = {
     "resources": ResourcesSection,
 }
 TOP_LEVEL = ("model", "task_type")
-
-
-def _fields_at(loc: tuple) -> list[str]:
-    model: type[BaseModel] = TrialConfig
-    for part in loc:
-        field = model.model_fields.get(str(part))
-        ann = getattr(field, "annotation", None) if field else None
-        if isinstance(ann, type) and issubclass(ann, BaseModel):
-            model = ann
-        else:
-            break
-    return list(model.model_fields)
-
-
-def describe_validation_error(err: ValidationError) -> str:
-    """One line for the first problem (and a count of the others)."""
-    errors = err.errors()
-    first = errors[0]
-    loc = tuple(first.get("loc", ()))
-    where = ".".join(str(p) for p in loc) or "config"
-    kind = first.get("type", "")
-    if kind == "extra_forbidden":
-        parent, key = loc[:-1], str(loc[-1])
-        close = difflib.get_close_matches(key, _fields_at(parent), n=1, cutoff=0.5)
-        hint = f" (did you mean {'.'.join([*map(str, parent), close[0]])!r}?)" if close else ""
-        known = ", ".join(_fields_at(parent))
-        msg = f"unknown key {where!r}{hint}; known keys here: {known}"
-    else:
-        text = str(first.get("msg", "invalid value"))
-        text = text.removeprefix("Value error, ")
-        got = first.get("input")
-        shown = "" if isinstance(got, dict) or kind.startswith("value_error") else f" (got {got!r})"
-        msg = f"{where}: {text}{shown}"
-    if len(errors) > 1:
-        msg += f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})"
-    return msg
 
 
 # ---- flat key=value overrides -------------------------------------------------
