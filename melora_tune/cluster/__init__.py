@@ -19,7 +19,7 @@ with Ray token authentication by default (``RAY_AUTH_MODE=token``, token in ~/.r
 and why every client (the search driver included) needs ``RAY_AUTH_MODE=token`` in its
 environment: `up` prints the line to export.
 
-Modules: `state` (the state and DIR/cluster.json), `processes` (sessions: finding, stopping,
+Modules: `state` (the typed state, DIR/cluster.json), `processes` (sessions: finding, stopping,
 starting detached), `network` (loopback addresses, free ports), `ray_nodes` (the head and worker
 nodes), `mlflow_server` (the tracking server), `commands` (`up`, `status`, `down`, `kill_node` and
 the CLI subcommands).
@@ -29,15 +29,32 @@ from melora_tune.cluster.commands import add_cluster_parser, down, kill_node, st
 from melora_tune.cluster.mlflow_server import MLFLOW_HOST, mlflow_health
 from melora_tune.cluster.processes import alive_pids, session_pids, stop_sessions
 from melora_tune.cluster.ray_nodes import HEAD_RESOURCE, MAX_RAY_TEMP_DIR, WORKER_RESOURCE, ray_env, ray_nodes
-from melora_tune.cluster.state import STATE_FILE, default_dir, load_state, save_state, state_path
+from melora_tune.cluster.state import (
+    STATE_FILE,
+    ClusterState,
+    HeadNode,
+    MlflowServer,
+    NodePorts,
+    WorkerNode,
+    default_dir,
+    load_state,
+    save_state,
+    state_path,
+)
 
 # The old module's private helpers under their old names: the tests reach for them.
-from melora_tune.cluster.processes import component_sids as _component_sids
 from melora_tune.cluster.processes import session_of as _session_of
 from melora_tune.cluster.ray_nodes import ray_temp_root as _ray_temp_root
 
+_component_sids = ClusterState.session_ids
+
 __all__ = [
+    "ClusterState",
     "HEAD_RESOURCE",
+    "HeadNode",
+    "MlflowServer",
+    "NodePorts",
+    "WorkerNode",
     "MAX_RAY_TEMP_DIR",
     "MLFLOW_HOST",
     "STATE_FILE",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import shutil
@@ -15,7 +16,6 @@ from melora_tune.cluster.mlflow_server import MLFLOW_HOST, mlflow_health, wait_m
 from melora_tune.cluster.network import PortPool, check_loopback, port_free, wait_port
 from melora_tune.cluster.processes import (
     alive_pids,
-    component_sids,
     console_command,
     session_pids,
     start_detached,
@@ -31,7 +31,17 @@ from melora_tune.cluster.ray_nodes import (
     wait_alive_nodes,
     wait_ray_start,
 )
-from melora_tune.cluster.state import default_dir, load_state, save_state, state_path
+from melora_tune.cluster.state import (
+    ClusterState,
+    HeadNode,
+    MlflowServer,
+    NodePorts,
+    WorkerNode,
+    default_dir,
+    load_state,
+    save_state,
+    state_path,
+)
 from melora_tune.errors import UsageError
 
 
@@ -48,7 +58,7 @@ def up(
     auth_mode: str | None = None,
     timeout: float = 120.0,
     wait_nodes: bool = True,
-) -> dict:
+) -> ClusterState:
     """Starts head, worker and MLflow; returns the state. Raises UsageError for user errors."""
     directory = Path(directory).expanduser().resolve()
     auth_mode = (auth_mode or os.environ.get("RAY_AUTH_MODE") or "token").lower()
@@ -69,7 +79,7 @@ def up(
         if running:
             raise UsageError(
                 f"a local cluster is already up in {directory} ({', '.join(running)} running; "
-                f"Ray {previous.get('ray_address')}); stop it with: melora-tune cluster down --dir {directory}"
+                f"Ray {previous.ray_address}); stop it with: melora-tune cluster down --dir {directory}"
             )
         state_path(directory).unlink()  # stale: nothing of it runs any more
 
@@ -84,11 +94,7 @@ def up(
             "client": pool.take(),
         }
         node_ports = {
-            role: {
-                k: pool.take()
-                for k in ("node_manager", "object_manager", "agent_listen", "agent_grpc", "runtime_env", "metrics")
-            }
-            for role in ("head", "worker")
+            role: NodePorts(**{f.name: pool.take() for f in dataclasses.fields(NodePorts)}) for role in ("head", "worker")
         }
     finally:
         pool.release()
@@ -98,62 +104,58 @@ def up(
     logs = directory / "logs"
     logs.mkdir(exist_ok=True)
     ray_address = f"{head_address}:{ports['gcs']}"
-    state: dict = {
-        "version": 1,
-        "dir": str(directory),
-        "created": time.time(),
-        "auth_mode": auth_mode,
-        "ray_address": ray_address,
-        "tracking_uri": f"http://{MLFLOW_HOST}:{ports['mlflow']}",
-        "dashboard_url": f"http://{head_address}:{ports['dashboard']}",
-        "python": sys.executable,
-        "head": {
-            "address": head_address,
-            "gcs_port": ports["gcs"],
-            "dashboard_port": ports["dashboard"],
-            "client_port": ports["client"],
-            "num_cpus": num_cpus_head,
-            "temp_dir": str(temp_root / "head"),
-            "log": str(logs / "ray-head.log"),
-            "ports": node_ports["head"],
-            "sid": None,
-        },
-        "worker": {
-            "address": worker_address,
-            "num_cpus": num_cpus_worker,
-            "resource": WORKER_RESOURCE,
-            "temp_dir": str(temp_root / "worker"),
-            "log": str(logs / "ray-worker.log"),
-            "ports": node_ports["worker"],
-            "sid": None,
-        },
-        "mlflow": {
-            "host": MLFLOW_HOST,
-            "port": ports["mlflow"],
-            "backend_store_uri": f"sqlite:///{directory / 'mlflow.db'}",
-            "artifacts_destination": str(directory / "mlartifacts"),
-            "log": str(logs / "mlflow.log"),
-            "sid": None,
-        },
-    }
+    state = ClusterState(
+        dir=str(directory),
+        created=time.time(),
+        auth_mode=auth_mode,
+        ray_address=ray_address,
+        tracking_uri=f"http://{MLFLOW_HOST}:{ports['mlflow']}",
+        dashboard_url=f"http://{head_address}:{ports['dashboard']}",
+        python=sys.executable,
+        head=HeadNode(
+            address=head_address,
+            gcs_port=ports["gcs"],
+            dashboard_port=ports["dashboard"],
+            client_port=ports["client"],
+            num_cpus=num_cpus_head,
+            temp_dir=str(temp_root / "head"),
+            log=str(logs / "ray-head.log"),
+            ports=node_ports["head"],
+        ),
+        worker=WorkerNode(
+            address=worker_address,
+            num_cpus=num_cpus_worker,
+            resource=WORKER_RESOURCE,
+            temp_dir=str(temp_root / "worker"),
+            log=str(logs / "ray-worker.log"),
+            ports=node_ports["worker"],
+        ),
+        mlflow=MlflowServer(
+            host=MLFLOW_HOST,
+            port=ports["mlflow"],
+            backend_store_uri=f"sqlite:///{directory / 'mlflow.db'}",
+            artifacts_destination=str(directory / "mlartifacts"),
+            log=str(logs / "mlflow.log"),
+        ),
+    )
     save_state(state)
     env = ray_env(auth_mode=auth_mode)
     store = str(object_store_mb * 1024 * 1024)
 
-    def node_flags(role: str) -> list[str]:
-        p = state[role]["ports"]
+    def node_flags(node: HeadNode | WorkerNode) -> list[str]:
+        p = node.ports
         return [
-            f"--node-ip-address={state[role]['address']}",
-            f"--temp-dir={state[role]['temp_dir']}",
-            f"--num-cpus={state[role]['num_cpus']}",
+            f"--node-ip-address={node.address}",
+            f"--temp-dir={node.temp_dir}",
+            f"--num-cpus={node.num_cpus}",
             "--num-gpus=0",
             f"--object-store-memory={store}",
-            f"--node-manager-port={p['node_manager']}",
-            f"--object-manager-port={p['object_manager']}",
-            f"--dashboard-agent-listen-port={p['agent_listen']}",
-            f"--dashboard-agent-grpc-port={p['agent_grpc']}",
-            f"--runtime-env-agent-port={p['runtime_env']}",
-            f"--metrics-export-port={p['metrics']}",
+            f"--node-manager-port={p.node_manager}",
+            f"--object-manager-port={p.object_manager}",
+            f"--dashboard-agent-listen-port={p.agent_listen}",
+            f"--dashboard-agent-grpc-port={p.agent_grpc}",
+            f"--runtime-env-agent-port={p.runtime_env}",
+            f"--metrics-export-port={p.metrics}",
             "--disable-usage-stats",
             "--log-style=record",
             "--log-color=false",
@@ -167,17 +169,16 @@ def up(
             console_command("mlflow", "mlflow")
             + [
                 "server",
-                "--backend-store-uri", state["mlflow"]["backend_store_uri"],
-                "--artifacts-destination", state["mlflow"]["artifacts_destination"],
+                "--backend-store-uri", state.mlflow.backend_store_uri,
+                "--artifacts-destination", state.mlflow.artifacts_destination,
                 "--host", MLFLOW_HOST,
                 "--port", str(ports["mlflow"]),
                 "--workers", "1",
             ],
-            Path(state["mlflow"]["log"]),
+            Path(state.mlflow.log),
             mlflow_env,
         )
-        state["mlflow"]["sid"] = mlflow_proc.pid
-        state["mlflow"]["pid"] = mlflow_proc.pid
+        state.mlflow.sid = state.mlflow.pid = mlflow_proc.pid
         save_state(state)
 
         head_cmd = ray + [
@@ -188,30 +189,30 @@ def up(
             f"--dashboard-host={head_address}",
             f"--dashboard-port={ports['dashboard']}",
             f"--resources={json.dumps({HEAD_RESOURCE: 1})}",
-        ] + node_flags("head")
+        ] + node_flags(state.head)
         # The worker's `ray start` waits for the GCS by itself: launch it as soon as the GCS
         # port accepts connections rather than after the whole head is up (saves 10-20 s).
-        head_proc = launch_recorded(state, "head", head_cmd, env)
-        wait_port(head_address, ports["gcs"], head_proc, timeout, "Ray head", Path(state["head"]["log"]))
+        head_proc = launch_recorded(state, state.head, head_cmd, env)
+        wait_port(head_address, ports["gcs"], head_proc, timeout, "Ray head", Path(state.head.log))
         worker_cmd = ray + [
             "start",
             f"--address={ray_address}",
             f"--resources={json.dumps({WORKER_RESOURCE: 1})}",
-        ] + node_flags("worker")
-        worker_proc = launch_recorded(state, "worker", worker_cmd, env)
-        wait_ray_start(state, "head", head_proc, timeout, "Ray head")
-        wait_ray_start(state, "worker", worker_proc, timeout, "Ray worker")
+        ] + node_flags(state.worker)
+        worker_proc = launch_recorded(state, state.worker, worker_cmd, env)
+        wait_ray_start(state.head, head_proc, timeout, "Ray head")
+        wait_ray_start(state.worker, worker_proc, timeout, "Ray worker")
         wait_mlflow(state, mlflow_proc, timeout)
         if wait_nodes:
             wait_alive_nodes(state, expected=2, timeout=timeout)
     except BaseException as err:
-        stop_sessions(list(component_sids(state).values()), timeout=5)
+        stop_sessions(list(state.session_ids().values()), timeout=5)
         with contextlib.suppress(OSError):
             state_path(directory).unlink()
         if isinstance(err, (RuntimeError, OSError)):
             raise UsageError(f"local cluster did not come up: {err}") from None
         raise
-    state["up_seconds"] = round(time.time() - state["created"], 1)
+    state.up_seconds = round(time.time() - state.created, 1)
     save_state(state)
     return state
 
@@ -224,14 +225,14 @@ def status(directory: Path, query_ray: bool = True) -> dict:
     procs = alive_pids(state)
     report = {
         "dir": str(directory),
-        "ray_address": state["ray_address"],
-        "tracking_uri": state["tracking_uri"],
-        "dashboard_url": state.get("dashboard_url"),
-        "auth_mode": state.get("auth_mode"),
+        "ray_address": state.ray_address,
+        "tracking_uri": state.tracking_uri,
+        "dashboard_url": state.dashboard_url,
+        "auth_mode": state.auth_mode,
         "processes": {k: len(v) for k, v in procs.items()},
         "nodes": None,
         "ray_error": None,
-        "mlflow_ok": mlflow_health(state["tracking_uri"]),
+        "mlflow_ok": mlflow_health(state.tracking_uri),
     }
     if query_ray and procs.get("head"):
         try:
@@ -251,11 +252,13 @@ def down(directory: Path, timeout: float = 10.0, keep_logs: bool = False) -> dic
     state = load_state(directory)
     if state is None:
         return None
-    result = stop_sessions(list(component_sids(state).values()), timeout=timeout)
+    result = stop_sessions(list(state.session_ids().values()), timeout=timeout)
     if result["left"]:
         raise UsageError(f"{result['left']} processes survived SIGKILL; state kept in {state_path(directory)}")
-    for role in ("head", "worker"):
-        temp = Path(state[role]["temp_dir"])
+    for node in (state.head, state.worker):
+        if not node.temp_dir:  # a hand-written state file may name no temp dir
+            continue
+        temp = Path(node.temp_dir)
         with contextlib.suppress(OSError):
             (temp / "ray_current_cluster").unlink()
         if not keep_logs:
@@ -273,7 +276,7 @@ def kill_node(directory: Path, role: str = "worker", sig: int = signal.SIGKILL) 
     state = load_state(Path(directory).expanduser().resolve())
     if state is None:
         raise UsageError(f"no local cluster in {directory}")
-    pids = session_pids(state[role]["sid"])
+    pids = session_pids(state.components()[role].sid)
     for pid in pids:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, sig)
@@ -334,19 +337,19 @@ def _up_command(args) -> int:
         auth_mode=args.auth,
         timeout=args.timeout,
     )
-    h, w, m = state["head"], state["worker"], state["mlflow"]
-    print(f"Ray head    {h['address']}  {h['num_cpus']} CPU  dashboard {state['dashboard_url']}")
-    print(f"Ray worker  {w['address']}  {w['num_cpus']} CPU  custom resource {w['resource']}")
-    print(f"MLflow      {state['tracking_uri']}  ({m['backend_store_uri']}, artifacts {m['artifacts_destination']})")
-    print(f"up in {state['up_seconds']} s; state {state_path(Path(state['dir']))}; logs {Path(state['dir']) / 'logs'}")
+    h, w, m = state.head, state.worker, state.mlflow
+    print(f"Ray head    {h.address}  {h.num_cpus} CPU  dashboard {state.dashboard_url}")
+    print(f"Ray worker  {w.address}  {w.num_cpus} CPU  custom resource {w.resource}")
+    print(f"MLflow      {state.tracking_uri}  ({m.backend_store_uri}, artifacts {m.artifacts_destination})")
+    print(f"up in {state.up_seconds} s; state {state_path(Path(state.dir))}; logs {Path(state.dir) / 'logs'}")
     print()
-    print(f"export RAY_AUTH_MODE={state['auth_mode']}")
-    print(f"--address {state['ray_address']} --tracking-uri {state['tracking_uri']}")
+    print(f"export RAY_AUTH_MODE={state.auth_mode}")
+    print(f"--address {state.ray_address} --tracking-uri {state.tracking_uri}")
     print(
         "e.g. melora-tune search search_spaces/demo.yaml "
-        f"--address {state['ray_address']} --tracking-uri {state['tracking_uri']}"
+        f"--address {state.ray_address} --tracking-uri {state.tracking_uri}"
     )
-    print(f"stop: melora-tune cluster down --dir {state['dir']}")
+    print(f"stop: melora-tune cluster down --dir {state.dir}")
     return 0
 
 

@@ -10,6 +10,8 @@ import sys
 import time
 from pathlib import Path
 
+from melora_tune.cluster.state import ClusterState
+
 
 def session_of(pid: int) -> int | None:
     try:
@@ -59,12 +61,8 @@ def stop_sessions(sids: list[int], timeout: float = 10.0) -> dict[str, int]:
     return {"terminated": len(pids), "killed": killed, "left": len({p for s in sids for p in session_pids(s)})}
 
 
-def component_sids(state: dict) -> dict[str, int]:
-    return {name: state[name]["sid"] for name in ("worker", "head", "mlflow") if state.get(name, {}).get("sid")}
-
-
-def alive_pids(state: dict) -> dict[str, list[int]]:
-    return {name: session_pids(sid) for name, sid in component_sids(state).items()}
+def alive_pids(state: ClusterState) -> dict[str, list[int]]:
+    return {name: session_pids(sid) for name, sid in state.session_ids().items()}
 
 
 def console_command(name: str, module: str) -> list[str]:

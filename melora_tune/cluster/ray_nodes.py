@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 from melora_tune.cluster.processes import last_error_line, start_detached
-from melora_tune.cluster.state import save_state
+from melora_tune.cluster.state import ClusterState, HeadNode, WorkerNode, save_state
 
 WORKER_RESOURCE = "melora_worker"  # custom resource only the worker node has: pins work there
 HEAD_RESOURCE = "melora_head"
@@ -20,10 +20,10 @@ HEAD_RESOURCE = "melora_head"
 MAX_RAY_TEMP_DIR = 40
 
 
-def ray_env(state: dict | None = None, auth_mode: str | None = None) -> dict[str, str]:
+def ray_env(state: ClusterState | None = None, auth_mode: str | None = None) -> dict[str, str]:
     """The environment a Ray client of this cluster needs (os.environ plus RAY_AUTH_MODE)."""
     env = dict(os.environ)
-    env["RAY_AUTH_MODE"] = auth_mode or (state or {}).get("auth_mode", "token")
+    env["RAY_AUTH_MODE"] = auth_mode or (state and state.auth_mode) or "token"
     env.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     return env
 
@@ -36,17 +36,19 @@ def ray_temp_root(directory: Path) -> Path:
     return Path("/tmp") / f"melora-ray-{digest}"
 
 
-def launch_recorded(state: dict, role: str, cmd: list[str], env: dict[str, str]) -> subprocess.Popen:
+def launch_recorded(
+    state: ClusterState, node: HeadNode | WorkerNode, cmd: list[str], env: dict[str, str]
+) -> subprocess.Popen:
     """Starts `ray start` in a new session and records the session id (= its pid) at once, so
     that a failed or interrupted start can still be stopped by `down`."""
-    proc = start_detached(cmd, Path(state[role]["log"]), env)
-    state[role]["sid"] = proc.pid
+    proc = start_detached(cmd, Path(node.log), env)
+    node.sid = proc.pid
     save_state(state)
     return proc
 
 
-def wait_ray_start(state: dict, role: str, proc: subprocess.Popen, timeout: float, what: str) -> None:
-    log = Path(state[role]["log"])
+def wait_ray_start(node: HeadNode | WorkerNode, proc: subprocess.Popen, timeout: float, what: str) -> None:
+    log = Path(node.log)
     try:
         rc = proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -69,25 +71,25 @@ ray.shutdown()
 """
 
 
-def ray_nodes(state: dict, timeout: float = 60.0) -> list[dict]:
+def ray_nodes(state: ClusterState, timeout: float = 60.0) -> list[dict]:
     """The cluster's nodes as the GCS sees them (alive and dead). Raises RuntimeError."""
     env = ray_env(state)
     env["RAY_gcs_rpc_server_reconnect_timeout_s"] = "10"
     try:
         out = subprocess.run(
-            [state.get("python") or sys.executable, "-c", _NODES_SNIPPET, state["ray_address"]],
+            [state.python or sys.executable, "-c", _NODES_SNIPPET, state.ray_address],
             capture_output=True, text=True, env=env, timeout=timeout,
         )
     except subprocess.TimeoutExpired:
-        raise RuntimeError(f"no answer from Ray at {state['ray_address']} within {timeout:.0f} s") from None
+        raise RuntimeError(f"no answer from Ray at {state.ray_address} within {timeout:.0f} s") from None
     for line in out.stdout.splitlines():
         if line.startswith("NODES_JSON "):
             return json.loads(line[len("NODES_JSON "):])
     err = [l for l in out.stderr.splitlines() if l.strip()]
-    raise RuntimeError(f"cannot reach Ray at {state['ray_address']}: {err[-1][-300:] if err else 'no output'}")
+    raise RuntimeError(f"cannot reach Ray at {state.ray_address}: {err[-1][-300:] if err else 'no output'}")
 
 
-def wait_alive_nodes(state: dict, expected: int, timeout: float) -> list[dict]:
+def wait_alive_nodes(state: ClusterState, expected: int, timeout: float) -> list[dict]:
     deadline = time.monotonic() + timeout
     while True:
         nodes = ray_nodes(state, timeout=max(10.0, deadline - time.monotonic()))
