@@ -10,13 +10,14 @@ import pytest
 
 from melora_tune import cluster
 from melora_tune.cluster import ClusterState, HeadNode, MlflowServer, NodePorts, WorkerNode
+from melora_tune.cluster.commands import _new_state, _Ports
 from melora_tune.errors import UsageError
 
 
 def dict_layout(directory, stage: str) -> dict:
     """The state as the dict-based `up` built it, at three stages: saved before anything starts,
     after MLflow started (it gains mlflow.pid), and after everything is up (up_seconds)."""
-    logs, temp = directory / "logs", directory / "ray"
+    logs, temp = directory / "logs", cluster._ray_temp_root(directory)
     state = {
         "version": 1,
         "dir": str(directory),
@@ -123,6 +124,19 @@ def test_a_file_in_the_dict_layout_loads_and_saves_back_byte_for_byte(tmp_path, 
     assert state.to_json() == old
     cluster.save_state(state)
     assert (tmp_path / cluster.STATE_FILE).read_text() == text  # same keys, same order, nothing added
+
+
+def test_up_builds_the_state_in_the_dict_layout(tmp_path):
+    ports = _Ports(
+        mlflow=40000, gcs=40001, dashboard=40002, client=40003,
+        head=NodePorts(*range(40010, 40016)), worker=NodePorts(*range(40020, 40026)),
+    )
+    state = _new_state(tmp_path, "token", ports, "127.0.0.2", "127.0.0.3", num_cpus_head=1, num_cpus_worker=2)
+    expected = dict_layout(tmp_path, "saved-first")
+    built = state.to_json()
+    assert built.pop("created") > 0 and built.pop("python")
+    del expected["created"], expected["python"]
+    assert json.dumps(built) == json.dumps(expected)  # the same keys in the same order, the same values
 
 
 def test_the_state_reads_by_json_key_as_the_dict_did(tmp_path):

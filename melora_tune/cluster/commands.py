@@ -12,23 +12,18 @@ import sys
 import time
 from pathlib import Path
 
-from melora_tune.cluster.mlflow_server import MLFLOW_HOST, mlflow_health, wait_mlflow
-from melora_tune.cluster.network import PortPool, check_loopback, port_free, wait_port
-from melora_tune.cluster.processes import (
-    alive_pids,
-    console_command,
-    session_pids,
-    start_detached,
-    stop_sessions,
-)
+from melora_tune.cluster.mlflow_server import MLFLOW_HOST, mlflow_health, start_mlflow, wait_mlflow
+from melora_tune.cluster.network import PortPool, check_loopback, port_free
+from melora_tune.cluster.processes import alive_pids, session_pids, stop_sessions
 from melora_tune.cluster.ray_nodes import (
     HEAD_RESOURCE,
     WORKER_RESOURCE,
-    launch_recorded,
-    ray_env,
     ray_nodes,
     ray_temp_root,
+    start_head,
+    start_worker,
     wait_alive_nodes,
+    wait_gcs,
     wait_ray_start,
 )
 from melora_tune.cluster.state import (
@@ -61,9 +56,39 @@ def up(
 ) -> ClusterState:
     """Starts head, worker and MLflow; returns the state. Raises UsageError for user errors."""
     directory = Path(directory).expanduser().resolve()
+    auth_mode = _checked_auth_mode(auth_mode)
+    _check_nodes(head_address, worker_address, num_cpus_head, num_cpus_worker, object_store_mb)
+    _clear_stale_state(directory)
+    ports = _allocate_ports(mlflow_port, ray_port, dashboard_port)
+    (directory / "logs").mkdir(parents=True, exist_ok=True)
+    state = _new_state(directory, auth_mode, ports, head_address, worker_address, num_cpus_head, num_cpus_worker)
+    # Saved now and again by each start with its session id: `down` can stop a half-started cluster.
+    save_state(state)
+    with _stopped_if_not_up(state):
+        mlflow = start_mlflow(state)  # first: it boots while Ray starts
+        head = start_head(state, object_store_mb)
+        wait_gcs(state, head, timeout)
+        worker = start_worker(state, object_store_mb)
+        wait_ray_start(state.head, head, timeout, "Ray head")
+        wait_ray_start(state.worker, worker, timeout, "Ray worker")
+        wait_mlflow(state, mlflow, timeout)
+        if wait_nodes:
+            wait_alive_nodes(state, expected=2, timeout=timeout)
+    state.up_seconds = round(time.time() - state.created, 1)
+    save_state(state)
+    return state
+
+
+def _checked_auth_mode(auth_mode: str | None) -> str:
     auth_mode = (auth_mode or os.environ.get("RAY_AUTH_MODE") or "token").lower()
     if auth_mode not in ("token", "disabled"):
         raise UsageError(f"--auth {auth_mode!r}: use token or disabled")
+    return auth_mode
+
+
+def _check_nodes(
+    head_address: str, worker_address: str, num_cpus_head: int, num_cpus_worker: int, object_store_mb: int
+) -> None:
     check_loopback(head_address, "--head-address")
     check_loopback(worker_address, "--worker-address")
     if head_address == worker_address:
@@ -73,54 +98,78 @@ def up(
     if object_store_mb < 80:
         raise UsageError("--object-store-mb must be at least 80")
 
-    previous = load_state(directory)
-    if previous is not None:
-        running = {k: v for k, v in alive_pids(previous).items() if v}
-        if running:
-            raise UsageError(
-                f"a local cluster is already up in {directory} ({', '.join(running)} running; "
-                f"Ray {previous.ray_address}); stop it with: melora-tune cluster down --dir {directory}"
-            )
-        state_path(directory).unlink()  # stale: nothing of it runs any more
 
+def _clear_stale_state(directory: Path) -> None:
+    """Refuses to start over a cluster of which anything still runs; forgets one of which nothing does."""
+    previous = load_state(directory)
+    if previous is None:
+        return
+    running = {k: v for k, v in alive_pids(previous).items() if v}
+    if running:
+        raise UsageError(
+            f"a local cluster is already up in {directory} ({', '.join(running)} running; "
+            f"Ray {previous.ray_address}); stop it with: melora-tune cluster down --dir {directory}"
+        )
+    state_path(directory).unlink()
+
+
+@dataclasses.dataclass
+class _Ports:
+    mlflow: int
+    gcs: int
+    dashboard: int
+    client: int
+    head: NodePorts
+    worker: NodePorts
+
+
+def _allocate_ports(mlflow_port: int | None, ray_port: int | None, dashboard_port: int | None) -> _Ports:
+    """The ports asked for, checked free, and free ones for the rest."""
     pool = PortPool()
     try:
         if mlflow_port is not None and not port_free(mlflow_port, MLFLOW_HOST):
             raise UsageError(f"--mlflow-port {mlflow_port} is in use on {MLFLOW_HOST}")
-        ports = {
-            "mlflow": pool.take(mlflow_port, "--mlflow-port"),
-            "gcs": pool.take(ray_port, "--ray-port"),
-            "dashboard": pool.take(dashboard_port, "--dashboard-port"),
-            "client": pool.take(),
-        }
-        node_ports = {
-            role: NodePorts(**{f.name: pool.take() for f in dataclasses.fields(NodePorts)}) for role in ("head", "worker")
-        }
+        return _Ports(
+            mlflow=pool.take(mlflow_port, "--mlflow-port"),
+            gcs=pool.take(ray_port, "--ray-port"),
+            dashboard=pool.take(dashboard_port, "--dashboard-port"),
+            client=pool.take(),
+            head=NodePorts(**{f.name: pool.take() for f in dataclasses.fields(NodePorts)}),
+            worker=NodePorts(**{f.name: pool.take() for f in dataclasses.fields(NodePorts)}),
+        )
     finally:
         pool.release()
 
-    directory.mkdir(parents=True, exist_ok=True)
+
+def _new_state(
+    directory: Path,
+    auth_mode: str,
+    ports: _Ports,
+    head_address: str,
+    worker_address: str,
+    num_cpus_head: int,
+    num_cpus_worker: int,
+) -> ClusterState:
+    """Where everything of a cluster in `directory` goes: nothing started yet (no session ids)."""
     temp_root = ray_temp_root(directory)
     logs = directory / "logs"
-    logs.mkdir(exist_ok=True)
-    ray_address = f"{head_address}:{ports['gcs']}"
-    state = ClusterState(
+    return ClusterState(
         dir=str(directory),
         created=time.time(),
         auth_mode=auth_mode,
-        ray_address=ray_address,
-        tracking_uri=f"http://{MLFLOW_HOST}:{ports['mlflow']}",
-        dashboard_url=f"http://{head_address}:{ports['dashboard']}",
+        ray_address=f"{head_address}:{ports.gcs}",
+        tracking_uri=f"http://{MLFLOW_HOST}:{ports.mlflow}",
+        dashboard_url=f"http://{head_address}:{ports.dashboard}",
         python=sys.executable,
         head=HeadNode(
             address=head_address,
-            gcs_port=ports["gcs"],
-            dashboard_port=ports["dashboard"],
-            client_port=ports["client"],
+            gcs_port=ports.gcs,
+            dashboard_port=ports.dashboard,
+            client_port=ports.client,
             num_cpus=num_cpus_head,
             temp_dir=str(temp_root / "head"),
             log=str(logs / "ray-head.log"),
-            ports=node_ports["head"],
+            ports=ports.head,
         ),
         worker=WorkerNode(
             address=worker_address,
@@ -128,93 +177,30 @@ def up(
             resource=WORKER_RESOURCE,
             temp_dir=str(temp_root / "worker"),
             log=str(logs / "ray-worker.log"),
-            ports=node_ports["worker"],
+            ports=ports.worker,
         ),
         mlflow=MlflowServer(
             host=MLFLOW_HOST,
-            port=ports["mlflow"],
+            port=ports.mlflow,
             backend_store_uri=f"sqlite:///{directory / 'mlflow.db'}",
             artifacts_destination=str(directory / "mlartifacts"),
             log=str(logs / "mlflow.log"),
         ),
     )
-    save_state(state)
-    env = ray_env(auth_mode=auth_mode)
-    store = str(object_store_mb * 1024 * 1024)
 
-    def node_flags(node: HeadNode | WorkerNode) -> list[str]:
-        p = node.ports
-        return [
-            f"--node-ip-address={node.address}",
-            f"--temp-dir={node.temp_dir}",
-            f"--num-cpus={node.num_cpus}",
-            "--num-gpus=0",
-            f"--object-store-memory={store}",
-            f"--node-manager-port={p.node_manager}",
-            f"--object-manager-port={p.object_manager}",
-            f"--dashboard-agent-listen-port={p.agent_listen}",
-            f"--dashboard-agent-grpc-port={p.agent_grpc}",
-            f"--runtime-env-agent-port={p.runtime_env}",
-            f"--metrics-export-port={p.metrics}",
-            "--disable-usage-stats",
-            "--log-style=record",
-            "--log-color=false",
-        ]
 
-    ray = console_command("ray", "ray.scripts.scripts")
+@contextlib.contextmanager
+def _stopped_if_not_up(state: ClusterState):
+    """A failed or interrupted `up` leaves nothing running and no state file behind."""
     try:
-        # MLflow first: it boots while Ray starts.
-        mlflow_env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
-        mlflow_proc = start_detached(
-            console_command("mlflow", "mlflow")
-            + [
-                "server",
-                "--backend-store-uri", state.mlflow.backend_store_uri,
-                "--artifacts-destination", state.mlflow.artifacts_destination,
-                "--host", MLFLOW_HOST,
-                "--port", str(ports["mlflow"]),
-                "--workers", "1",
-            ],
-            Path(state.mlflow.log),
-            mlflow_env,
-        )
-        state.mlflow.sid = state.mlflow.pid = mlflow_proc.pid
-        save_state(state)
-
-        head_cmd = ray + [
-            "start", "--head",
-            f"--port={ports['gcs']}",
-            f"--ray-client-server-port={ports['client']}",
-            "--include-dashboard=true",
-            f"--dashboard-host={head_address}",
-            f"--dashboard-port={ports['dashboard']}",
-            f"--resources={json.dumps({HEAD_RESOURCE: 1})}",
-        ] + node_flags(state.head)
-        # The worker's `ray start` waits for the GCS by itself: launch it as soon as the GCS
-        # port accepts connections rather than after the whole head is up (saves 10-20 s).
-        head_proc = launch_recorded(state, state.head, head_cmd, env)
-        wait_port(head_address, ports["gcs"], head_proc, timeout, "Ray head", Path(state.head.log))
-        worker_cmd = ray + [
-            "start",
-            f"--address={ray_address}",
-            f"--resources={json.dumps({WORKER_RESOURCE: 1})}",
-        ] + node_flags(state.worker)
-        worker_proc = launch_recorded(state, state.worker, worker_cmd, env)
-        wait_ray_start(state.head, head_proc, timeout, "Ray head")
-        wait_ray_start(state.worker, worker_proc, timeout, "Ray worker")
-        wait_mlflow(state, mlflow_proc, timeout)
-        if wait_nodes:
-            wait_alive_nodes(state, expected=2, timeout=timeout)
+        yield
     except BaseException as err:
         stop_sessions(list(state.session_ids().values()), timeout=5)
         with contextlib.suppress(OSError):
-            state_path(directory).unlink()
+            state_path(Path(state.dir)).unlink()
         if isinstance(err, (RuntimeError, OSError)):
             raise UsageError(f"local cluster did not come up: {err}") from None
         raise
-    state.up_seconds = round(time.time() - state.created, 1)
-    save_state(state)
-    return state
 
 
 def status(directory: Path, query_ray: bool = True) -> dict:
