@@ -20,15 +20,15 @@ and why every client (the search driver included) needs ``RAY_AUTH_MODE=token`` 
 environment: `up` prints the line to export.
 
 Modules: `state` (the typed state, DIR/cluster.json), `processes` (sessions: finding, stopping,
-starting detached), `network` (loopback addresses, free ports), `ray_nodes` (the head and worker
+starting detached), `network` (loopback addresses, free ports), `nodes` (the Ray head and worker
 nodes), `mlflow_server` (the tracking server), `commands` (`up`, `status`, `down`, `kill_node` and
 the CLI subcommands).
 """
 
 from melora_tune.cluster.commands import add_cluster_parser, down, kill_node, status, up
 from melora_tune.cluster.mlflow_server import MLFLOW_HOST, mlflow_health
+from melora_tune.cluster.nodes import HEAD_RESOURCE, MAX_RAY_TEMP_DIR, WORKER_RESOURCE, ray_env, ray_nodes
 from melora_tune.cluster.processes import alive_pids, session_pids, stop_sessions
-from melora_tune.cluster.ray_nodes import HEAD_RESOURCE, MAX_RAY_TEMP_DIR, WORKER_RESOURCE, ray_env, ray_nodes
 from melora_tune.cluster.state import (
     STATE_FILE,
     ClusterState,
@@ -43,8 +43,8 @@ from melora_tune.cluster.state import (
 )
 
 # The old module's private helpers under their old names: the tests reach for them.
+from melora_tune.cluster.nodes import ray_temp_root as _ray_temp_root
 from melora_tune.cluster.processes import session_of as _session_of
-from melora_tune.cluster.ray_nodes import ray_temp_root as _ray_temp_root
 
 _component_sids = ClusterState.session_ids
 
@@ -52,13 +52,13 @@ __all__ = [
     "ClusterState",
     "HEAD_RESOURCE",
     "HeadNode",
-    "MlflowServer",
-    "NodePorts",
-    "WorkerNode",
     "MAX_RAY_TEMP_DIR",
     "MLFLOW_HOST",
+    "MlflowServer",
+    "NodePorts",
     "STATE_FILE",
     "WORKER_RESOURCE",
+    "WorkerNode",
     "add_cluster_parser",
     "alive_pids",
     "default_dir",

@@ -14,8 +14,7 @@ from pathlib import Path
 
 from melora_tune.cluster.mlflow_server import MLFLOW_HOST, mlflow_health, start_mlflow, wait_mlflow
 from melora_tune.cluster.network import PortPool, check_loopback, port_free
-from melora_tune.cluster.processes import alive_pids, session_pids, stop_sessions
-from melora_tune.cluster.ray_nodes import (
+from melora_tune.cluster.nodes import (
     HEAD_RESOURCE,
     WORKER_RESOURCE,
     ray_nodes,
@@ -26,6 +25,7 @@ from melora_tune.cluster.ray_nodes import (
     wait_gcs,
     wait_ray_start,
 )
+from melora_tune.cluster.processes import alive_pids, session_pids, stop_sessions
 from melora_tune.cluster.state import (
     ClusterState,
     HeadNode,
@@ -267,8 +267,6 @@ def kill_node(directory: Path, role: str = "worker", sig: int = signal.SIGKILL) 
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, sig)
     return pids
-
-
 
 
 def add_cluster_parser(sub) -> None:
