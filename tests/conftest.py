@@ -1,4 +1,5 @@
-"""Shared test fixtures: tiny random models (BERT and a grouped-query-attention Llama)."""
+"""Shared test fixtures: tiny random models (BERT and a grouped-query-attention Llama). Helper functions
+that are not fixtures live in tests/helpers.py."""
 
 from __future__ import annotations
 
@@ -7,27 +8,10 @@ import os
 import pytest
 import torch
 
+from helpers import tiny_bert_config, tiny_llama_config
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-
-def tiny_bert_config(num_labels: int = 3):
-    from transformers import BertConfig
-
-    return BertConfig(
-        vocab_size=120, hidden_size=48, num_hidden_layers=2, num_attention_heads=4,
-        intermediate_size=96, max_position_embeddings=64, num_labels=num_labels,
-    )
-
-
-def tiny_llama_config():
-    """GQA: 4 query heads share 2 key/value heads, so k_proj/v_proj map 64 -> 32 (not square)."""
-    from transformers import LlamaConfig
-
-    return LlamaConfig(
-        vocab_size=120, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-    )
 
 
 @pytest.fixture
@@ -63,31 +47,4 @@ def saved_tiny_llama(tmp_path):
     torch.manual_seed(0)
     path = tmp_path / "tiny-llama"
     LlamaForCausalLM(tiny_llama_config()).save_pretrained(path)
-    return path
-
-
-def save_tiny_classifier(path, *, head_bias=(0.3, 0.0), max_positions: int = 128):
-    """A tiny random BertForSequenceClassification (2 layers, hidden 32) with the bundled MiniLM tokenizer,
-    saved to ``path``: what the real-stack search tests train.
-
-    The head's bias starts at ``head_bias``: untrained, it predicts "rotten" (label 0, the minority class of
-    rotten_tomatoes, 0.42 accuracy); a learning rate around 1e-2 moves it to the majority class within an
-    epoch (0.58), 1e-5 does not, which makes ASHA's first rung deterministic in those tests.
-    """
-    import torch
-    import transformers
-
-    from melora_tune.models import resolve_model
-
-    tok = transformers.AutoTokenizer.from_pretrained(resolve_model("minilm"))
-    config = transformers.BertConfig(
-        vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-        max_position_embeddings=max_positions, num_labels=2,
-    )
-    torch.manual_seed(0)
-    model = transformers.BertForSequenceClassification(config)
-    with torch.no_grad():
-        model.classifier.bias.copy_(torch.tensor(head_bias))
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
     return path

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from conftest import tiny_llama_config
+from helpers import tiny_llama_config
 
 
 def run(*args, cwd=None):

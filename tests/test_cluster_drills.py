@@ -27,7 +27,7 @@ import pytest
 import yaml
 
 from melora_tune import cluster
-from conftest import save_tiny_classifier
+from helpers import save_tiny_classifier
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 

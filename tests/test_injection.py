@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import tiny_bert_config, tiny_llama_config
+from helpers import tiny_bert_config, tiny_llama_config
 from melora_tune.adapters import AdapterConfig, AdapterLinear
 from melora_tune.adapters.accounting import ModelSpec, account, adapter_params
 from melora_tune.adapters.inject import adapter_layers, inject_adapters, load_adapter, save_adapter

@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 
 from melora_tune.cli import main
-from conftest import save_tiny_classifier
+from helpers import save_tiny_classifier
 
 DATASET = "rotten_tomatoes"
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import save_tiny_classifier
+from helpers import save_tiny_classifier
 
 pytestmark = pytest.mark.slow
 

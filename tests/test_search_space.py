@@ -14,7 +14,7 @@ import optuna
 import pytest
 import yaml
 
-from conftest import tiny_bert_config, tiny_llama_config
+from helpers import tiny_bert_config, tiny_llama_config
 
 ROOT = Path(__file__).resolve().parents[1]
 SPACES = ROOT / "search_spaces"

@@ -60,7 +60,7 @@ def test_a_failing_trial_is_restarted_by_train_then_given_up_not_repeated_by_tun
     import ray
     from ray import tune
 
-    from conftest import save_tiny_classifier
+    from helpers import save_tiny_classifier
     from melora_tune.trial.driver import GAVE_UP_NAME
 
     model = save_tiny_classifier(tmp_path / "broken-bert")
