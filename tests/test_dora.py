@@ -16,7 +16,7 @@ from melora_tune.adapters import AdapterConfig, get_method, make_layer
 from melora_tune.adapters.accounting import ModelSpec, account
 from melora_tune.adapters.inject import inject_adapters
 from melora_tune.cli import main
-from conftest import save_tiny_classifier, tiny_bert_config, tiny_llama_config
+from helpers import save_tiny_classifier, tiny_bert_config, tiny_llama_config
 
 
 def requires_grad_count(model: nn.Module) -> int:
