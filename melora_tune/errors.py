@@ -105,20 +105,20 @@ def first_line(err: BaseException) -> str:
     return text.splitlines()[0] if text else type(err).__name__
 
 
-def closest(key: str, known: list[str], cutoff: float = 0.6) -> str | None:
-    """The known key a typo most likely meant: a prefix or substring match first, then difflib's closest."""
-    import difflib
-
+def closest(key: str, known: list[str], cutoff: float = 0.6, prefix: bool = True) -> str | None:
+    """The known key a typo most likely meant: a prefix or substring match first (unless ``prefix=False``,
+    for dotted keys where a shared prefix says little), then difflib's closest."""
     low = key.lower()
-    for pool in ([k for k in known if k.lower().startswith(low) or low.startswith(k.lower())],
-                 [k for k in known if low in k.lower()]):
+    pools = ([k for k in known if k.lower().startswith(low) or low.startswith(k.lower())],
+             [k for k in known if low in k.lower()]) if prefix else ()
+    for pool in pools:
         if pool and len(low) >= 2:
             return min(pool, key=lambda k: abs(len(k) - len(low)))
     close = difflib.get_close_matches(key, known, n=1, cutoff=cutoff)
     return close[0] if close else None
 
 
-def did_you_mean(key: str, known: list[str], cutoff: float = 0.5) -> str:
+def did_you_mean(key: str, known: list[str], cutoff: float = 0.5, prefix: bool = True) -> str:
     """' (did you mean 'x'?)' for the closest known name, or '' when none is close."""
-    close = closest(key, known, cutoff=cutoff)
+    close = closest(key, known, cutoff=cutoff, prefix=prefix)
     return f" (did you mean {close!r}?)" if close else ""

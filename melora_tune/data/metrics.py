@@ -11,12 +11,13 @@ bad-but-valid point for the searcher instead of a failed one.
 
 from __future__ import annotations
 
-import difflib
 from typing import Any, Callable
 
 import numpy as np
 
 from melora_tune.errors import UsageError
+
+from .registry import suggest
 
 CLASSIFICATION_METRICS = ("accuracy", "f1", "f1_macro", "matthews_correlation")
 REGRESSION_METRICS = ("pearson", "spearmanr")
@@ -105,9 +106,7 @@ def compute_metrics(metric_names: Any, predictions: Any, labels: Any) -> dict[st
     names = [metric_names] if isinstance(metric_names, str) else list(metric_names)
     for name in names:
         if name not in METRICS:
-            close = difflib.get_close_matches(name, METRICS, n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else f"; known: {', '.join(METRICS)}"
-            raise UsageError(f"unknown metric {name!r}{hint}")
+            raise UsageError(f"unknown metric {name!r}{suggest(name, list(METRICS))}")
     preds = _numpy(predictions, "predictions")
     gold = _numpy(labels, "labels").reshape(-1)
     if preds.shape[0] != gold.shape[0]:

@@ -6,10 +6,9 @@ importing ``datasets``.
 
 from __future__ import annotations
 
-import difflib
 from dataclasses import dataclass
 
-from melora_tune.errors import UsageError
+from melora_tune.errors import UsageError, closest
 
 
 @dataclass(frozen=True)
@@ -104,9 +103,9 @@ def glue_name(name: str) -> str | None:
 
 def suggest(name: str, choices: list[str]) -> str:
     """A ``"; did you mean X?"`` tail, or the list of choices when nothing is close."""
-    close = difflib.get_close_matches(name.strip().lower(), choices, n=1, cutoff=0.5)
+    close = closest(name.strip().lower(), choices, cutoff=0.5)
     if close:
-        return f"; did you mean {close[0]!r}?"
+        return f"; did you mean {close!r}?"
     return f"; known: {', '.join(choices)}"
 
 

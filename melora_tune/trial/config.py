@@ -8,7 +8,6 @@ Every mistake a user can make here becomes a one-line ``UsageError``.
 
 from __future__ import annotations
 
-import difflib
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -18,7 +17,7 @@ from pydantic import BaseModel, Field, ValidationError
 
 from melora_tune.adapters.config import AdapterConfig
 from melora_tune.data.tasks import TaskSpec
-from melora_tune.errors import Schema, UsageError, describe_validation_error
+from melora_tune.errors import Schema, UsageError, describe_validation_error, did_you_mean
 
 
 _Section = Schema
@@ -199,9 +198,7 @@ def resolve_key(key: str) -> tuple[str, ...]:
     parts = key.split(".")
     if len(parts) == 2 and parts[0] in SECTIONS and parts[1] in SECTIONS[parts[0]].model_fields:
         return tuple(parts)
-    close = difflib.get_close_matches(key, all_keys(), n=1, cutoff=0.5)
-    hint = f" (did you mean {close[0]!r}?)" if close else ""
-    raise UsageError(f"unknown setting {key!r}{hint}: use a dotted key like adapter.r or training.lr, or a short one like r, lr, epochs")
+    raise UsageError(f"unknown setting {key!r}{did_you_mean(key, all_keys(), prefix=False)}: use a dotted key like adapter.r or training.lr, or a short one like r, lr, epochs")
 
 
 _FLOAT = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+")
