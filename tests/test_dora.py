@@ -23,6 +23,15 @@ def requires_grad_count(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
+def perturb_trainable(model: nn.Module, seed: int) -> None:
+    """Move every trainable tensor off its init (B = 0 would make any two adapters agree)."""
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.1)
+
+
 @pytest.mark.parametrize("which,targets", [("bert", ["query", "value"]), ("llama", ["q_proj", "k_proj", "v_proj", "down_proj"])])
 @pytest.mark.parametrize("r", [1, 3])
 def test_count_from_meta_equals_requires_grad_and_formula(which, targets, r):
@@ -50,11 +59,7 @@ def test_layer_is_peft_dora_exactly(tiny_bert):
     ours = copy.deepcopy(tiny_bert)
     cfg = AdapterConfig(method="dora", r=2, alpha=8, target_modules=["query", "value"], modules_to_save=["classifier"])
     inject_adapters(ours, cfg)
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for p in ours.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn_like(p) * 0.1)
+    perturb_trainable(ours, seed=1)
     theirs = get_peft_model(copy.deepcopy(tiny_bert), LoraConfig(r=2, lora_alpha=8, use_dora=True, target_modules=["query", "value"]))
     state = {}
     for name, mod in ours.named_modules():
@@ -131,11 +136,7 @@ def test_peft_native_export_loads_and_reproduces_logits(saved_tiny_bert, tmp_pat
     model = BertForSequenceClassification.from_pretrained(saved_tiny_bert)
     cfg = AdapterConfig(method="dora", r=2, alpha=4, target_modules=["query", "value"], modules_to_save=["classifier"])
     inject_adapters(model, cfg)
-    torch.manual_seed(3)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn_like(p) * 0.1)
+    perturb_trainable(model, seed=3)
     model.eval()
     export_peft_lora(model, cfg, tmp_path / "peft", base_model_name_or_path=str(saved_tiny_bert))
     peft_cfg = PeftConfig.from_pretrained(tmp_path / "peft")
