@@ -64,6 +64,8 @@ def budget_command(args) -> int:
         AdapterConfig(method=method)  # names the bad method before any model is loaded
     if args.budget is None and len(methods) != 1:
         raise UsageError("without --budget give one --method")
+    if args.num_labels is not None and args.num_labels < 1:
+        raise UsageError(f"--num-labels must be >= 1 (classes of the head; 1 is a regression head), got {args.num_labels}")
     spec = ModelSpec.from_pretrained(args.model, task=args.task_type, num_labels=args.num_labels)
     if args.budget is None:
         for flag in ("n_choices", "r_choices", "u_choices", "m_choices", "m_b_choices"):

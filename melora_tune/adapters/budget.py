@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
+from fractions import Fraction
 from functools import reduce
 from typing import Iterable, Sequence
 
@@ -58,6 +59,11 @@ def _choices(declared: Iterable[int] | None, default: Iterable[int]) -> list[int
     return sorted(set(default if declared is None else declared))
 
 
+def min_params(min_fraction: float, budget: int) -> int:
+    """ceil(min_fraction * budget) of the fraction as written: 0.56 x 1600 is 896, not float's 896.0000000000001 -> 897."""
+    return math.ceil(Fraction(repr(float(min_fraction))) * budget)
+
+
 def enumerate_feasible(
     shapes: Sequence[LinearShape],
     method: str,
@@ -84,7 +90,7 @@ def enumerate_feasible(
     if budget is not None and budget < 1:
         raise UsageError(f"budget must be a positive number of parameters, got {budget}")
     base = replace(base or AdapterConfig(), method=method)
-    floor = math.ceil(min_fraction * budget) if budget is not None else 0
+    floor = min_params(min_fraction, budget) if budget is not None else 0
     n_list = _choices(n, common_divisors(shapes)) if method == "melora" else [1]
     m_list = _choices(m, DEFAULT_SHARING_RATES) if method == "prolora" else [1]
     tied_b = method == "prolora" and m_b is None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -57,6 +58,12 @@ class AdapterConfig:
             raise UsageError(f"PRoLoRA unshared ranks u must be in [0, r={self.r}], got {self.u}")
         if self.m < 1 or (self.m_b is not None and self.m_b < 1):
             raise UsageError(f"PRoLoRA sharing rates m, m_b must be >= 1, got m={self.m}, m_b={self.m_b}")
+        try:
+            alpha = math.nan if isinstance(self.alpha, bool) else float(self.alpha)
+        except (TypeError, ValueError):
+            alpha = math.nan
+        if not 0.0 < alpha < math.inf:
+            raise UsageError(f"adapter alpha must be a positive finite number (the scale is alpha / r), got {self.alpha!r}")
         if not 0.0 <= float(self.dropout) < 1.0:
             raise UsageError(f"adapter dropout must be in [0, 1), got {self.dropout}")
         if not self.target_modules:

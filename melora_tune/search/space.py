@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from melora_tune.adapters import AdapterConfig
-from melora_tune.adapters.budget import Candidate, enumerate_feasible, smallest_config
+from melora_tune.adapters.budget import Candidate, enumerate_feasible, min_params, smallest_config
 from melora_tune.errors import UsageError
 from melora_tune.search.schema import SearchSpace
 
@@ -169,7 +169,7 @@ class FeasibleSpace:
         lr = trial.suggest_float("lr", low, high, log=log)
         alpha = trial.suggest_categorical("alpha", self.alpha_choices) if self.alpha_choices else self.alpha
         dropout = trial.suggest_categorical("dropout", self.dropout_choices) if self.dropout_choices else self.dropout
-        floor = math.ceil(self.min_fraction * self.budget)
+        floor = min_params(self.min_fraction, self.budget)
         excess = max(cand.adapter_params - self.budget, floor - cand.adapter_params)
         if excess > 0:  # cannot happen: the tree holds feasible candidates only
             raise RuntimeError(f"infeasible candidate {cand} in the search tree (budget {self.budget})")
@@ -319,7 +319,7 @@ def build_space(space: SearchSpace, spec=None) -> FeasibleSpace:
         under = enumerate_feasible(shapes, method, budget, min_fraction=0.0, base=base, **choices)
         largest = max(c.adapter_params for c in under)
         raise UsageError(
-            f"no {method} configuration uses between {math.ceil(fraction * budget):,} and {budget:,} params "
+            f"no {method} configuration uses between {min_params(fraction, budget):,} and {budget:,} params "
             f"(budget.min_fraction={fraction:g}); the largest within budget uses {largest:,}: "
             f"lower budget.min_fraction to <= {math.floor(largest / budget * 1000) / 1000:g}"
         )
