@@ -61,9 +61,13 @@ def export_peft_lora(
             modules_to_save=list(cfg.modules_to_save) or None,
             task_type=PEFT_TASK_TYPES.get(task_type),
             bias="none",
-            base_model_name_or_path=base_model_name_or_path,
         )
         peft_model = get_peft_model(skeleton, lora_cfg)
+    # get_peft_model sets this from the skeleton's config.name_or_path (None when the config has none): the base
+    # model the caller names is what PeftModel.from_pretrained should load
+    peft_model.peft_config["default"].base_model_name_or_path = (
+        str(base_model_name_or_path) if base_model_name_or_path is not None else (model.config.name_or_path or None)
+    )
 
     state = {}
     inner = peft_model.base_model.model
