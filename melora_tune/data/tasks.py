@@ -143,6 +143,11 @@ def load_task(spec: TaskSpec | str) -> TaskData:
 # ---------------------------------------------------------------- local files
 
 
+def is_local(spec: TaskSpec) -> bool:
+    """Whether ``load_task(spec)`` reads a local file (a path, or a name that is one) rather than a named task."""
+    return spec.path is not None or _looks_like_file(spec.name)
+
+
 def _looks_like_file(name: str) -> bool:
     """A data-file suffix, or an existing path: "glue/mrpc" is a task name, not a folder."""
     suffixes = [s.lower() for s in Path(name).suffixes]
