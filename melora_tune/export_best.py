@@ -18,6 +18,7 @@ result behind.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -196,6 +197,25 @@ def load_base_model(cfg, num_labels: int | None):
     return model.eval(), path
 
 
+@contextlib.contextmanager
+def quiet_transformers():
+    """transformers' load report ("classifier.weight | MISSING ... Consider training on your downstream task") and
+    progress bars: expected when the export rebuilds the base model under a fresh head, noise to the user. Errors still
+    raise (transformers raises them, it does not log them)."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
 def write_peft(cfg, adapter_dir: Path, out: Path) -> str:
     """Base model + native adapter -> the lossless PEFT LoRA folder; returns the base model's path or id."""
     from melora_tune.adapters.export import export_peft_lora
@@ -204,7 +224,7 @@ def write_peft(cfg, adapter_dir: Path, out: Path) -> str:
     import warnings
 
     meta = json.loads((adapter_dir / "adapter_config.json").read_text()).get("melora_tune") or {}
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), quiet_transformers():
         warnings.simplefilter("ignore", FutureWarning)  # transformers' deprecation notes, not the user's business
         model, path = load_base_model(cfg, meta.get("num_labels"))
         adapter_cfg, _ = load_adapter(model, adapter_dir)

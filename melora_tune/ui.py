@@ -8,7 +8,8 @@ otherwise (anyone who can reach it can read and change the tracking store).
 
 ``--optuna`` starts optuna-dashboard on the searches' Optuna storage instead
 (default: the storage recorded by the newest search, else
-sqlite:///melora_runs/optuna.db). Ctrl-C stops the server.
+sqlite:///melora_runs/optuna.db). Ctrl-C, SIGTERM or SIGHUP stops the server and
+every process it started.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from melora_tune.errors import UsageError
@@ -79,7 +81,11 @@ def optuna_command(storage: str, host: str, port: int) -> tuple[list[str], dict[
         db = Path(storage.removeprefix("sqlite:///"))
         if not db.is_file():
             raise UsageError(f"no Optuna database at {db}")
-    elif "://" not in storage:
+    elif "://" in storage:
+        from melora_tune.search.preflight import check_database_url
+
+        check_database_url(storage, "Optuna storage")  # optuna-dashboard would die on it with a traceback
+    else:
         path = Path(storage)
         if not path.is_file():
             raise UsageError(f"Optuna storage {storage!r}: give a URL (sqlite:///optuna.db) or an existing journal file")
@@ -93,55 +99,108 @@ def url_for(host: str, port: int) -> str:
     return f"http://{shown}:{port}"
 
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
 def serve(cmd: list[str], env: dict[str, str], what: str, url: str, host: str, links: list[str] = ()) -> int:
-    """Run the server in its own process group; Ctrl-C (or SIGTERM) here stops it cleanly."""
-    proc = subprocess.Popen(cmd, env=env, start_new_session=True)
-    print(f"{what} at {url}  (Ctrl-C to stop)", flush=True)
-    for line in links:
-        print(f"  {line}", flush=True)
-    if host not in ("127.0.0.1", "localhost", "::1"):
-        print(f"melora-tune ui: warning: listening on {host}: anyone who can reach this machine can read and change "
-              "the store", file=sys.stderr, flush=True)
+    """Run the server in its own process group until it exits or this process gets Ctrl-C, SIGTERM or SIGHUP;
+    then stop the whole group (the server and every process it started) before returning.
 
-    def _stop(signum, frame):  # Ctrl-C, SIGTERM or a closed terminal: stop the server (it has its own process group)
-        raise KeyboardInterrupt
+    The handlers are in place before the server starts, and a signal that arrives while it is being started
+    is acted on once it has: no window leaves a server behind. A second signal during the shutdown does not
+    cut it short."""
+    state: dict = {"proc": None, "signal": None, "stopping": False}
 
-    stop_signals = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-    previous = {sig: signal.signal(sig, _stop) for sig in stop_signals}
+    def _on_signal(signum, frame):
+        state["signal"] = state["signal"] or signum
+        if state["proc"] is not None and not state["stopping"]:
+            raise _Stop(signum)
+
+    previous = {sig: signal.signal(sig, _on_signal) for sig in STOP_SIGNALS}
     try:
+        state["proc"] = proc = subprocess.Popen(cmd, env=env, start_new_session=True)
+        if state["signal"] is not None:  # arrived while the server was being started
+            raise _Stop(state["signal"])
+        _say(f"{what} at {url}  (Ctrl-C to stop)")
+        for line in links:
+            _say(f"  {line}")
+        if host not in ("127.0.0.1", "localhost", "::1"):
+            _say(f"melora-tune ui: warning: listening on {host}: anyone who can reach this machine can read and change "
+                 "the store", sys.stderr)
         code = proc.wait()
         if code != 0:
-            print(f"melora-tune ui: {Path(cmd[0]).name} exited with status {code}", file=sys.stderr)
+            _say(f"melora-tune ui: {Path(cmd[0]).name} exited with status {code}", sys.stderr)
         return code
-    except KeyboardInterrupt:
-        stop(proc)
-        print(f"{what} stopped", flush=True)
+    except KeyboardInterrupt:  # Ctrl-C, or _Stop
+        state["stopping"] = True
+        stop(state["proc"])
+        _say(f"{what} stopped")
         return 0
     finally:
+        state["stopping"] = True
+        if state["proc"] is not None:
+            stop(state["proc"])  # nothing left when the server exited by itself (its group may not have)
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-        if proc.poll() is None:
-            stop(proc)
+
+
+class _Stop(KeyboardInterrupt):
+    """A stop signal (SIGINT, SIGTERM, SIGHUP) reached ``serve`` (a KeyboardInterrupt, so one that lands during
+    the shutdown still ends as "interrupted", never as a traceback)."""
+
+
+def _say(line: str, stream=None) -> None:
+    """Print, ignoring a closed terminal (SIGHUP): the shutdown must go on."""
+    try:
+        print(line, file=stream or sys.stdout, flush=True)
+    except (OSError, ValueError):
+        pass
+
+
+def group_members(pgid: int) -> list[int]:
+    """Live (non-zombie) processes of a process group, from /proc; elsewhere [pgid] while the group exists."""
+    if not Path("/proc/self/stat").is_file():
+        try:
+            os.killpg(pgid, 0)
+            return [pgid]
+        except (ProcessLookupError, PermissionError):
+            return []
+    found = []
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = Path(entry.path, "stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if fields[0] != "Z" and int(fields[2]) == pgid:
+            found.append(int(entry.name))
+    return found
 
 
 def stop(proc: subprocess.Popen) -> None:
     """Stop the server's whole process group (its workers too): SIGTERM (uvicorn and gunicorn shut down cleanly on
-    it; a SIGINT makes uvicorn print a traceback), then SIGKILL."""
+    it; a SIGINT makes uvicorn print a traceback), wait until every member is gone, then SIGKILL what is left."""
+    pgid = proc.pid  # start_new_session: the server leads its own group
     for sig, wait in ((signal.SIGTERM, STOP_TIMEOUT_S), (signal.SIGKILL, 5.0)):
-        if proc.poll() is not None:
+        if proc.poll() is not None and not group_members(pgid):
             break
         try:
-            os.killpg(proc.pid, sig)
+            os.killpg(pgid, sig)
         except ProcessLookupError:
             break
-        try:
-            proc.wait(wait)
-        except subprocess.TimeoutExpired:
-            continue
-    try:  # workers the server left behind in its group
-        os.killpg(proc.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
+        except PermissionError:  # the group is gone and its id reused by someone else's
+            break
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            try:
+                proc.wait(0.1)
+            except subprocess.TimeoutExpired:
+                continue
+            if not group_members(pgid):
+                break
+            time.sleep(0.1)
+    proc.poll()
 
 
 def add_ui_parser(subparsers) -> argparse.ArgumentParser:

@@ -95,3 +95,50 @@ def test_export_loads_in_a_process_without_melora_tune(saved_tiny_bert, tmp_path
     """)
     subprocess.run([sys.executable, "-c", script], check=True, cwd=tmp_path, capture_output=True)
     assert (torch.load(tmp_path / "logits.pt") - expected).abs().max() < 1e-5
+
+
+def test_export_records_the_base_model_it_is_given(saved_tiny_bert, tmp_path):
+    """PEFT's get_peft_model overwrites base_model_name_or_path with the skeleton's config.name_or_path: the
+    caller's name must win (and without one, the model's own name_or_path, not null)."""
+    from transformers import BertForSequenceClassification
+
+    cfg = BERT[0]
+    ours = BertForSequenceClassification.from_pretrained(saved_tiny_bert).eval()
+    inject_adapters(ours, cfg)
+    out = export_peft_lora(ours, cfg, tmp_path / "named", base_model_name_or_path="org/the-base-model")
+    assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == "org/the-base-model"
+    out = export_peft_lora(ours, cfg, tmp_path / "unnamed")
+    assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == str(saved_tiny_bert)
+
+
+def test_export_base_model_load_report_is_silenced_but_errors_are_not(tmp_path, capfd):
+    """The export rebuilds the base model under a fresh head: transformers' load report about the new head
+    ("classifier.weight | MISSING ... Consider training on your downstream task") is noise there."""
+    from types import SimpleNamespace
+
+    from transformers import BertConfig, BertForSequenceClassification, BertModel
+    from transformers.utils import logging as hf_logging
+
+    from melora_tune.adapters.inject import save_adapter
+    from melora_tune.errors import UsageError
+    from melora_tune.export_best import load_base_model, quiet_transformers, write_peft
+
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=32, num_labels=2)
+    base = tmp_path / "base"
+    BertModel(config).save_pretrained(base)  # no classifier: the export's base model loads with a new head
+    trained = BertForSequenceClassification(config)
+    cfg = AdapterConfig(method="melora", n=2, r=2, modules_to_save=["classifier"])
+    inject_adapters(trained, cfg)
+    train_like(trained)
+    save_adapter(trained, cfg, tmp_path / "adapter", num_labels=2)
+    capfd.readouterr()
+    before = hf_logging.get_verbosity()
+    path = write_peft(SimpleNamespace(model=str(base), task_type="seq_cls"), tmp_path / "adapter", tmp_path / "peft")
+    out, err = capfd.readouterr()
+    assert path == str(base) and (tmp_path / "peft" / "adapter_model.safetensors").is_file()
+    assert "MISSING" not in out + err and "LOAD REPORT" not in out + err and "downstream task" not in out + err, err
+    assert hf_logging.get_verbosity() == before  # only for the export's own load
+    with quiet_transformers(), pytest.raises(UsageError, match="cannot load the base model"):
+        load_base_model(SimpleNamespace(model=str(tmp_path / "nowhere"), task_type="seq_cls"), 2)

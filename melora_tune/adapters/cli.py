@@ -67,7 +67,7 @@ def budget_command(args) -> int:
     if args.budget is None and len(methods) != 1:
         raise UsageError("without --budget give one --method")
     if args.num_labels is not None and args.num_labels < 1:
-        raise UsageError(f"--num-labels must be >= 1 (the classes of the head), got {args.num_labels}")
+        raise UsageError(f"--num-labels must be >= 1 (classes of the head; 1 is a regression head), got {args.num_labels}")
     AdapterConfig(method=methods[0], alpha=args.alpha)  # alpha must be finite and > 0
     spec = ModelSpec.from_pretrained(args.model, task=args.task_type, num_labels=args.num_labels)
     if args.budget is None:

@@ -38,6 +38,25 @@ def split_list(value: Any) -> Any:
     return value
 
 
+def check_alpha(value: Any) -> Any:
+    """alpha: a positive finite number (the scale is alpha / r); shared by every schema with an alpha."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < float(value) < math.inf:
+        raise ValueError(f"adapter alpha must be a positive finite number (the scale is alpha / r), got {value!r}")
+    return value
+
+
+def check_dropout(value: Any) -> Any:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= float(value) < 1.0:
+        raise ValueError(f"adapter dropout must be in [0, 1), got {value!r}")
+    return value
+
+
+def check_targets(value: Any) -> Any:
+    if value is not None and not value:
+        raise ValueError("target_modules is empty: name at least one linear module, e.g. query,value")
+    return value
+
+
 class AdapterConfig(StandaloneSchema):
     """What to adapt and how.
 
@@ -59,6 +78,9 @@ class AdapterConfig(StandaloneSchema):
     modules_to_save: list[str] = []
 
     _split = field_validator("target_modules", "modules_to_save", mode="before")(split_list)
+    _alpha = field_validator("alpha")(check_alpha)
+    _dropout = field_validator("dropout")(check_dropout)
+    _targets = field_validator("target_modules")(check_targets)
 
     @field_validator("method", mode="before")
     @classmethod
@@ -90,12 +112,6 @@ class AdapterConfig(StandaloneSchema):
             if bound is not None and value is not None and value > bound:
                 raise ValueError(f"{_TITLES.get(name, name)} must be in [{hp.minimum}, {hp.at_most}]: "
                                  f"{name}={value} must be <= {hp.at_most}={bound}")
-        if isinstance(self.alpha, bool) or not math.isfinite(float(self.alpha)) or self.alpha <= 0:
-            raise ValueError(f"adapter alpha must be a finite number > 0, got {self.alpha}")
-        if not 0.0 <= float(self.dropout) < 1.0:
-            raise ValueError(f"adapter dropout must be in [0, 1), got {self.dropout}")
-        if self.target_modules is not None and not self.target_modules:
-            raise ValueError("target_modules is empty: name at least one linear module, e.g. query,value")
         get_method(self.method).validate(self)
         return self
 

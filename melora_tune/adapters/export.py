@@ -98,6 +98,11 @@ def save_peft_adapter(
             **lora_kwargs,
         )
         peft_model = get_peft_model(skeleton, lora_cfg)
+    # get_peft_model sets this from the skeleton's config.name_or_path (None when the config has none): the base
+    # model the caller names is what PeftModel.from_pretrained should load
+    peft_model.peft_config["default"].base_model_name_or_path = (
+        str(base_model_name_or_path) if base_model_name_or_path is not None else (model.config.name_or_path or None)
+    )
     inner = peft_model.base_model.model
     for name in layers:
         assert isinstance(inner.get_submodule(name).lora_A["default"], nn.Linear)

@@ -164,6 +164,11 @@ def load_task(spec: TaskSpec | str) -> TaskData:
 # ---------------------------------------------------------------- local files
 
 
+def is_local(spec: TaskSpec) -> bool:
+    """Whether ``load_task(spec)`` reads a local file (a path, or a name that is one) rather than a named task."""
+    return spec.path is not None or _looks_like_file(spec.name)
+
+
 def _looks_like_file(name: str) -> bool:
     """A data-file suffix, or an existing path: "glue/mrpc" is a task name, not a folder."""
     suffixes = [s.lower() for s in Path(name).suffixes]
@@ -193,6 +198,7 @@ def _load_local(spec: TaskSpec) -> TaskData:
         missing = [c for c in (*columns, spec.label_column) if c not in frame.columns]
         if missing:
             raise UsageError(f"{file}: {_missing_columns(missing, frame.columns)}")
+        _check_text(frame, columns, file)
 
     labels, label_names = _convert_labels([f[spec.label_column] for f in frames], files, info)
     if info is None:
@@ -211,6 +217,19 @@ def _load_local(spec: TaskSpec) -> TaskData:
 
 def _missing_columns(missing: list[str], present) -> str:
     return f"no column {', '.join(map(repr, missing))}; its columns are {', '.join(map(str, present))}"
+
+
+def _check_text(frame: pd.DataFrame, columns: tuple[str, ...], file: str) -> None:
+    """Refuse a text column that is empty (or blank) on every row: training on it would learn the label prior only."""
+    if len(frame) == 0:
+        return
+    for column in columns:
+        text = frame[column].fillna("").astype(str).str.strip()
+        if not (text != "").any():
+            raise UsageError(
+                f"{file}: text column {column!r} is empty on every row; fill it, or set text_columns to the column(s) "
+                f"holding the text (columns: {', '.join(map(str, frame.columns))})"
+            )
 
 
 def _guess_text_columns(frame: pd.DataFrame, path: str) -> tuple[str, ...]:
@@ -280,6 +299,13 @@ def _convert_labels(
         ids = [v.map(lookup).to_numpy(dtype="int64") for v in values]
     if len(names) < 2:
         raise UsageError(f"{files[0]}: label column {columns[0].name!r} holds a single class ({names[0]!r})")
+    present = np.unique(np.concatenate(ids))
+    if len(present) < 2:
+        # class ids name range(max + 1) classes: a file of 1s alone claims two, but trains on one
+        raise UsageError(
+            f"{files[0]}: every row of label column {columns[0].name!r} has the same class ({names[int(present[0])]!r}): "
+            "a classifier needs rows of at least two classes"
+        )
     return ids, names
 
 

@@ -43,11 +43,16 @@ def tracking_uri(uri: str | None) -> str:
     (MLflow would silently create an empty store)."""
     from melora_tune.search.store import normalize_tracking_uri
 
+    from melora_tune.search.preflight import check_server, tracking_scheme
+
     uri = normalize_tracking_uri(uri or DEFAULT_TRACKING_URI)
+    kind = tracking_scheme(uri)  # an unknown scheme would reach MlflowClient and fail there with a traceback
     if uri.startswith("sqlite:///"):
         db = Path(uri.removeprefix("sqlite:///"))
         if not db.is_file():
             raise UsageError(f"no MLflow database at {db}: run a search first, or pass --tracking-uri sqlite:///path/to/mlflow.db")
+    elif kind in ("http", "https"):
+        check_server(uri)  # MLflow's client would retry for minutes, then raise
     return uri
 
 

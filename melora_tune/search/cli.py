@@ -2,8 +2,10 @@
 
 Progress goes to stdout, one line per change (a trial started, reported,
 ended), then a summary table with the best trial of each method marked.
-``--dry-run`` validates the space and prints how many configurations fit the
-budget per method, without starting anything. ``--resume`` continues the
+``--dry-run`` validates the space, runs the checks a real start runs (storage
+writable, tracking URI and Optuna storage usable, --address answering, a local
+data file readable) and prints how many configurations fit the budget per
+method, without starting or writing anything. ``--resume`` continues the
 newest interrupted search of the same space (or the one named by --name).
 """
 
@@ -75,7 +77,8 @@ def search_command(args) -> int:
 def _dry_run(args) -> int:
     from melora_tune.search.runner import dry_run
 
-    space, feasible = dry_run(args.space, num_samples=args.num_samples)
+    space, feasible = dry_run(args.space, num_samples=args.num_samples, storage_path=args.storage_path,
+                              tracking_uri=args.tracking_uri, name=args.name, resume=args.resume, address=args.address)
     total = sum(feasible.size(m) for m in feasible.methods)
     asha = (
         f"ASHA on {space.asha.time_attr} (grace {space.asha.grace_period}, reduction {space.asha.reduction_factor:g}, max {space.max_t})"

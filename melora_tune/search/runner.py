@@ -126,6 +126,10 @@ def _has_snapshot(exp_dir: Path) -> bool:
 def plan_paths(space: SearchSpace, *, storage_path: str | None, name: str | None, resume: bool) -> tuple[str, str, Path | None]:
     """(storage path, experiment name, experiment dir when local)."""
     storage = storage_path or space.storage_path or DEFAULT_STORAGE_PATH
+    if name is not None:
+        from melora_tune.search.preflight import check_run_name
+
+        check_run_name(name)
     if _is_remote(storage):
         if resume and not name:
             raise UsageError("--resume on remote storage needs --name (the search's experiment name)")
@@ -159,22 +163,72 @@ def plan_paths(space: SearchSpace, *, storage_path: str | None, name: str | None
 def _read_meta(exp_dir: Path | None) -> dict[str, Any]:
     if exp_dir is None or not (exp_dir / META_NAME).is_file():
         return {}
-    return json.loads((exp_dir / META_NAME).read_text())
+    try:
+        meta = json.loads((exp_dir / META_NAME).read_text())
+    except (OSError, ValueError) as err:
+        raise UsageError(f"cannot read {exp_dir / META_NAME} ({err}): restore it, or start a new search with another --name") from None
+    if not isinstance(meta, dict):
+        raise UsageError(f"{exp_dir / META_NAME} is not a search record: restore it, or start a new search with another --name")
+    return meta
 
 
 def _write_meta(exp_dir: Path | None, meta: dict[str, Any]) -> None:
     if exp_dir is None:
         return
-    exp_dir.mkdir(parents=True, exist_ok=True)
+    created = not exp_dir.exists()
     tmp = exp_dir / (META_NAME + ".tmp")
-    tmp.write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
-    tmp.replace(exp_dir / META_NAME)
+    try:
+        exp_dir.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
+        tmp.replace(exp_dir / META_NAME)
+    except OSError as err:
+        if exp_dir.is_dir():
+            tmp.unlink(missing_ok=True)
+            if created and not any(exp_dir.iterdir()):
+                exp_dir.rmdir()
+        raise UsageError(f"cannot write the search record {exp_dir / META_NAME} ({err.strerror or err}): "
+                         "give a writable --storage-path") from None
 
 
 def default_optuna_storage(storage: str) -> str:
     if _is_remote(storage):
         return "sqlite:///" + str(Path("optuna.db").resolve())
     return "sqlite:///" + str(Path(storage) / "optuna.db")
+
+
+@dataclass
+class StartPlan:
+    """Where a search goes, resolved and checked before anything is created."""
+
+    storage: str
+    exp_name: str
+    exp_dir: Path | None
+    meta: dict[str, Any]
+    tracking: str
+    optuna_storage: str
+    study_name: str
+
+
+def plan_start(space: SearchSpace, *, storage_path: str | None, name: str | None, resume: bool,
+               tracking_uri: str | None, address: str | None = None) -> StartPlan:
+    """Resolve where the search goes and run every start check that needs no Ray (``preflight.check_start``):
+    ``--dry-run`` and the real start both call this, before any MLflow run, experiment folder or Ray."""
+    from melora_tune.search.preflight import check_start
+
+    storage, exp_name, exp_dir = plan_paths(space, storage_path=storage_path, name=name, resume=resume)
+    meta = _read_meta(exp_dir)
+    if resume and meta.get("space") is not None and meta["space"] != _comparable(space):
+        changed = sorted(k for k in set(meta["space"]) | set(_comparable(space)) if meta["space"].get(k) != _comparable(space).get(k))
+        raise UsageError(
+            f"cannot resume {exp_name}: the space changed since it started ({', '.join(changed)}); "
+            "a resumed search must keep its space (start a new search instead)"
+        )
+    tracking = tracking_uri or space.tracking_uri or meta.get("tracking_uri") or DEFAULT_TRACKING_URI
+    optuna_storage = space.optuna_storage or meta.get("optuna_storage") or default_optuna_storage(storage)
+    if optuna_storage.startswith("sqlite:///") and not optuna_storage.startswith("sqlite:////"):
+        optuna_storage = "sqlite:///" + str(Path(optuna_storage.removeprefix("sqlite:///")).resolve())
+    tracking = check_start(space, storage=storage, tracking=tracking, optuna_storage=optuna_storage, address=address)
+    return StartPlan(storage, exp_name, exp_dir, meta, tracking, optuna_storage, meta.get("study_name") or exp_name)
 
 
 # ---- Ray ------------------------------------------------------------------------------------
@@ -316,39 +370,11 @@ def run_search(
     space, text, filename = resolve_space(space)
     space = with_num_samples(space, num_samples)
     feasible = build_space(space, spec=spec)
-    storage, exp_name, exp_dir = plan_paths(space, storage_path=storage_path, name=name, resume=resume)
-    meta = _read_meta(exp_dir)
-    if resume and meta.get("space") is not None and meta["space"] != _comparable(space):
-        changed = sorted(k for k in set(meta["space"]) | set(_comparable(space)) if meta["space"].get(k) != _comparable(space).get(k))
-        raise UsageError(
-            f"cannot resume {exp_name}: the space changed since it started ({', '.join(changed)}); "
-            "a resumed search must keep its space (start a new search instead)"
-        )
-    from melora_tune.search.tracking import normalize_tracking_uri
-
-    tracking = normalize_tracking_uri(tracking_uri or space.tracking_uri or meta.get("tracking_uri") or DEFAULT_TRACKING_URI)
-    optuna_storage = space.optuna_storage or meta.get("optuna_storage") or default_optuna_storage(storage)
-    if optuna_storage.startswith("sqlite:///") and not optuna_storage.startswith("sqlite:////"):
-        optuna_storage = "sqlite:///" + str(Path(optuna_storage.removeprefix("sqlite:///")).resolve())
-    study_name = meta.get("study_name") or exp_name
     base_trial = space.base_trial_dict(feasible.target_modules, feasible.modules_to_save)
-
-    # ---- MLflow: experiment per task, parent run per search
+    plan = plan_start(space, storage_path=storage_path, name=name, resume=resume, tracking_uri=tracking_uri, address=address)
+    storage, exp_name, exp_dir, meta = plan.storage, plan.exp_name, plan.exp_dir, plan.meta
+    tracking, optuna_storage, study_name = plan.tracking, plan.optuna_storage, plan.study_name
     from melora_tune.search import tracking as trk
-
-    mlf = trk.client(tracking)
-    experiment_id = trk.get_or_create_experiment(mlf, space.task.name, tracking)
-    parent = trk.start_parent(
-        mlf, experiment_id, run_id=meta.get("parent_run_id"), name=exp_name,
-        params=search_params(space, feasible, space.num_samples, storage_path=storage, optuna_storage=optuna_storage,
-                             study_name=study_name), space_text=text, space_filename=filename,
-    )
-    meta.update(
-        name=exp_name, study_name=study_name, optuna_storage=optuna_storage, tracking_uri=tracking,
-        mlflow_experiment_id=experiment_id, parent_run_id=parent, space=_comparable(space),
-        num_samples=space.num_samples, created=meta.get("created") or time.strftime("%Y-%m-%dT%H:%M:%S"),
-    )
-    _write_meta(exp_dir, meta)
 
     # Ray Tune: our progress lines instead of its tables; forced snapshots after checkpoints are wanted
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
@@ -356,11 +382,32 @@ def run_search(
     started_ray = False
     status = "failed"
     result = None
+    mlf = experiment_id = parent = None
+    fresh_parent = meta.get("parent_run_id") is None
+    created_dir = exp_dir is not None and not exp_dir.exists()
+    fitting = False
     try:
+        # Ray first: a cluster that cannot be joined or is too small leaves no MLflow run and no experiment folder
         started_ray = _start_ray(address, verbose)
         _check_resources(space)
+
+        # ---- MLflow: experiment per task, parent run per search
+        mlf = trk.client(tracking)
+        experiment_id = trk.get_or_create_experiment(mlf, space.task.name, tracking)
+        parent = trk.start_parent(
+            mlf, experiment_id, run_id=meta.get("parent_run_id"), name=exp_name,
+            params=search_params(space, feasible, space.num_samples, storage_path=storage, optuna_storage=optuna_storage,
+                                 study_name=study_name), space_text=text, space_filename=filename,
+        )
+        meta.update(
+            name=exp_name, study_name=study_name, optuna_storage=optuna_storage, tracking_uri=tracking,
+            mlflow_experiment_id=experiment_id, parent_run_id=parent, space=_comparable(space),
+            num_samples=space.num_samples, created=meta.get("created") or time.strftime("%Y-%m-%dT%H:%M:%S"),
+        )
+        _write_meta(exp_dir, meta)
         tuner = _build_tuner(space, feasible, base_trial, storage, exp_name, optuna_storage, study_name, tracking,
                              experiment_id, parent, resume, write)
+        fitting = True
         grid = tuner.fit()
         result = collect(grid, space, feasible, exp_name, storage, parent, study_name, optuna_storage, tracking, experiment_id)
         status = result.status
@@ -373,12 +420,19 @@ def run_search(
         if result is not None and result.best_overall is not None:
             b = result.best_overall
             summary = {"best": f"{b.label} score {b.score}", "best_score": b.score}
-        try:
-            if status != "finished":
-                trk.close_unfinished(mlf, experiment_id, parent)
-            trk.end_parent(mlf, parent, status, summary)
-        except Exception as exc:  # noqa: BLE001
-            log.warning("could not close the MLflow parent run: %s", exc)
+        if parent is not None:
+            try:
+                if status != "finished":
+                    trk.close_unfinished(mlf, experiment_id, parent)
+                trk.end_parent(mlf, parent, status, summary)
+                if not fitting and fresh_parent:  # nothing ran under it: no half-started search left in MLflow
+                    mlf.delete_run(parent)
+            except Exception as exc:  # noqa: BLE001
+                log.warning("could not close the MLflow parent run: %s", exc)
+        if not fitting and created_dir and exp_dir is not None and exp_dir.is_dir():
+            (exp_dir / META_NAME).unlink(missing_ok=True)
+            if not any(exp_dir.iterdir()):
+                exp_dir.rmdir()
         if result is not None:
             result.wall_s = time.time() - t0
         if started_ray:
@@ -514,10 +568,14 @@ def collect(grid, space, feasible, exp_name, storage, parent, study_name, optuna
     )
 
 
-def dry_run(space: SearchSpace | dict | str | os.PathLike, *, spec=None, num_samples: int | None = None) -> tuple[SearchSpace, FeasibleSpace]:
-    """Validate a space and enumerate its feasible configurations; nothing starts."""
+def dry_run(space: SearchSpace | dict | str | os.PathLike, *, spec=None, num_samples: int | None = None,
+            storage_path: str | None = None, tracking_uri: str | None = None, name: str | None = None,
+            resume: bool = False, address: str | None = None) -> tuple[SearchSpace, FeasibleSpace]:
+    """Validate a space, enumerate its feasible configurations and run the start checks a real start runs
+    (``plan_start``: storage, tracking URI, Optuna storage, Ray address, local data); nothing starts or is written."""
     space, _, _ = resolve_space(space)
     space = with_num_samples(space, num_samples)
     feasible = build_space(space, spec=spec)
     space.base_trial_dict(feasible.target_modules, feasible.modules_to_save)
+    plan_start(space, storage_path=storage_path, name=name, resume=resume, tracking_uri=tracking_uri, address=address)
     return space, feasible

@@ -19,7 +19,7 @@ import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from melora_tune.adapters import HYPERPARAMS, method_names
-from melora_tune.adapters.config import split_list
+from melora_tune.adapters.config import check_alpha, check_dropout, check_targets, split_list
 from melora_tune.adapters.registry import owners
 from melora_tune.errors import Schema, UsageError, closest, describe_validation_error, did_you_mean
 from melora_tune.trial.config import ResourcesSection, TaskSection, TrainingSection
@@ -39,14 +39,11 @@ class FixedAdapter(_Strict):
     alpha: float = 16.0
     dropout: float = 0.0
 
+    # the adapter schema's own checks
     _split = field_validator("target_modules", "modules_to_save", mode="before")(split_list)
-
-    @model_validator(mode="after")
-    def _check(self) -> "FixedAdapter":
-        from melora_tune.trial.config import AdapterSection
-
-        AdapterSection.model_validate(self.model_dump())  # alpha > 0 and finite, dropout in [0, 1), targets not empty
-        return self
+    _alpha = field_validator("alpha")(check_alpha)
+    _dropout = field_validator("dropout")(check_dropout)
+    _targets = field_validator("target_modules")(check_targets)
 
 
 class Budget(_Strict):

@@ -105,6 +105,7 @@ def format_table(result) -> str:
 
 
 def train_command(args: argparse.Namespace) -> int:
+    from melora_tune.errors import UsageError
     from melora_tune.trial.config import load_trial_config
     from melora_tune.trial.driver import run_trial
     from melora_tune.trial.prepare import prepare_trial
@@ -112,6 +113,18 @@ def train_command(args: argparse.Namespace) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     cfg = load_trial_config(args.config, args.overrides)
     prepared = prepare_trial(cfg)  # UsageError here, before Ray starts
+    from melora_tune.search.preflight import check_ray_address, check_run_name, check_storage
+
+    if args.name is not None:
+        check_run_name(args.name, "--name")
+    check_storage(str(args.storage_path), "give a folder you can write with --storage-path")
+    check_ray_address(args.ray_address, "--ray-address")
+    if args.num_cpus is not None and not args.ray_address:
+        res = prepared.cfg.resources
+        need = res.num_workers * res.cpus_per_worker
+        if args.num_cpus < max(1, need):
+            raise UsageError(f"--num-cpus {args.num_cpus}: the trial's {res.num_workers} worker(s) x {res.cpus_per_worker:g} CPU "
+                             f"need at least {max(1, math.ceil(need))}; raise --num-cpus or lower resources.cpus_per_worker")
     name = args.name or default_name(args.config, prepared.cfg)
     print(f"melora-tune train: run {name} under {Path(args.storage_path).resolve()}", file=sys.stderr)
     with stdout_to_stderr():

@@ -14,7 +14,7 @@ from typing import Any
 from melora_tune.adapters.inject import default_target_modules, find_head_modules
 from melora_tune.errors import UsageError
 from melora_tune.trial.config import TrialConfig
-from melora_tune.trial.ds_config import StepPlan, plan_for
+from melora_tune.trial.ds_config import StepPlan, build_ds_config, plan_for
 
 @dataclass
 class PreparedTrial:
@@ -77,6 +77,7 @@ def prepare_trial(cfg: TrialConfig, task=None) -> PreparedTrial:
     acct = account(spec, adapter_cfg)  # raises UsageError when the adapter does not fit the layers
     metrics, main = task_metrics(task, cfg.task_type)
     plan = plan_for(resolved, len(task.splits["train"]))
+    build_ds_config(resolved, plan)  # the DeepSpeed settings a worker would refuse (offload without ZeRO...), refused now
     if len(task.splits["validation"]) < 1:
         raise UsageError(f"task {cfg.task.name!r} has an empty validation split")
     return PreparedTrial(

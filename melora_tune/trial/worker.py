@@ -202,9 +202,10 @@ class TrialWorker:
                         f"cannot resume {checkpoint.path}: it was written by {state['world_size']} worker(s) for "
                         f"{state['total_steps']} steps, this run has {self.world} worker(s) and {self.plan.total_steps} steps"
                     )
-                load_path, _ = self.engine.load_checkpoint(
-                    str(Path(d) / ckpt_io.DS_DIR), tag=ckpt_io.DS_TAG, load_module_strict=False
-                )
+                with ckpt_io.weights_only_loads():  # DeepSpeed itself would unpickle its .pt files in full
+                    load_path, _ = self.engine.load_checkpoint(
+                        str(Path(d) / ckpt_io.DS_DIR), tag=ckpt_io.DS_TAG, load_module_strict=False
+                    )
                 if load_path is None:
                     raise RuntimeError(f"DeepSpeed could not load {Path(d) / ckpt_io.DS_DIR}")
                 ckpt_io.load_rng(d, self.rank)
