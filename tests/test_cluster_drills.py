@@ -202,7 +202,8 @@ def train_workers_on(d: dict, role: str) -> list[int]:
     pids = []
     for pid in cluster.session_pids(d["state"][role]["sid"]):
         try:
-            if psutil.Process(pid).name().startswith("ray::RayTrainWorker"):
+            # a one-worker trial trains in its Tune trial process; more workers run in Train worker actors
+            if psutil.Process(pid).name().startswith(("ray::RayTrainWorker", "ray::ImplicitFunc")):
                 pids.append(pid)
         except psutil.NoSuchProcess:
             pass
@@ -212,7 +213,7 @@ def train_workers_on(d: dict, role: str) -> list[int]:
 def test_worker_node_killed_mid_trial_resumes_on_the_head(drill):
     name = "node-drill"
     space = write_space(drill, name)
-    # Hold 0.9 of the head's single CPU so the trial's Train worker (0.9 CPU) must start on the
+    # Hold 0.9 of the head's single CPU so the trial's training process (0.9 CPU) must start on the
     # worker node; released right before the worker node is killed.
     blocker_log = drill["root"] / "blocker.log"
     with open(blocker_log, "w") as out:
@@ -226,7 +227,7 @@ def test_worker_node_killed_mid_trial_resumes_on_the_head(drill):
         proc = start_search(drill, search_args(drill, space, name), log)
         wait_for("a checkpointed epoch", lambda: any(1 <= e < 5 for e in checkpointed(drill, name).values()),
                  timeout=420, proc=proc, log=log)
-        assert train_workers_on(drill, "worker"), "the trial's Train worker is not on the worker node"
+        assert train_workers_on(drill, "worker"), "the trial's training process is not on the worker node"
         assert not train_workers_on(drill, "head")
     finally:
         os.killpg(blocker.pid, signal.SIGKILL)

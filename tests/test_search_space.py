@@ -436,3 +436,17 @@ def test_finite_asha_ignores_diverged_scores():
     assert asha.on_trial_result(None, trials[0], {"epoch": 1.0, "score": -math.inf}) == "CONTINUE"
     assert asha.on_trial_result(None, trials[1], {"epoch": 1.0, "score": 0.8}) == "CONTINUE"
     assert asha.on_trial_result(None, trials[2], {"epoch": 1.0, "score": 0.5}) == "STOP"  # not poisoned by -inf
+
+
+def test_one_worker_trials_hold_the_workers_resources_in_tune():
+    """A one-worker trial trains in its Tune trial process, so that process must hold the worker's CPUs and
+    GPU share (two 0.5-GPU trials pack on one GPU); with more workers it only holds a driver's share."""
+    from melora_tune.search.runner import trial_resources
+    from melora_tune.search.schema import parse_space
+
+    def resources(**res):
+        return trial_resources(parse_space({"name": "t", "budget": {"max_params": 10}, "resources": res}))
+
+    assert resources(cpus_per_worker=2) == {"CPU": 2}
+    assert resources(cpus_per_worker=1, gpus_per_worker=0.5) == {"CPU": 1, "GPU": 0.5}
+    assert resources(num_workers=2, cpus_per_worker=2, driver_cpus=0.25, gpus_per_worker=1) == {"CPU": 0.25}

@@ -2,7 +2,8 @@
 
 Every test here is slow (tens of seconds to a few minutes on 2 cores). They share
 one local Ray cluster (2 CPUs) except the kill-and-resume test, which runs the
-CLI in subprocesses that start their own.
+CLI in subprocesses that start their own. Trials with one worker train in the
+test's (or the CLI's) own process; two workers make a TorchTrainer.
 """
 
 from __future__ import annotations
@@ -204,15 +205,17 @@ def test_causal_lm_tiny_llama_melora_zero3(ray_cluster, tmp_path, tiny_llama_dir
 # ---- kill and resume ------------------------------------------------------------
 
 RESUME_SETTINGS = [
-    "max_train_samples=256", "max_eval_samples=64", "epochs=2", "micro_batch_size=16", "max_length=48",
-    "method=melora", "n=4", "r=2", "lr=3e-3", "zero_stage=2", "num_workers=2", "eval_every_steps=3",
+    "max_train_samples=256", "max_eval_samples=64", "epochs=2", "max_length=48",
+    "method=melora", "n=4", "r=2", "lr=3e-3", "zero_stage=2", "eval_every_steps=3",
     "training.seed=7", "keep_checkpoints=2",
 ]
+# 8 steps an epoch either way: 2 Train workers x 16 samples, or 1 worker in the CLI's own process x 32
+WORKER_SETTINGS = {2: ["num_workers=2", "micro_batch_size=16"], 1: ["num_workers=1", "micro_batch_size=32"]}
 
 
-def _cli(config: Path, storage: Path, name: str, **popen):
+def _cli(config: Path, storage: Path, name: str, workers: int = 2, **popen):
     cmd = [sys.executable, "-m", "melora_tune.cli", "train", str(config), "--storage-path", str(storage), "--name", name,
-           "--num-cpus", "2", "--json", "--set", *RESUME_SETTINGS]
+           "--num-cpus", "2", "--json", "--set", *RESUME_SETTINGS, *WORKER_SETTINGS[workers]]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True, cwd=str(storage), **popen)
 
@@ -223,7 +226,8 @@ def _json_result(proc, timeout=600) -> dict:
     return json.loads(out.strip().splitlines()[-1])
 
 
-def test_killed_trial_resumes_from_its_last_checkpoint(tmp_path):
+@pytest.mark.parametrize("workers", [2, 1], ids=["train-workers", "in-process"])
+def test_killed_trial_resumes_from_its_last_checkpoint(tmp_path, workers):
     import ray
 
     if ray.is_initialized():
@@ -234,14 +238,15 @@ def test_killed_trial_resumes_from_its_last_checkpoint(tmp_path):
     storage.mkdir()
 
     # the run to kill: SIGKILL its whole process group (driver, Ray, workers) once a checkpoint is committed
-    victim = _cli(config, storage, "victim", start_new_session=True)
+    victim = _cli(config, storage, "victim", workers, start_new_session=True)
     run_dir = storage / "victim"
     deadline = time.time() + 480
     committed = None
     while time.time() < deadline and victim.poll() is None:
         snapshot = run_dir / "checkpoint_manager_snapshot.json"
         done = sorted(run_dir.glob("checkpoint_*/trial_state.json"))
-        if snapshot.is_file() and done:
+        # one worker writes no Train snapshot: its checkpoint folders are renamed into place once complete
+        if (snapshot.is_file() or workers == 1) and done:
             committed = done
             break
         time.sleep(0.2)
@@ -252,11 +257,11 @@ def test_killed_trial_resumes_from_its_last_checkpoint(tmp_path):
     killed_at = max(s["step"] for s in states)
     assert all(s["status"] == "running" for s in states), "killed too late: the trial had already finished"
 
-    resumed = _json_result(_cli(config, storage, "victim"))
-    reference = _json_result(_cli(config, storage, "reference"))
+    resumed = _json_result(_cli(config, storage, "victim", workers))
+    reference = _json_result(_cli(config, storage, "reference", workers))
 
     assert reference["status"] == resumed["status"] == "completed"
-    # 256 samples / 2 workers / 16 a micro-batch = 8 steps an epoch, 2 epochs
+    # 256 samples / (2 workers x 16 or 1 x 32) a step = 8 steps an epoch, 2 epochs
     assert resumed["step"] == resumed["total_steps"] == reference["step"] == reference["total_steps"] == 16
     assert resumed["restarts"] == 1 and reference["restarts"] == 0
     assert killed_at < 16

@@ -90,7 +90,8 @@ def _dry_run(args) -> int:
     for line in feasible.summary_lines():
         print(line)
     print(f"{space.num_samples} trials, at most {space.max_concurrent_trials} at once, {asha}")
-    print(f"each trial: {res.num_workers} Ray Train worker(s) x {res.cpus_per_worker:g} CPU"
+    where = "trained in the Tune trial process" if res.num_workers == 1 else f"{res.num_workers} Ray Train workers"
+    print(f"each trial: {where}, {res.cpus_per_worker:g} CPU" + (" each" if res.num_workers > 1 else "")
           + (f" + {res.gpus_per_worker:g} GPU" if res.gpus_per_worker else "")
           + f", DeepSpeed ZeRO-{space.training.zero_stage}, {space.training.epochs} epoch(s)")
     if args.json:

@@ -261,18 +261,29 @@ def _check_resources(space: SearchSpace) -> None:
 
     total = ray.cluster_resources()
     res = space.resources
-    need_cpu = res.driver_cpus + res.num_workers * res.cpus_per_worker
+    need_cpu = trial_resources(space).get("CPU", 0) + (0 if res.num_workers == 1 else res.num_workers * res.cpus_per_worker)
     need_gpu = res.num_workers * res.gpus_per_worker
     if total.get("CPU", 0) + 1e-9 < need_cpu:
+        how = (f"1 worker, trained in the trial: {res.cpus_per_worker:g}" if res.num_workers == 1 else
+               f"driver {res.driver_cpus:g} + {res.num_workers} worker(s) x {res.cpus_per_worker:g}")
         raise UsageError(
-            f"one trial needs {need_cpu:g} CPUs (driver {res.driver_cpus:g} + {res.num_workers} worker(s) x "
-            f"{res.cpus_per_worker:g}) but the Ray cluster has {total.get('CPU', 0):g}: lower resources.cpus_per_worker or num_workers"
+            f"one trial needs {need_cpu:g} CPUs ({how}) but the Ray cluster has {total.get('CPU', 0):g}: "
+            "lower resources.cpus_per_worker or num_workers"
         )
     if need_gpu and total.get("GPU", 0) + 1e-9 < need_gpu:
         raise UsageError(
             f"one trial needs {need_gpu:g} GPUs but the Ray cluster has {total.get('GPU', 0):g}: "
             "set resources.gpus_per_worker: 0 to train on CPU, or join a GPU cluster with --address"
         )
+
+
+def trial_resources(space: SearchSpace) -> dict[str, float]:
+    """What the Tune trial itself holds: the one worker's CPUs (+ GPU) when it trains in the trial
+    (``trial.inprocess``), else a driver's share while its TorchTrainer's workers hold their own."""
+    res = space.resources
+    if res.num_workers == 1:
+        return {"CPU": res.cpus_per_worker, **({"GPU": res.gpus_per_worker} if res.gpus_per_worker > 0 else {})}
+    return {"CPU": res.driver_cpus}
 
 
 def make_scheduler(space: SearchSpace):
@@ -451,8 +462,7 @@ def _build_tuner(space, feasible, base_trial, storage, exp_name, optuna_storage,
     from melora_tune.search.tracking import MlflowTrialCallback
     from melora_tune.search.trainable import BASE_KEY, search_trial, trial_dirname
 
-    res = space.resources
-    trainable = tune.with_resources(search_trial, {"CPU": res.driver_cpus})
+    trainable = tune.with_resources(search_trial, trial_resources(space))
     callbacks = [
         MlflowTrialCallback(tracking, experiment_id, parent, budget=feasible.budget, min_fraction=feasible.min_fraction,
                             max_t=space.max_t, time_attr=space.asha.time_attr, search_name=exp_name),

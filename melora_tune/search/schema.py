@@ -164,12 +164,15 @@ class Asha(_Strict):
 class Resources(_Strict):
     """What one trial asks of the cluster."""
 
-    num_workers: int = Field(1, ge=1)  # Ray Train workers (DeepSpeed ranks) per trial
+    # DeepSpeed ranks per trial. 1: trained inside the Tune trial process (no Ray Train start-up), which then
+    # holds cpus_per_worker (+ gpus_per_worker); more: a Ray Train TorchTrainer with that many workers.
+    num_workers: int = Field(1, ge=1)
     cpus_per_worker: float = Field(1.0, gt=0)
     gpus_per_worker: float = Field(0.0, ge=0, le=1)  # 0: CPU; 1: a GPU per worker; 0.5: two trials' workers share a GPU
-    driver_cpus: float = Field(0.1, gt=0)  # the Tune trial itself (it only waits on its TorchTrainer)
-    # Restarts of a trial after a worker error or a lost node, from its last checkpoint: Train restarts its
-    # workers this many times; Tune restarts the trial itself this many times if its own process is lost.
+    driver_cpus: float = Field(0.1, gt=0)  # the Tune trial of a multi-worker trial (it only waits on its TorchTrainer)
+    # Restarts of a trial after an error or a lost node, from its last checkpoint. One worker: Tune restarts
+    # the trial this many times. More: Train restarts its workers this many times, then the trial gives up
+    # (a Tune restart, meant for a lost trial process, ends at once instead of repeating them).
     max_failures: int = Field(2, ge=0)
 
 

@@ -70,8 +70,9 @@ class ResourcesSection(_Section):
     # GPU share of each worker when use_gpu: 0.5 packs two trials' workers on a GPU. Ray only counts it;
     # it does not isolate GPU memory, so size fractions by measured peak memory.
     gpus_per_worker: float = Field(1.0, gt=0, le=1)
-    # Restarts of the Train workers after a worker error or a lost node, each from the last checkpoint
-    # (Train FailureConfig). A diverged loss is a result, not a failure, and is never retried.
+    # Restarts after a worker error or a lost node, each from the last checkpoint: Train's FailureConfig with
+    # several workers; with one (trained in process) run_trial's own loop, or in a search Tune's FailureConfig.
+    # A diverged loss is a result, not a failure, and is never retried.
     max_failures: int = Field(2, ge=0)
 
 

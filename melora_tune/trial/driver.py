@@ -1,9 +1,12 @@
-"""Run one trial on Ray Train: ``run_trial`` (standalone) and ``tune_trial`` (a Ray Tune trainable).
+"""Run one trial: ``run_trial`` (standalone) and ``tune_trial`` (a Ray Tune trainable).
 
-A trial is a ``TorchTrainer`` whose RunConfig name and storage path identify
-it: fitting the same name under the same storage path again resumes from the
-latest checkpoint (Ray Train V2 restores its checkpoint manager from the run
-folder and the workers pick the checkpoint up with ``ray.train.get_checkpoint``).
+A trial with one worker trains in the calling process (``melora_tune.trial.inprocess``):
+in the Tune trial's own process, or in the process of ``run_trial``. A trial with
+more workers is a ``TorchTrainer`` whose RunConfig name and storage path identify
+it. Either way ``storage_path/name`` holds the checkpoints, and running the same
+name under the same storage path again resumes from the latest one (Ray Train V2
+restores its checkpoint manager from the run folder and the workers pick the
+checkpoint up with ``ray.train.get_checkpoint``).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from typing import Any
 from melora_tune.errors import UsageError
 from melora_tune.trial import checkpoint as ckpt_io
 from melora_tune.trial.config import TrialConfig, apply_overrides
+from melora_tune.trial.inprocess import in_process
 from melora_tune.trial.prepare import PreparedTrial, prepare_trial
 
 log = logging.getLogger("melora_tune.trial")
@@ -220,13 +224,21 @@ def run_trial(
 
     Checks the config first (UsageError before Ray starts). Divergence is a
     result (status "diverged", reason set), not an exception; a worker crash
-    gives status "failed" with the error's last line as reason.
+    gives status "failed" with the error's last line as reason, after
+    ``resources.max_failures`` restarts from the last checkpoint.
+
+    One worker: trained in this process without starting Ray, or, with
+    ``ray_address``, in one Ray task on that cluster (its resources: the
+    worker's CPUs and GPU). More workers: a TorchTrainer.
     """
+    prepared = prepared or prepare_trial(cfg)
+    run_path = Path(storage_path).expanduser().resolve() / name
+    if in_process(prepared.cfg):
+        return _run_in_process(prepared.cfg, run_path, name, ray_address)
+
     from ray.train import TrainingFailedError
 
-    prepared = prepared or prepare_trial(cfg)
     started = ensure_ray(ray_address, num_cpus)
-    run_path = Path(storage_path).expanduser().resolve() / name
     try:
         trainer = build_trainer(prepared.cfg, storage_path, name)
         t_fit = time.time()
@@ -249,6 +261,33 @@ def run_trial(
             import ray
 
             ray.shutdown()
+
+
+def _run_in_process(cfg: TrialConfig, run_path: Path, name: str, ray_address: str | None) -> TrialResult:
+    from melora_tune.trial.inprocess import run_local
+
+    t0 = time.time()
+    if ray_address:
+        import ray
+
+        started = ensure_ray(ray_address)
+        res = cfg.resources
+        try:
+            task = ray.remote(run_local).options(
+                num_cpus=res.cpus_per_worker, num_gpus=res.gpus_per_worker if res.use_gpu else 0, max_retries=0,
+                runtime_env={"env_vars": worker_env()},
+            )
+            outcome = ray.get(task.remote(cfg, run_path, name))
+        finally:
+            if started:
+                ray.shutdown()
+    else:
+        outcome = run_local(cfg, run_path, name)
+    if "error" in outcome:
+        return result_from_run(run_path, name, error=outcome["error"])
+    out = result_from_run(run_path, name, outcome["summary"])
+    out.timings["fit_s"] = round(time.time() - t0, 3)
+    return out
 
 
 # ---- Ray Tune ---------------------------------------------------------------------
@@ -304,8 +343,14 @@ def tune_trial(config: TrialConfig | dict[str, Any]) -> None:
     Each Train report (metrics + checkpoint) reaches ``ray.tune.report`` so
     schedulers such as ASHA see every evaluation.
 
-    Resources: the function itself needs a CPU slot in Tune; the Train workers
-    request theirs separately (``resources.num_workers x cpus_per_worker``).
+    With one worker (``resources.num_workers == 1``) there is no TorchTrainer:
+    the trial trains in this process and reports to Tune itself
+    (``inprocess.tune_in_process``); the trial must then hold the worker's
+    CPUs/GPU (``tune.with_resources``), and Tune's FailureConfig is its only
+    retry.
+
+    Resources with more workers: the function itself needs a CPU slot in Tune;
+    the Train workers request theirs separately (``num_workers x cpus_per_worker``).
     """
     import ray.tune
     from ray.train import Checkpoint, TrainingFailedError
@@ -321,6 +366,11 @@ def tune_trial(config: TrialConfig | dict[str, Any]) -> None:
     trial_id = ctx.get_trial_id()
     storage = Path(ctx.get_trial_dir())
     name = f"train_{trial_id}"
+    if in_process(cfg):
+        from melora_tune.trial.inprocess import tune_in_process
+
+        tune_in_process(prepare_trial(cfg).cfg, name)
+        return
 
     gave_up = storage / GAVE_UP_NAME
     if gave_up.is_file():

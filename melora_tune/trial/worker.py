@@ -86,10 +86,9 @@ def _finite(x: float) -> bool:
 # ---- the worker ----------------------------------------------------------------
 
 class TrialWorker:
-    def __init__(self, config: dict[str, Any]) -> None:
-        import ray.train
-        import ray.util
-
+    def __init__(self, config: dict[str, Any], reporter=None) -> None:
+        """``reporter``: where reports go and the checkpoint comes from (``melora_tune.trial.reporting``);
+        a Ray Train worker's by default."""
         self.t0 = time.perf_counter()
         self.wall_start = time.time()  # the driver compares it with its own clock: Ray's start-up cost
         self.timings: dict[str, float] = {}
@@ -97,10 +96,14 @@ class TrialWorker:
         self.cfg = trial if isinstance(trial, TrialConfig) else TrialConfig.from_dict(trial)
         self.name = config.get("name", "trial")
         self.resume_from = config.get("resume_from")
-        ctx = ray.train.get_context()
-        self.rank = ctx.get_world_rank()
-        self.world = ctx.get_world_size()
-        self.node_ip = ray.util.get_node_ip_address()  # reported: where a restarted trial went on
+        if reporter is None:
+            from melora_tune.trial.reporting import TrainReporter
+
+            reporter = TrainReporter()
+        self.reporter = reporter
+        self.rank = reporter.rank
+        self.world = reporter.world_size
+        self.node_ip = reporter.node_ip  # reported: where a restarted trial went on
         self.on_gpu = bool(self.cfg.resources.use_gpu and torch.cuda.is_available())
         if not self.on_gpu:
             os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -182,11 +185,10 @@ class TrialWorker:
         }
 
     def restore(self) -> dict[str, Any] | None:
-        """The saved state from ``ray.train.get_checkpoint()`` (weights, optimizer, RNG loaded); None if fresh."""
-        import ray.train
+        """The saved state from the reporter's latest checkpoint (weights, optimizer, RNG loaded); None if fresh."""
         from ray.train import Checkpoint
 
-        checkpoint = ray.train.get_checkpoint()
+        checkpoint = self.reporter.latest_checkpoint()
         if checkpoint is None and self.resume_from:
             checkpoint = Checkpoint.from_directory(self.resume_from)  # e.g. a Tune (PBT) checkpoint
         if checkpoint is None:
@@ -336,10 +338,7 @@ class TrialWorker:
             ckpt_io.write_state(directory, state)
 
     def report(self, metrics: dict[str, Any], state: dict[str, Any], *, full_checkpoint: bool) -> None:
-        """ray.train.report with a checkpoint (Train V2 keeps metrics only of reports that carry one)."""
-        import ray.train
-        from ray.train import Checkpoint
-
+        """Report with a checkpoint (Train V2 keeps metrics only of reports that carry one)."""
         t = time.perf_counter()
         tmp = Path(tempfile.mkdtemp(prefix=f"melora-ckpt-r{self.rank}-"))
         try:
@@ -348,10 +347,10 @@ class TrialWorker:
             elif self.rank == 0:
                 ckpt_io.write_state(tmp, state)
             has_files = any(tmp.iterdir())
-            ray.train.report(
+            self.reporter.report(
                 metrics,
-                checkpoint=Checkpoint.from_directory(str(tmp)) if has_files else None,
-                checkpoint_dir_name=f"checkpoint_{state['step']:07d}" + ("" if state["status"] == RUNNING else f"_{state['status']}"),
+                tmp if has_files else None,
+                f"checkpoint_{state['step']:07d}" + ("" if state["status"] == RUNNING else f"_{state['status']}"),
             )
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -489,7 +488,8 @@ class TrialWorker:
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
-    """Ray Train entry point. ``config = {"trial": TrialConfig dict (resolved), "name": str}``.
+    """Ray Train entry point (several workers; one-worker trials use ``melora_tune.trial.inprocess``).
+    ``config = {"trial": TrialConfig dict (resolved), "name": str}``.
 
     Returns rank 0's summary (status, reason, step, final and best metrics, timings).
     """

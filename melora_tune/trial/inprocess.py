@@ -1,0 +1,114 @@
+"""One-worker trials trained in the calling process: no TorchTrainer, no controller, no worker actor.
+
+Ray Train's start-up and teardown (controller, placement group, a fresh worker
+process) cost ~14 s a trial; a trial with one worker needs none of it. The
+training loop is the Train workers' own (``TrialWorker``), given a world-size-1
+process group that lives exactly as long as the trial.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from melora_tune.trial.config import TrialConfig
+
+log = logging.getLogger("melora_tune.trial")
+
+_DIST_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def in_process(cfg: TrialConfig) -> bool:
+    return cfg.resources.num_workers == 1
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def single_process_group(use_gpu: bool):
+    """A world-size-1 torch.distributed group (gloo on CPU, nccl on a GPU), destroyed on exit.
+
+    DeepSpeed wants a process group even for one rank, and falls back to MPI
+    discovery unless RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT and LOCAL_RANK are
+    set; they are set for the trial and put back afterwards, so whatever runs
+    next in this process (another trial, the CLI) sees the environment it had.
+    """
+    import torch
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        raise RuntimeError("a torch.distributed process group is already initialised in this process")
+    saved = {k: os.environ.get(k) for k in _DIST_ENV}
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(_free_port()))
+    on_gpu = use_gpu and torch.cuda.is_available()
+    if on_gpu:
+        torch.cuda.set_device(0)
+    try:
+        # An in-memory store: one rank needs no rendezvous, so no port can be taken by someone else meanwhile.
+        dist.init_process_group("nccl" if on_gpu else "gloo", store=dist.HashStore(), rank=0, world_size=1,
+                                timeout=timedelta(minutes=30))
+        yield
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        with contextlib.suppress(ImportError):
+            import deepspeed.comm.comm as ds_comm
+
+            ds_comm.cdb = None  # DeepSpeed's wrapper of the destroyed group: a later trial must build its own
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        if on_gpu:
+            torch.cuda.empty_cache()
+
+
+def run_with_reporter(cfg: TrialConfig, name: str, reporter, resume_from: str | None = None) -> dict[str, Any]:
+    """The training loop once, in this process, under its own process group; rank 0's summary."""
+    from melora_tune.trial.worker import TrialWorker
+
+    with single_process_group(cfg.resources.use_gpu):
+        return TrialWorker({"trial": cfg, "name": name, "resume_from": resume_from}, reporter=reporter).run()
+
+
+def tune_in_process(cfg: TrialConfig, name: str) -> None:
+    """The body of a one-worker Tune trial: reports go straight to ``ray.tune.report``.
+
+    Errors propagate: Tune's FailureConfig restarts the trial from its last
+    checkpoint (``ray.tune.get_checkpoint``), which is the only retry such a trial
+    gets, so Train's and Tune's restarts are never stacked.
+    """
+    from melora_tune.trial.reporting import TuneReporter
+
+    run_with_reporter(cfg, name, TuneReporter(name, cfg.resources.use_gpu))
+
+
+def run_local(cfg: TrialConfig, run_path: str | Path, name: str) -> dict[str, Any]:
+    """Train in this process with checkpoints under ``run_path``; up to ``resources.max_failures`` restarts.
+
+    Returns ``{"summary": ...}`` or ``{"error": one line}``; a diverged trial is a
+    summary, never retried.
+    """
+    from melora_tune.trial.driver import _one_line
+    from melora_tune.trial.reporting import LocalReporter
+
+    error = None
+    for attempt in range(cfg.resources.max_failures + 1):
+        reporter = LocalReporter(run_path, cfg.resources.use_gpu, cfg.training.keep_checkpoints)
+        try:
+            return {"summary": run_with_reporter(cfg, name, reporter)}
+        except Exception as err:  # noqa: BLE001  (restarted from the last checkpoint, as Train would)
+            error = _one_line(err)
+            log.warning("trial %s failed (attempt %d of %d): %s", name, attempt + 1, cfg.resources.max_failures + 1, error)
+    return {"error": error}
