@@ -37,7 +37,7 @@ def save_tiny_classifier(path, *, head_bias=(0.3, 0.0), max_positions: int = 128
     import torch
     import transformers
 
-    from melora_tune.models import resolve_model
+    from melora_tune.adapters.models import resolve_model
 
     tok = transformers.AutoTokenizer.from_pretrained(resolve_model("minilm"))
     config = transformers.BertConfig(

@@ -14,7 +14,7 @@ import torch
 from melora_tune.data import TaskSpec, encode_causal_lm, encode_classification, load_task
 from melora_tune.data import sources
 from melora_tune.errors import UsageError
-from melora_tune.models import resolve_model
+from melora_tune.adapters.models import resolve_model
 
 FIXTURES = Path(__file__).parent / "fixtures"
 TICKETS = FIXTURES / "support_tickets.jsonl"

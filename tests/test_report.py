@@ -242,7 +242,7 @@ def test_report_across_datasets_from_a_synthetic_store(tmp_path, capsys):
     assert main(["export", "--dataset", "trec", "--method", "prolora", "--tracking-uri", uri, "--out", str(tmp_path / "e")]) == 2
     assert "no scored prolora trial" in capsys.readouterr().err and not (tmp_path / "e").exists()
 
-    from melora_tune.ui import experiment_links
+    from melora_tune.records.ui import experiment_links
 
     links = experiment_links(uri, "http://127.0.0.1:5000")
     assert len(links) == 2 and links[0].startswith("sst2: http://127.0.0.1:5000/#/experiments/")
@@ -250,7 +250,7 @@ def test_report_across_datasets_from_a_synthetic_store(tmp_path, capsys):
 
 def test_export_refuses_non_empty_out_and_escaping_names(tmp_path, capsys):
     from melora_tune.errors import UsageError
-    from melora_tune.export_best import check_out_dir, safe_path
+    from melora_tune.report.export import check_out_dir, safe_path
 
     out = tmp_path / "out"
     out.mkdir()
@@ -302,7 +302,7 @@ def test_report_and_ui_usage_errors(tmp_path, capsys):
 
 def test_ui_commands_bind_loopback_with_one_worker(tmp_path):
     from melora_tune.cli import build_parser
-    from melora_tune.ui import mlflow_command, optuna_command
+    from melora_tune.records.ui import mlflow_command, optuna_command
 
     args = build_parser().parse_args(["ui"])
     assert args.optuna is None and build_parser().parse_args(["ui", "--optuna"]).optuna == ""

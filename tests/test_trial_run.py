@@ -63,7 +63,7 @@ def eval_accuracy_in_process(adapter_dir: str, max_eval: int) -> float:
 
     from melora_tune.adapters.inject import load_adapter
     from melora_tune.data import TaskSpec, compute_metrics, encode_classification, load_task
-    from melora_tune.models import resolve_model
+    from melora_tune.adapters.models import resolve_model
 
     path = resolve_model("minilm")
     task = load_task(TaskSpec(name="rotten_tomatoes", max_train_samples=2000, max_eval_samples=max_eval))
@@ -163,7 +163,7 @@ def tiny_llama_dir(tmp_path):
     """A random GQA Llama (4 query heads, 2 key/value heads) with the MiniLM tokenizer, saved like a Hub model."""
     import transformers
 
-    from melora_tune.models import resolve_model
+    from melora_tune.adapters.models import resolve_model
 
     tok = transformers.AutoTokenizer.from_pretrained(resolve_model("minilm"))
     config = transformers.LlamaConfig(

@@ -14,7 +14,7 @@ from torch import nn
 
 from melora_tune.adapters import AdapterConfig
 from melora_tune.adapters.inject import find_modules_to_save, find_targets
-from melora_tune.models import auto_class, load_config
+from melora_tune.adapters.models import auto_class, load_config
 
 
 @dataclass(frozen=True)

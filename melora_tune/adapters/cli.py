@@ -9,7 +9,7 @@ from melora_tune.adapters import HYPERPARAMS, AdapterConfig, get_method, method_
 from melora_tune.adapters.accounting import ModelSpec, account
 from melora_tune.adapters.budget import enumerate_feasible, smallest_config
 from melora_tune.errors import UsageError
-from melora_tune.models import TASK_TYPES
+from melora_tune.adapters.models import TASK_TYPES
 
 
 def int_list(text: str) -> list[int]:

@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from melora_tune.errors import UsageError
-from melora_tune.models import package_dir
 
 from .registry import BUILTIN_FILES, BUILTIN_TASKS, GLUE_TASKS
 
@@ -20,6 +19,13 @@ if TYPE_CHECKING:
 
 LOCAL_SUFFIXES = (".csv", ".tsv", ".json", ".jsonl", ".parquet")
 COMPRESSIONS = (".gz", ".bz2", ".xz", ".zip", ".zst")
+
+
+def package_dir(package: str) -> Path | None:
+    """The folder of an installed package (``adapters.models.package_dir``, imported here: adapters load torch)."""
+    from melora_tune.adapters.models import package_dir as find
+
+    return find(package)
 
 
 def builtin_file(task: str) -> Path:

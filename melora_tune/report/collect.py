@@ -41,7 +41,7 @@ COLUMNS = (
 def tracking_uri(uri: str | None) -> str:
     """The user's URI (default ``sqlite:///mlflow.db``) made absolute; a missing SQLite file is a usage error
     (MLflow would silently create an empty store)."""
-    from melora_tune.search.store import normalize_tracking_uri
+    from melora_tune.records.store import normalize_tracking_uri
 
     from melora_tune.search.preflight import check_server, tracking_scheme
 

@@ -70,7 +70,7 @@ def tracking_scheme(uri: str) -> str:
 def check_tracking(uri: str) -> str:
     """The MLflow tracking URI, normalised: a scheme MLflow 3 supports, a writable SQLite location, a tracking server
     that answers. Returns the URI the search will use."""
-    from melora_tune.search.store import normalize_tracking_uri
+    from melora_tune.records.store import normalize_tracking_uri
 
     uri = normalize_tracking_uri(uri)  # refuses a bare word and MLflow's file store
     base = tracking_scheme(uri)

@@ -23,7 +23,7 @@ from typing import Any
 from ray.tune import Callback
 
 from melora_tune.search.searcher import outcome
-from melora_tune.search.store import artifact_location, normalize_tracking_uri  # noqa: F401  (re-exported)
+from melora_tune.records.store import artifact_location, normalize_tracking_uri  # noqa: F401  (re-exported)
 from melora_tune.adapters import describe, get_method
 
 log = logging.getLogger("melora_tune.search")

@@ -51,7 +51,7 @@ def task_metrics(task, task_type: str) -> tuple[tuple[str, ...], str]:
 def prepare_trial(cfg: TrialConfig, task=None) -> PreparedTrial:
     """Check everything a user can get wrong before Ray starts (UsageError otherwise)."""
     from melora_tune.adapters.accounting import ModelSpec, account
-    from melora_tune.models import auto_class, load_config
+    from melora_tune.adapters.models import auto_class, load_config
 
     if task is None:
         from melora_tune.data import load_task

@@ -122,7 +122,7 @@ class TrialWorker:
 
         from melora_tune.adapters.inject import inject_adapters
         from melora_tune.data import encode_causal_lm, encode_classification, load_task
-        from melora_tune.models import auto_class, resolve_model
+        from melora_tune.adapters.models import auto_class, resolve_model
 
         cfg, tr = self.cfg, self.cfg.training
         t = self.t0

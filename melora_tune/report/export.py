@@ -185,7 +185,7 @@ def load_base_model(cfg, num_labels: int | None):
     """The trial's base model (fp32, eval mode), as the trial's workers load it."""
     import torch
 
-    from melora_tune.models import auto_class, resolve_model
+    from melora_tune.adapters.models import auto_class, resolve_model
 
     path = resolve_model(cfg.model)
     kwargs = {"num_labels": int(num_labels)} if cfg.task_type == "seq_cls" and num_labels else {}
@@ -262,7 +262,7 @@ The adapter weights are those of the trial's best checkpoint (score {best_score}
 import torch
 from transformers import {auto_class}
 from melora_tune.adapters.inject import load_adapter
-from melora_tune.models import resolve_model
+from melora_tune.adapters.models import resolve_model
 
 base = {auto_class}.from_pretrained(resolve_model("{model}"){num_labels_arg}, dtype=torch.float32)
 cfg, report = load_adapter(base, "adapter")   # injects the {method} layers and loads their weights
