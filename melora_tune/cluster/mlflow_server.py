@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import time
 import urllib.error
@@ -11,21 +10,16 @@ from pathlib import Path
 
 from melora_tune.cluster.processes import console_command, last_error_line, start_detached
 from melora_tune.cluster.state import ClusterState, save_state
+from melora_tune.records.store import mlflow_server_command
 
 MLFLOW_HOST = "127.0.0.1"
 
 
 def start_mlflow(state: ClusterState) -> subprocess.Popen:
     m = state.mlflow
-    cmd = console_command("mlflow", "mlflow") + [
-        "server",
-        "--backend-store-uri", m.backend_store_uri,
-        "--artifacts-destination", m.artifacts_destination,
-        "--host", m.host,
-        "--port", str(m.port),
-        "--workers", "1",
-    ]
-    proc = start_detached(cmd, Path(m.log), dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false"))
+    cmd, env = mlflow_server_command(console_command("mlflow", "mlflow"), m.backend_store_uri, m.host, m.port,
+                                     m.artifacts_destination)
+    proc = start_detached(cmd, Path(m.log), env)
     m.sid = m.pid = proc.pid  # the pid is the session id: a new session's leader
     save_state(state)  # at once, so that `down` can stop it should `up` fail later
     return proc

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from melora_tune.errors import UsageError
+from melora_tune.errors import UsageError, first_line
 
 from .registry import BUILTIN_FILES, BUILTIN_TASKS, GLUE_TASKS
 
@@ -122,7 +122,7 @@ def read_local(path_str: str) -> pd.DataFrame:
     except UsageError:
         raise
     except Exception as err:  # pandas/pyarrow raise many types for malformed files
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        first = first_line(err)
         raise UsageError(f"cannot read {path}: {first}") from err
     if len(frame) == 0:
         raise UsageError(f"{path} holds no rows")
@@ -139,7 +139,7 @@ def load_glue_from_hub(task: str) -> tuple[datasets.Dataset, datasets.Dataset, s
     try:
         loaded = datasets.load_dataset(repo, task)
     except Exception as err:  # offline, no cache, hub down: all end the same for the user
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        first = first_line(err)
         raise UsageError(
             f"cannot load GLUE {task!r} from the Hugging Face Hub ({first}); "
             f"run once with network to cache it, or pass a local file with glue_task={task!r}"

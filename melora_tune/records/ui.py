@@ -43,13 +43,12 @@ def _executable(name: str) -> str:
 
 def mlflow_command(tracking_uri: str, host: str, port: int) -> tuple[list[str], dict[str, str]]:
     """The ``mlflow server`` command line and environment for a tracking store."""
-    cmd = [_executable("mlflow"), "server", "--backend-store-uri", tracking_uri, "--host", host, "--port", str(port),
-           "--workers", "1", "--serve-artifacts"]
-    if tracking_uri.startswith("sqlite:///"):
-        # where runs logged with MLflow's default artifact root would go; searches set their own (mlartifacts/ too)
-        cmd += ["--artifacts-destination", str(Path(tracking_uri.removeprefix("sqlite:///")).parent / "mlartifacts")]
-    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    return cmd, env
+    from melora_tune.records.store import mlflow_server_command
+
+    # where runs logged with MLflow's default artifact root would go; searches set their own (mlartifacts/ too)
+    artifacts = (str(Path(tracking_uri.removeprefix("sqlite:///")).parent / "mlartifacts")
+                 if tracking_uri.startswith("sqlite:///") else None)
+    return mlflow_server_command([_executable("mlflow")], tracking_uri, host, port, artifacts, serve_artifacts=True)
 
 
 def default_optuna_storage(tracking_uri: str | None) -> str:
@@ -223,9 +222,9 @@ def ui_command(args) -> int:
     if not 0 < args.port < 65536:
         raise UsageError(f"--port must be 1..65535, got {args.port}")
     if args.optuna is not None:
-        storage = args.optuna or default_optuna_storage(args.tracking_uri)
-        if storage.startswith("sqlite:///") and not storage.startswith("sqlite:////"):
-            storage = "sqlite:///" + str(Path(storage.removeprefix("sqlite:///")).resolve())
+        from melora_tune.records.store import absolute_sqlite
+
+        storage = absolute_sqlite(args.optuna or default_optuna_storage(args.tracking_uri))
         cmd, env = optuna_command(storage, args.host, args.port)
         return serve(cmd, env, f"Optuna dashboard ({storage})", url_for(args.host, args.port), args.host)
     from melora_tune.report.collect import tracking_uri

@@ -32,7 +32,7 @@ from typing import Any
 
 import yaml
 
-from melora_tune.errors import UsageError
+from melora_tune.errors import UsageError, first_line
 
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
 
@@ -192,7 +192,7 @@ def load_base_model(cfg, num_labels: int | None):
     try:
         model = auto_class(cfg.task_type).from_pretrained(path, dtype=torch.float32, **kwargs)
     except (OSError, ValueError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        first = first_line(err)
         raise UsageError(f"cannot load the base model {cfg.model!r} to build the PEFT export: {first}") from err
     return model.eval(), path
 

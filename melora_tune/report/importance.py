@@ -14,6 +14,8 @@ import logging
 import math
 from dataclasses import dataclass, field
 
+from melora_tune.errors import first_line
+
 log = logging.getLogger("melora_tune.report")
 
 MIN_TRIALS = 2
@@ -122,7 +124,7 @@ def study_importance(study) -> Importance:
                 warnings.simplefilter("ignore")
                 values = _importances(subset, direction, varying)
         except Exception as exc:  # noqa: BLE001  (fANOVA fails e.g. when every value is equal)
-            out.notes[scope] = f"Optuna could not compute it: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}".rstrip(": ")
+            out.notes[scope] = f"Optuna could not compute it: {type(exc).__name__}: {first_line(exc) if str(exc).strip() else ''}".rstrip(": ")
             continue
         if not values:
             out.notes[scope] = "no parameter is shared by every completed trial"

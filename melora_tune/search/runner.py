@@ -23,13 +23,14 @@ from typing import Any, Callable
 
 import yaml
 
-from melora_tune.errors import UsageError
+from melora_tune.errors import UsageError, first_line
 from melora_tune.search.schema import DEFAULT_STORAGE_PATH, DEFAULT_TRACKING_URI, SearchSpace, load_space, parse_space
 from melora_tune.search.space import FeasibleSpace, build_space
 
 log = logging.getLogger("melora_tune.search")
 
 from melora_tune.records import META_NAME, SCORED, rank_key  # noqa: E402
+from melora_tune.records.store import absolute_sqlite  # noqa: E402
 METRIC, MODE = "score", "max"
 # Keys of a space that may differ between a search and its --resume.
 RESUME_MAY_CHANGE = {"storage_path", "optuna_storage", "tracking_uri"}
@@ -225,8 +226,7 @@ def plan_start(space: SearchSpace, *, storage_path: str | None, name: str | None
         )
     tracking = tracking_uri or space.tracking_uri or meta.get("tracking_uri") or DEFAULT_TRACKING_URI
     optuna_storage = space.optuna_storage or meta.get("optuna_storage") or default_optuna_storage(storage)
-    if optuna_storage.startswith("sqlite:///") and not optuna_storage.startswith("sqlite:////"):
-        optuna_storage = "sqlite:///" + str(Path(optuna_storage.removeprefix("sqlite:///")).resolve())
+    optuna_storage = absolute_sqlite(optuna_storage)
     tracking = check_start(space, storage=storage, tracking=tracking, optuna_storage=optuna_storage, address=address)
     return StartPlan(storage, exp_name, exp_dir, meta, tracking, optuna_storage, meta.get("study_name") or exp_name)
 
@@ -251,7 +251,7 @@ def _start_ray(address: str | None, verbose: bool) -> bool:
     try:
         ray.init(**kwargs)
     except ConnectionError as err:
-        raise UsageError(f"cannot join the Ray cluster at {address}: {str(err).splitlines()[0]}") from None
+        raise UsageError(f"cannot join the Ray cluster at {address}: {first_line(err)}") from None
     return True
 
 
