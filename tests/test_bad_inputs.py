@@ -441,3 +441,52 @@ def test_dry_run_checks_leave_nothing_behind(assets, tmp_path, monkeypatch, capf
     out, err = capfd.readouterr()
     assert "feasible configurations" in out and err == ""
     assert tree(tmp_path, root) == before
+
+
+def test_tracking_schemes_are_mlflow_s_own():
+    """The start check accepts only schemes MLflow 3 registers a tracking store for (file stores excepted)."""
+    from mlflow.tracking._tracking_service.utils import _tracking_store_registry
+
+    from melora_tune.search.preflight import TRACKING_SCHEMES
+
+    assert set(TRACKING_SCHEMES) <= set(_tracking_store_registry._registry) - {"", "file"}
+
+
+def test_search_record_that_cannot_be_written_leaves_no_folder(tmp_path):
+    """The search record is written after the parent run exists: a failure there is one line, and the folder it
+    created is gone again (the start's finally then closes the parent run as failed)."""
+    from melora_tune.errors import UsageError
+    from melora_tune.search.runner import META_NAME, _read_meta, _write_meta
+
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(UsageError, match="cannot write the search record"):
+        _write_meta(tmp_path / "afile" / "exp", {"name": "x"})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
+    exp = tmp_path / "exp"
+    exp.mkdir()
+    (exp / META_NAME).write_text("[1, 2]")
+    with pytest.raises(UsageError, match="is not a search record"):
+        _read_meta(exp)
+
+
+@pytest.mark.slow
+def test_start_that_fails_on_the_cluster_leaves_no_run_and_no_folder(assets, tmp_path, monkeypatch, capfd):
+    """Ray starts before MLflow records anything: a cluster too small for one trial ends in one line and leaves no
+    parent run (RUNNING or otherwise) and no experiment folder. Needs a real (local) Ray, hence slow."""
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    monkeypatch.chdir(tmp_path)
+    root = Path(assets["A"])
+    space = mutate({**BASE_SPACE, "model": str(root / "model")}, "resources", {"cpus_per_worker": 512}, root)
+    (tmp_path / "big.yaml").write_text(yaml.safe_dump(space))
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    capfd.readouterr()
+    code = main(["search", str(tmp_path / "big.yaml"), "--storage-path", str(tmp_path / "runs"), "--tracking-uri", uri])
+    out, err = capfd.readouterr()
+    assert not ray.is_initialized()  # the start shut its Ray down again
+    assert code == 2 and "one trial needs 512.1 CPUs" in err and "Traceback" not in err, err
+    assert err.strip().splitlines()[-1].startswith("melora-tune search: error:"), err
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+    assert not (tmp_path / "mlflow.db").exists() or runs_in(tmp_path / "mlflow.db") == []
