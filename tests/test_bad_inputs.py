@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import tiny_bert_config
+from helpers import tiny_bert_config
 from melora_tune.cli import main
 
 DATASET = "rotten_tomatoes"

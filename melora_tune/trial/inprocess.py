@@ -61,10 +61,7 @@ def single_process_group(use_gpu: bool):
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
-        with contextlib.suppress(ImportError):
-            import deepspeed.comm.comm as ds_comm
-
-            ds_comm.cdb = None  # DeepSpeed's wrapper of the destroyed group: a later trial must build its own
+        _forget_deepspeed_groups()
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)
@@ -72,6 +69,24 @@ def single_process_group(use_gpu: bool):
                 os.environ[k] = v
         if on_gpu:
             torch.cuda.empty_cache()
+
+
+def _forget_deepspeed_groups() -> None:
+    """Drop DeepSpeed's module-level handles on the destroyed group (its comm wrapper and the cached world,
+    data-, model- and expert-parallel groups): a later trial in this process builds its own, instead of
+    failing with "Group ... is not registered" on the dead one."""
+    import sys
+
+    comm = sys.modules.get("deepspeed.comm.comm")
+    if comm is not None:
+        comm.cdb = None
+    groups = sys.modules.get("deepspeed.utils.groups")
+    if groups is not None:
+        for name, value in list(vars(groups).items()):
+            if name.startswith("_") and name.isupper() and ("GROUP" in name or name.startswith("_MPU_")):
+                setattr(groups, name, {} if isinstance(value, dict) else None)
+        groups.mpu = None
+        groups.mesh_device = None
 
 
 def run_with_reporter(cfg: TrialConfig, name: str, reporter, resume_from: str | None = None) -> dict[str, Any]:
