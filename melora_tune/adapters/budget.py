@@ -67,16 +67,6 @@ def budget_floor(min_fraction: float, budget: int) -> int:
     return math.ceil(Fraction(str(min_fraction)) * budget)
 
 
-def max_rank(shapes: Sequence[LinearShape], method: str, n: int = 1) -> int:
-    """Largest r the layers allow (per mini for MELoRA)."""
-    return get_method(method).max_rank(shapes, {"n": n})
-
-
-def min_params(min_fraction: float, budget: int) -> int:
-    """ceil(min_fraction * budget) of the fraction as written: 0.56 x 1600 is 896, not float's 896.0000000000001 -> 897."""
-    return math.ceil(Fraction(repr(float(min_fraction))) * budget)
-
-
 def enumerate_feasible(
     shapes: Sequence[LinearShape],
     method: str,

@@ -168,12 +168,3 @@ class AdapterConfig(StandaloneSchema):
         if not path.is_file():
             raise UsageError(f"no {CONFIG_NAME} in {directory}: point to a folder written by save_adapter")
         return cls.from_dict(json.loads(path.read_text()))
-
-
-def __getattr__(name: str):
-    # METHODS is the registry's list of names at the time of asking (plug-ins included).
-    if name == "METHODS":
-        from melora_tune.adapters.registry import method_names
-
-        return method_names()
-    raise AttributeError(name)

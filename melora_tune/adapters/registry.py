@@ -119,7 +119,11 @@ class Method:
 
     def values(self, cfg: "AdapterConfig") -> dict[str, int]:
         """The hyperparameters that mean something for this method, in order (names, logs, tables)."""
-        return {k: getattr(cfg, k) if k != "m_b" else cfg.sharing_b for k in self.hyperparams}
+        out = {k: getattr(cfg, k) for k in self.hyperparams}
+        for k in out:  # a tied hyperparameter left unset (None) takes its partner's value: m_b = m
+            if out[k] is None and HYPERPARAMS[k].tied_to:
+                out[k] = getattr(cfg, HYPERPARAMS[k].tied_to)
+        return out
 
     def describe(self, hp: Mapping[str, Any]) -> str:
         """'melora n=4 r=2': the method and its hyperparameters (tied ones only when they differ)."""

@@ -27,11 +27,7 @@ from melora_tune.trial.config import ResourcesSection, TaskSection, TrainingSect
 from melora_tune.records import DEFAULT_STORAGE_PATH, DEFAULT_TRACKING_URI  # noqa: E402,F401  (re-exported)
 
 
-_Strict = Schema
-_split_list = split_list
-
-
-class FixedAdapter(_Strict):
+class FixedAdapter(Schema):
     """Adapter settings every trial shares (the searched ones live in ``space``); checked by the adapter schema."""
 
     target_modules: list[str] | None = None  # None: the model's attention query/value projections
@@ -46,12 +42,12 @@ class FixedAdapter(_Strict):
     _targets = field_validator("target_modules")(check_targets)
 
 
-class Budget(_Strict):
+class Budget(Schema):
     max_params: int = Field(ge=1)  # trainable adapter parameters (the head in modules_to_save is not counted)
     min_fraction: float = Field(0.0, ge=0.0, le=1.0)  # keep configs using >= this fraction of max_params
 
 
-class FloatRange(_Strict):
+class FloatRange(Schema):
     low: float
     high: float
     log: bool = True
@@ -84,7 +80,7 @@ def _int_choices(value: Any, name: str, minimum: int) -> list[int] | None:
     return sorted(set(out))
 
 
-class SpaceSection(_Strict):
+class SpaceSection(Schema):
     """What the search varies. Integer choices left out mean "every value the layers allow"."""
 
     lr: FloatRange = Field(default_factory=lambda: FloatRange(low=1e-4, high=1e-2, log=True))
@@ -153,7 +149,7 @@ class SearchTraining(TrainingSection):
         return data
 
 
-class Asha(_Strict):
+class Asha(Schema):
     enabled: bool = True
     time_attr: Literal["epoch", "training_iteration"] = "epoch"
     grace_period: int = Field(1, ge=1)  # epochs (or reports) every trial gets before it can be stopped
@@ -161,7 +157,7 @@ class Asha(_Strict):
     brackets: int = Field(1, ge=1)
 
 
-class Resources(_Strict):
+class Resources(Schema):
     """What one trial asks of the cluster."""
 
     # DeepSpeed ranks per trial. 1: trained inside the Tune trial process (no Ray Train start-up), which then
@@ -176,7 +172,7 @@ class Resources(_Strict):
     max_failures: int = Field(2, ge=0)
 
 
-class SearchSpace(_Strict):
+class SearchSpace(Schema):
     """A whole search: what to train, the budget, what to vary, how to schedule and where to run."""
 
     name: str
@@ -209,7 +205,7 @@ class SearchSpace(_Strict):
     @field_validator("methods", mode="before")
     @classmethod
     def _methods(cls, value: Any) -> Any:
-        value = _split_list(value)
+        value = split_list(value)
         if isinstance(value, str):
             value = [value]
         known = list(method_names())

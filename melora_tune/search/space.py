@@ -31,10 +31,6 @@ from melora_tune.adapters.budget import Candidate, budget_floor, enumerate_feasi
 from melora_tune.errors import UsageError
 from melora_tune.search.schema import SearchSpace
 
-# Keys of the dict the define-by-run function returns (Ray puts them in the trial config).
-HP_KEYS = ("method", *HYPERPARAMS, "lr", "alpha", "dropout")
-
-
 def candidate_key(c: Candidate) -> tuple:
     return c.key
 

@@ -20,9 +20,6 @@ from melora_tune.data.tasks import TaskSpec
 from melora_tune.errors import Schema, UsageError, describe_validation_error, did_you_mean
 
 
-_Section = Schema
-
-
 class TaskSection(TaskSpec):
     """The data layer's ``TaskSpec`` as the trial config's ``task`` section (see there for the fields)."""
 
@@ -45,7 +42,7 @@ class AdapterSection(AdapterConfig):
         return AdapterConfig(**self.model_dump())
 
 
-class TrainingSection(_Section):
+class TrainingSection(Schema):
     epochs: int = Field(2, ge=1)
     lr: float = Field(5e-4, gt=0)
     weight_decay: float = Field(0.0, ge=0)
@@ -63,7 +60,7 @@ class TrainingSection(_Section):
     debug_inject_nan_at_step: int | None = Field(None, ge=1)  # test knob: the loss of this step becomes NaN
 
 
-class ResourcesSection(_Section):
+class ResourcesSection(Schema):
     num_workers: int = Field(1, ge=1)
     use_gpu: bool = False
     cpus_per_worker: float = Field(1.0, gt=0)
@@ -76,7 +73,7 @@ class ResourcesSection(_Section):
     max_failures: int = Field(2, ge=0)
 
 
-class TrialConfig(_Section):
+class TrialConfig(Schema):
     model: str = "minilm"
     task_type: Literal["seq_cls", "causal_lm"] = "seq_cls"
     task: TaskSection = Field(default_factory=TaskSection)
