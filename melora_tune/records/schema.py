@@ -11,7 +11,21 @@ MLflow, per dataset (experiment = the task name):
   dropout, equivalent_rank, adapter_params, budget, ``training.*``; metric ``score`` per evaluation
   and ``best_score`` of the best checkpoint; artifact ``adapter/``.
 
-Next to the Ray experiment: ``melora_search.json`` (``META_NAME``: the parent run id, URIs, study).
+- a child run per confirmation (``melora confirm``, or the search's ``confirm:`` stage): tags
+  ``mlflow.parentRunId`` (the search's parent run), ``melora.kind=confirmation``,
+  ``melora.confirms`` (the MLflow run id of the search trial it retrains), ``melora.confirms_trial``
+  (that trial's Ray id), ``melora.config`` (the configuration's key: the same for every seed of one
+  configuration), ``melora.seed``, ``melora.status``; the trial's params (``training.seed`` = its
+  seed); metrics ``score`` per evaluation (validation), ``val_score`` (the final validation score),
+  ``test_score`` and ``test_<metric>`` (the test split, scored once at the end: only confirmations
+  ever see test); artifact ``adapter/``.
+- on the parent run, the baselines on the same splits (``BASELINES``), as metrics
+  ``baseline.<name>.<split>`` (split ``val`` | ``test``), in the task's score metric, and
+  ``majority_share`` (the share of the validation split's most common class); params
+  ``score_metric`` (what the search maximises) and ``confirm_*`` (the confirmation plan).
+
+Next to the Ray experiment: ``melora_search.json`` (``META_NAME``: the parent run id, URIs, study);
+the confirmations' Ray experiment is ``<experiment>/confirm``.
 """
 
 from __future__ import annotations
@@ -33,6 +47,22 @@ TRIAL_TAG = "melora.trial_id"
 OPTUNA_TAG = "melora.optuna_trial"
 REASON_TAG = "melora.reason"
 CHECKPOINT_TAG = "melora.best_checkpoint"
+CONFIRM_KIND = "confirmation"
+CONFIRMS_TAG = "melora.confirms"
+CONFIRMS_TRIAL_TAG = "melora.confirms_trial"
+CONFIG_TAG = "melora.config"
+SEED_TAG = "melora.seed"
+CONFIRM_DIR = "confirm"  # the confirmations' Ray experiment, inside the search's experiment folder
+
+# Reference points computed on the same splits: predict the training split's most common class; a
+# logistic regression on the frozen model's pooled features (what the head sees before any training).
+BASELINES = ("majority", "probe")
+BASELINE_LABELS = {"majority": "majority class", "probe": "linear probe (frozen features)"}
+
+
+def baseline_metric(name: str, split: str) -> str:
+    """MLflow metric name of a baseline's score on a split (val | test)."""
+    return f"baseline.{name}.{split}"
 
 # A trial's outcome: reached the last epoch / stopped by ASHA / NaN loss / crashed / the search stopped first.
 TRIAL_STATUSES = ("completed", "stopped_early", "diverged", "failed", "interrupted")
