@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import field_validator, model_validator
 
-from melora_tune.errors import StandaloneSchema, UsageError
+from melora_tune.errors import StandaloneSchema, UsageError, did_you_mean
 
 from .registry import BUILTIN_TASKS, GENERIC_PROMPTS, GLUE_TASKS, TaskInfo, check_glue_task, glue_name, unknown_task
 from .sources import COMPRESSIONS, LOCAL_SUFFIXES, load_glue_from_hub, read_builtin, read_local
@@ -61,6 +61,19 @@ class TaskSpec(StandaloneSchema):
     test_fraction: float = 0.1
     max_train_samples: int | None = None
     max_eval_samples: int | None = None
+    # The score a search maximises (accuracy, f1, f1_macro, matthews_correlation, pearson, spearmanr);
+    # None: the task's own (accuracy for most classification tasks). On an imbalanced task prefer f1 or
+    # matthews_correlation: accuracy there mostly measures the majority class.
+    metric: str | None = None
+
+    @field_validator("metric", mode="before")
+    @classmethod
+    def _metric(cls, value: Any) -> Any:
+        from .metrics import METRICS
+
+        if value is not None and value not in METRICS:
+            raise ValueError(f"unknown metric {value!r}: choose one of {', '.join(METRICS)}{did_you_mean(str(value), METRICS)}")
+        return value
 
     @field_validator("text_columns", mode="before")
     @classmethod
@@ -354,19 +367,36 @@ def _finish(
         {k: v.select_columns([*columns, "label"]) for k, v in splits.items() if v is not None}
     )
     label_names = list(info.label_names) if info.label_names is not None else None
+    metrics, main = _score_metric(spec, info, name, label_names)
     return TaskData(
         name=name,
         splits=splits,
         text_columns=columns,
         num_labels=len(label_names) if label_names else 1,
         label_names=label_names,
-        metrics=info.metrics,
-        main_metric=info.main_metric,
+        metrics=metrics,
+        main_metric=main,
         # The task's own prompt names its columns' roles; a different number of columns needs the generic one.
         prompt_template=info.prompt if len(columns) == len(info.text_columns) else GENERIC_PROMPTS[len(columns)],
         answer_names=list(info.answers or info.label_names) if label_names else None,
         source=source,
     )
+
+
+def _score_metric(spec: TaskSpec, info: TaskInfo, name: str, label_names: list[str] | None) -> tuple[tuple[str, ...], str]:
+    """(metrics to compute, the one to maximise): the task's own, with ``spec.metric`` added and chosen when set."""
+    from .metrics import CLASSIFICATION_METRICS, REGRESSION_METRICS
+
+    if spec.metric is None:
+        return tuple(info.metrics), info.main_metric
+    allowed = CLASSIFICATION_METRICS if label_names else REGRESSION_METRICS
+    if spec.metric not in allowed:
+        kind = "a classification" if label_names else "a regression"
+        raise UsageError(f"task {name!r} is {kind} task: metric {spec.metric!r} does not apply; choose one of {', '.join(allowed)}")
+    if spec.metric == "f1" and len(label_names) != 2:
+        raise UsageError(f"task {name!r} has {len(label_names)} classes: metric f1 is binary, use f1_macro")
+    metrics = tuple(info.metrics) + (() if spec.metric in info.metrics else (spec.metric,))
+    return metrics, spec.metric
 
 
 def _split(

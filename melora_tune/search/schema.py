@@ -146,7 +146,18 @@ class SearchTraining(TrainingSection):
     def _no_lr(cls, data: Any) -> Any:
         if isinstance(data, dict) and "lr" in data:
             raise ValueError("training.lr is searched: give its range as space.lr: {low: 1.0e-4, high: 1.0e-2}")
+        if isinstance(data, dict) and data.get("score_test"):
+            raise ValueError("a search's trials never see the test split: score it with the confirm section (confirm.enabled: true)")
         return data
+
+
+class Confirm(Schema):
+    """Retrain the best configurations with new seeds, at full fidelity, and score them on the test split."""
+
+    enabled: bool = False  # run it right after the search (``melora-tune confirm`` runs it for a finished search)
+    top_k: int = Field(1, ge=1)  # configurations per method, best first (the search's ranking, on validation)
+    seeds: int = Field(3, ge=1)  # new seeds per configuration: training.seed + 1 .. + seeds (init and data order)
+    max_concurrent_trials: int | None = Field(None, ge=1)  # None: the search's max_concurrent_trials
 
 
 class Asha(Schema):
@@ -178,6 +189,7 @@ class SearchSpace(Schema):
     name: str
     model: str = "minilm"
     task_type: Literal["seq_cls", "causal_lm"] = "seq_cls"
+    pooling: Literal["auto", "model", "mean", "cls"] = "auto"  # what the classifier reads (adapters.pooling)
     task: TaskSection = Field(default_factory=TaskSection)
     adapter: FixedAdapter = Field(default_factory=FixedAdapter)
     budget: Budget
@@ -191,6 +203,7 @@ class SearchSpace(Schema):
     seed: int = Field(0, ge=0)
     points_to_evaluate: list[dict[str, Any]] = Field(default_factory=list)  # configs to try first, e.g. {method: lora, r: 8, lr: 5e-4}
     resources: Resources = Field(default_factory=Resources)
+    confirm: Confirm = Field(default_factory=Confirm)
     storage_path: str | None = None  # None: ./melora_runs
     optuna_storage: str | None = None  # None: sqlite:///<storage_path>/optuna.db
     tracking_uri: str | None = None  # None: sqlite:///mlflow.db in the working directory
@@ -245,6 +258,11 @@ class SearchSpace(Schema):
                 "asha.time_attr training_iteration counts reports, which eval_every_steps makes more than one an epoch: "
                 "use time_attr: epoch"
             )
+        if self.confirm.enabled and self.task.test_fraction == 0:
+            raise ValueError(
+                "confirm scores the test split, and task.test_fraction is 0 (no test split): "
+                "set task.test_fraction (e.g. 0.1), or confirm.enabled: false"
+            )
         if self.asha.enabled and self.asha.grace_period > self.training.epochs:
             raise ValueError(
                 f"asha.grace_period={self.asha.grace_period} exceeds training.epochs={self.training.epochs} (the max fidelity)"
@@ -271,6 +289,7 @@ class SearchSpace(Schema):
         data = {
             "model": self.model,
             "task_type": self.task_type,
+            "pooling": self.pooling,
             "task": self.task.model_dump(mode="json"),
             "adapter": {
                 "method": self.methods[0],

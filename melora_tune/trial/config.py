@@ -45,6 +45,9 @@ class AdapterSection(AdapterConfig):
 class TrainingSection(Schema):
     epochs: int = Field(2, ge=1)
     lr: float = Field(5e-4, gt=0)
+    # The classification head's own rate (modules_to_save); None: the same as lr. See the README's
+    # "A recipe that learns" for what was measured.
+    head_lr: float | None = Field(None, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     warmup_ratio: float = Field(0.06, ge=0.0, lt=1.0)
     micro_batch_size: int = Field(32, ge=1)
@@ -57,6 +60,9 @@ class TrainingSection(Schema):
     eval_every_steps: int | None = Field(None, ge=1)  # None: evaluate after every epoch
     seed: int = 0
     keep_checkpoints: int = Field(2, ge=1)
+    # Score the final model once on the task's test split (test_* metrics, test_score). Only confirmation
+    # trials set it: a search's trials never load the test split, so selection cannot see it.
+    score_test: bool = False
     debug_inject_nan_at_step: int | None = Field(None, ge=1)  # test knob: the loss of this step becomes NaN
 
 
@@ -76,6 +82,8 @@ class ResourcesSection(Schema):
 class TrialConfig(Schema):
     model: str = "minilm"
     task_type: Literal["seq_cls", "causal_lm"] = "seq_cls"
+    # What the classifier reads (melora_tune.adapters.pooling): auto | model | mean | cls.
+    pooling: Literal["auto", "model", "mean", "cls"] = "auto"
     task: TaskSection = Field(default_factory=TaskSection)
     adapter: AdapterSection = Field(default_factory=AdapterSection)
     training: TrainingSection = Field(default_factory=TrainingSection)
@@ -157,7 +165,7 @@ SECTIONS: dict[str, type[BaseModel]] = {
     "training": TrainingSection,
     "resources": ResourcesSection,
 }
-TOP_LEVEL = ("model", "task_type")
+TOP_LEVEL = ("model", "task_type", "pooling")
 
 
 # ---- flat key=value overrides -------------------------------------------------

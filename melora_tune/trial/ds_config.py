@@ -83,19 +83,28 @@ def bucket_size(trainable_params: int | None) -> int:
     return int(min(5e8, max(1_000_000, 2 * trainable_params)))
 
 
+def learning_rates(cfg: TrialConfig) -> list[float]:
+    """Peak rates of the optimizer's two parameter groups: [adapter, head (modules_to_save)]."""
+    t = cfg.training
+    return [t.lr, t.head_lr if t.head_lr is not None else t.lr]
+
+
 def build_ds_config(
     cfg: TrialConfig,
     plan: StepPlan,
     *,
     on_gpu: bool | None = None,
     trainable_params: int | None = None,
+    head_group: bool = False,
 ) -> dict[str, Any]:
     """DeepSpeed's config dict for ``deepspeed.initialize`` (optimizer and scheduler included).
 
     * AdamW with ``torch_adam`` (torch's AdamW, no FusedAdam JIT build), except
       with optimizer offload on a GPU, where DeepSpeed's CPUAdam is the point.
     * WarmupDecayLR: linear warmup over ``warmup_ratio`` of the steps, then
-      linear decay to 0 at the last step.
+      linear decay to 0 at the last step; with ``head_group`` the optimizer has
+      two parameter groups (adapter, head) and the head's peak rate is
+      ``training.head_lr`` (``learning_rates``).
     * bf16 on GPU, fp32 on CPU unless ``training.precision`` says otherwise.
     """
     t = cfg.training
@@ -154,7 +163,7 @@ def build_ds_config(
             "params": {
                 "total_num_steps": plan.total_steps,
                 "warmup_min_lr": 0.0,
-                "warmup_max_lr": t.lr,
+                "warmup_max_lr": learning_rates(cfg) if head_group else t.lr,
                 "warmup_num_steps": plan.warmup_steps,
                 "warmup_type": "linear",
             },

@@ -60,6 +60,11 @@ def prepare_trial(cfg: TrialConfig, task=None) -> PreparedTrial:
     for split in ("train", "validation"):
         if split not in task.splits:
             raise UsageError(f"task {cfg.task.name!r} has no {split} split")
+    if cfg.training.score_test and "test" not in task.splits:
+        raise UsageError(
+            f"task {cfg.task.name!r} has no test split (task.test_fraction is {cfg.task.test_fraction:g}): "
+            "set task.test_fraction > 0 to score on test (confirmation), or training.score_test false"
+        )
     num_labels = int(task.num_labels)
     overrides = {"num_labels": num_labels} if cfg.task_type == "seq_cls" else {}
     model_config = load_config(cfg.model, **overrides)

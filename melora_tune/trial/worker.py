@@ -79,6 +79,19 @@ def _to(batch: dict[str, torch.Tensor], device) -> dict[str, torch.Tensor]:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
+def trainable_groups(model, adapter_cfg) -> list[dict[str, Any]]:
+    """The optimizer's parameter groups: [adapter tensors, head (modules_to_save) tensors]; one group without a head.
+    The order matches ``ds_config.learning_rates``."""
+    from melora_tune.adapters.inject import find_modules_to_save
+
+    heads = tuple(f"{name}." for name in find_modules_to_save(model, adapter_cfg.modules_to_save))
+    adapter, head = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (head if name.startswith(heads) else adapter).append(p)
+    return [{"params": adapter}] + ([{"params": head}] if head else [])
+
+
 def _finite(x: float) -> bool:
     return x is not None and math.isfinite(x)
 
@@ -121,6 +134,7 @@ class TrialWorker:
         import transformers
 
         from melora_tune.adapters.inject import inject_adapters
+        from melora_tune.adapters.pooling import apply_pooling, resolve_pooling
         from melora_tune.data import encode_causal_lm, encode_classification, load_task
         from melora_tune.adapters.models import auto_class, resolve_model
 
@@ -135,6 +149,8 @@ class TrialWorker:
         # data (every rank loads and tokenizes the same splits; the sampler shards them)
         path = resolve_model(cfg.model)
         self.task = load_task(cfg.task_spec())
+        if not tr.score_test:  # a search trial never holds the test split: selection cannot see it
+            self.task.splits.pop("test", None)
         self.tokenizer = transformers.AutoTokenizer.from_pretrained(path)
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token or self.tokenizer.unk_token
@@ -142,6 +158,7 @@ class TrialWorker:
         self.encoded = encode(self.task, self.tokenizer, tr.max_length, pad_to_max_length=False)  # padded per batch
         self.train_ds = self.encoded["train"]
         self.eval_ds = self.encoded["validation"]
+        self.test_ds = self.encoded["test"] if tr.score_test else None
         self.metric_names, self.main_metric = task_metrics(self.task, cfg.task_type)
         t = self._mark("data_s", t)
 
@@ -151,17 +168,21 @@ class TrialWorker:
         model = auto_class(cfg.task_type).from_pretrained(path, dtype=torch.float32, **kwargs)
         if getattr(model.config, "pad_token_id", None) is None:
             model.config.pad_token_id = self.tokenizer.pad_token_id
+        self.pooling = resolve_pooling(cfg.pooling, path, model, task_type=cfg.task_type)
+        apply_pooling(model, self.pooling)
         self.adapter_cfg = cfg.adapter.adapter_config()
         self.report_info = inject_adapters(model, self.adapter_cfg)
         self.model = model
         t = self._mark("model_s", t)
 
-        # DeepSpeed engine: only adapter (+ head) parameters reach the optimizer
+        # DeepSpeed engine: only adapter (+ head) parameters reach the optimizer, in two groups (own peak rates)
         self.plan: StepPlan = plan_for(cfg, len(self.train_ds), self.world)
-        trainable = [p for p in model.parameters() if p.requires_grad]
-        self.ds_config = build_ds_config(cfg, self.plan, on_gpu=self.on_gpu, trainable_params=sum(p.numel() for p in trainable))
+        groups = trainable_groups(model, self.adapter_cfg)
+        trainable = [p for g in groups for p in g["params"]]
+        self.ds_config = build_ds_config(cfg, self.plan, on_gpu=self.on_gpu, trainable_params=sum(p.numel() for p in trainable),
+                                         head_group=len(groups) == 2)
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
-            model=model, model_parameters=trainable, config=self.ds_config, dist_init_required=False
+            model=model, model_parameters=groups, config=self.ds_config, dist_init_required=False
         )
         self.device = self.engine.device
         self.zero3 = tr.zero_stage == 3
@@ -252,15 +273,17 @@ class TrialWorker:
 
     # ---- evaluation --------------------------------------------------------------
     @torch.no_grad()
-    def evaluate(self) -> dict[str, float]:
+    def evaluate(self, dataset=None) -> dict[str, float]:
+        """``eval_*`` metrics of ``dataset`` (default: the validation split)."""
         from torch.utils.data import DataLoader, DistributedSampler, Subset
 
         from melora_tune.data import compute_metrics
 
-        sampler = DistributedSampler(self.eval_ds, num_replicas=self.world, rank=self.rank, shuffle=False, drop_last=False)
+        dataset = self.eval_ds if dataset is None else dataset
+        sampler = DistributedSampler(dataset, num_replicas=self.world, rank=self.rank, shuffle=False, drop_last=False)
         indices = list(sampler)  # padded: equal length on every rank
         loader = DataLoader(
-            Subset(self.eval_ds, indices),
+            Subset(dataset, indices),
             batch_size=self.cfg.training.micro_batch_size * 2,
             shuffle=False,
             collate_fn=self.collate,
@@ -303,6 +326,19 @@ class TrialWorker:
         metrics.update({f"eval_{k}": float(v) for k, v in compute_metrics(self.metric_names, predictions, labels).items()})
         return metrics
 
+    def score_test_split(self, val_metrics: dict[str, float]) -> dict[str, float]:
+        """The final model on the test split, once (``training.score_test``): ``test_*``, ``test_score``, and
+        ``val_score`` (the same model's validation score, next to it); nothing without score_test."""
+        if self.test_ds is None:
+            return {}
+        t = time.perf_counter()
+        test = self.evaluate(self.test_ds)
+        self._mark("test_s", t)
+        out = {"test_" + k.removeprefix("eval_"): v for k, v in test.items()}
+        out["test_score"] = self.score(test)
+        out["val_score"] = self.score(val_metrics)
+        return out
+
     def score(self, metrics: dict[str, float]) -> float:
         """Higher is better: the task's main metric, or minus the eval loss for causal LM."""
         if self.causal:
@@ -331,6 +367,7 @@ class TrialWorker:
                     task_type=self.cfg.task_type,
                     num_labels=int(self.task.num_labels),
                     label_names=list(self.task.label_names or []),
+                    pooling=self.pooling,
                     step=state["step"],
                 )
         ckpt_io.save_rng(directory, self.rank)
@@ -428,6 +465,7 @@ class TrialWorker:
                         return self.diverge(state, step, f"non-finite eval loss at step {step} (lr={tr.lr:g})", 0.0)
                     state["step"] = step
                     state["status"] = COMPLETED if step == plan.total_steps else RUNNING
+                    test = self.score_test_split(metrics) if step == plan.total_steps else {}
                     metrics = {
                         **self.base_metrics(state),
                         "train_loss": train_loss,
@@ -437,6 +475,7 @@ class TrialWorker:
                         "lr": float(self.scheduler.get_last_lr()[0]) if self.scheduler is not None else tr.lr,
                         "train_time_s": state["train_time_s"],
                         "reason": None,
+                        **test,
                     }
                     state["metrics"] = metrics
                     state["history"].append(metrics)
