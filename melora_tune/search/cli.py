@@ -66,6 +66,9 @@ def search_command(args) -> int:
     print(f"  experiment {result.experiment_path}")
     print(f"  optuna     {result.optuna_storage} (study {result.study_name}): optuna-dashboard {result.optuna_storage}")
     print(f"  mlflow     {result.tracking_uri} parent run {result.parent_run_id}")
+    confirmed = result.extra.get("confirm")
+    if confirmed is not None:
+        _print_confirm(confirmed)
     if args.json:
         print(json.dumps(result.to_dict(), default=str))
     if result.status == "interrupted":
@@ -96,4 +99,56 @@ def _dry_run(args) -> int:
           + f", DeepSpeed ZeRO-{space.training.zero_stage}, {space.training.epochs} epoch(s)")
     if args.json:
         print(json.dumps({m: [c.to_dict() for c in feasible.candidates[m]] for m in feasible.methods}))
+    return 0
+
+
+# ---- melora-tune confirm -------------------------------------------------------------------------
+
+CONFIRM_DOC = """``melora-tune confirm SPACE.yaml``: confirm a finished search's best configurations.
+
+The top ``confirm.top_k`` configurations per method (the search's ranking, on
+validation) are trained again at full fidelity with ``confirm.seeds`` new seeds
+each, as Ray Tune trials, and the final models are scored once on the test
+split, which the search never loaded. The baselines (majority class, linear
+probe) are computed on the same splits. Each confirmation is an MLflow child
+run of the search, linked to the trial it confirms. Running it again resumes
+and never trains a finished confirmation twice; ``melora-tune report`` then
+shows the confirmed table, the paired comparison and the baselines.
+"""
+
+
+def add_confirm_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("confirm", help="retrain a search's best configurations with new seeds, scored on test",
+                              description=CONFIRM_DOC, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("space", help="the search's space YAML")
+    p.add_argument("--name", default=None, help="the search's experiment name (default: the newest search of this space)")
+    p.add_argument("--storage-path", default=None, help="where the search's experiment is (default: the space's, else ./melora_runs)")
+    p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: the search's)")
+    p.add_argument("--address", default=None, help="join this Ray cluster (default: start a local one)")
+    p.add_argument("--top-k", type=int, default=None, help="configurations per method (default: the space's confirm.top_k)")
+    p.add_argument("--seeds", type=int, default=None, help="new seeds per configuration (default: the space's confirm.seeds)")
+    p.set_defaults(func=confirm_command)
+    return p
+
+
+def _print_confirm(result) -> None:
+    from melora_tune.search.confirm import summary_lines
+
+    print(f"\nconfirmation of {result.search}: {result.status} in {result.wall_s:.0f} s; "
+          f"{len(result.planned)} planned, {sum(1 for r in result.rows if r['status'] == 'completed')} completed")
+    for line in summary_lines(result):
+        print(line)
+    print("  the report (melora-tune report) holds the confirmed table with 95% intervals, the paired comparison and the baselines")
+
+
+def confirm_command(args) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from melora_tune.search.confirm import run_confirm
+
+    result = run_confirm(args.space, storage_path=args.storage_path, name=args.name, tracking_uri=args.tracking_uri,
+                         address=args.address, top_k=args.top_k, seeds=args.seeds)
+    _print_confirm(result)
+    if result.status == "interrupted":
+        print(f"interrupted: continue with  melora-tune confirm {args.space} --name {result.search}", file=sys.stderr)
+        return 130
     return 0

@@ -422,6 +422,15 @@ def run_search(
         grid = tuner.fit()
         result = collect(grid, space, feasible, exp_name, storage, parent, study_name, optuna_storage, tracking, experiment_id)
         status = result.status
+        if status == "finished" and space.confirm.enabled:
+            from melora_tune.search.confirm import run_confirm
+
+            (write or print)(f"confirming the best {space.confirm.top_k} configuration(s) per method with "
+                             f"{space.confirm.seeds} new seed(s) each, scored on the test split")
+            confirmed = run_confirm(space, storage_path=storage, name=exp_name, tracking_uri=tracking, write=write, spec=spec)
+            result.extra["confirm"] = confirmed
+            if confirmed.status != "finished":
+                status = result.status = "interrupted"
         return result
     except KeyboardInterrupt:
         status = "interrupted"

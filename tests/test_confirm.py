@@ -1,0 +1,165 @@
+"""The confirmation stage on the real stack: a small search (local Ray, Tune, Optuna, DeepSpeed ZeRO-2, SQLite
+MLflow) on a tiny random BERT and real rotten_tomatoes sentences, then ``run_confirm``. One search and one
+confirmation are shared by the tests of this module (fixtures); no mocks.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from helpers import save_tiny_classifier
+
+from melora_tune.errors import UsageError
+
+pytestmark = pytest.mark.slow
+
+
+def small_space(model_dir, root: Path, **over) -> dict:
+    data = {
+        "name": "ctest",
+        "model": str(model_dir),
+        "task": {"name": "rotten_tomatoes", "max_train_samples": 256, "max_eval_samples": 96},
+        "adapter": {"target_modules": ["query", "value"], "modules_to_save": ["classifier"], "alpha": 16},
+        "budget": {"max_params": 512, "min_fraction": 0.5},
+        "methods": ["melora", "lora"],
+        "space": {"lr": {"low": 1e-3, "high": 3e-2}, "n": [2, 4], "r": [1, 2]},
+        "training": {"epochs": 2, "micro_batch_size": 32, "max_length": 32, "zero_stage": 2},
+        "asha": {"enabled": False},
+        "num_samples": 2,
+        "max_concurrent_trials": 2,
+        "points_to_evaluate": [{"method": "lora", "r": 2, "lr": 1e-2}, {"method": "melora", "n": 2, "r": 1, "lr": 1e-2}],
+        "resources": {"num_workers": 1, "cpus_per_worker": 0.9},
+        "confirm": {"enabled": True, "top_k": 1, "seeds": 2},
+        "storage_path": str(root / "runs"),
+        "tracking_uri": f"sqlite:///{root}/mlflow.db",
+    }
+    data.update(over)
+    return data
+
+
+@pytest.fixture(scope="module")
+def confirmed(tmp_path_factory):
+    """A finished 2-trial search with its confirmation (2 seeds per method's best): (space, search result, root)."""
+    import ray
+
+    from melora_tune.search import run_search
+
+    root = tmp_path_factory.mktemp("confirm")
+    model = save_tiny_classifier(root / "tiny-bert", max_positions=64)
+    space = small_space(model, root)
+    if ray.is_initialized():
+        ray.shutdown()
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING", log_to_driver=False)
+    lines: list[str] = []
+    try:
+        result = run_search(space, write=lines.append)
+    finally:
+        ray.shutdown()
+    print("\n".join(lines))
+    return space, result, root
+
+
+def runs_of(result):
+    from mlflow import MlflowClient
+
+    mlf = MlflowClient(result.tracking_uri)
+    runs = mlf.search_runs([result.mlflow_experiment_id], f"tags.`mlflow.parentRunId` = '{result.parent_run_id}'",
+                           max_results=1000)
+    search = [r for r in runs if r.data.tags.get("melora.kind") != "confirmation"]
+    confirm = [r for r in runs if r.data.tags.get("melora.kind") == "confirmation"]
+    return mlf, search, confirm
+
+
+def test_one_confirmation_run_per_configuration_and_seed_linked_to_its_trial(confirmed):
+    space, result, _ = confirmed
+    assert result.status == "finished"
+    conf = result.extra["confirm"]
+    assert conf.status == "finished" and len(conf.planned) == 4
+    mlf, search, confirm = runs_of(result)
+    assert len(search) == 2 and len(confirm) == 4
+    trial_runs = {r.info.run_id: r for r in search}
+    keys = set()
+    for run in confirm:
+        tags, params, metrics = run.data.tags, run.data.params, run.data.metrics
+        assert tags["melora.status"] == "completed", tags
+        confirmed_trial = trial_runs[tags["melora.confirms"]]  # linked to a trial of this search
+        assert params["method"] == confirmed_trial.data.params["method"]
+        assert float(params["lr"]) == pytest.approx(float(confirmed_trial.data.params["lr"]))
+        assert tags["melora.seed"] == params["training.seed"]
+        assert {"test_score", "val_score", "test_accuracy"} <= set(metrics)
+        assert run.info.status == "FINISHED"
+        keys.add((tags["melora.confirms"], int(tags["melora.seed"])))
+    # new seeds (the search's is 0), the same for every configuration, so methods pair up seed by seed
+    assert keys == {(t, s) for t in trial_runs for s in (1, 2)}
+
+
+def test_seeds_change_the_result(confirmed):
+    _, result, _ = confirmed
+    _, _, confirm = runs_of(result)
+    by_config: dict[str, list[float]] = {}
+    for run in confirm:
+        by_config.setdefault(run.data.tags["melora.confirms"], []).append(run.data.metrics["eval_loss"])
+    for losses in by_config.values():
+        assert len(losses) == 2 and losses[0] != losses[1]  # another init and data order: another model
+
+
+def test_the_search_never_sees_the_test_split(confirmed):
+    _, result, _ = confirmed
+    mlf, search, confirm = runs_of(result)
+    for run in search:
+        assert not [k for k in run.data.metrics if k.startswith("test_") or k == "test_score"], run.data.metrics
+        for key in ("score", "eval_accuracy"):
+            for m in mlf.get_metric_history(run.info.run_id, key):
+                assert m.value is not None
+    # what the search trials reported to Tune: no test metrics either
+    for trial_dir in Path(result.experiment_path).glob("trial_*"):
+        for line in (trial_dir / "result.json").read_text().splitlines():
+            assert not [k for k in json.loads(line) if k.startswith("test_")]
+
+
+def test_baselines_are_on_the_parent_run(confirmed):
+    _, result, _ = confirmed
+    from mlflow import MlflowClient
+
+    metrics = MlflowClient(result.tracking_uri).get_run(result.parent_run_id).data.metrics
+    for name in ("baseline.majority.val", "baseline.majority.test", "baseline.probe.val", "baseline.probe.test"):
+        assert 0.0 <= metrics[name] <= 1.0
+    assert 0.5 < metrics["majority_share"] < 0.7  # rotten_tomatoes: 58 % fresh
+
+
+def test_confirm_again_adds_only_the_new_seed_and_never_retrains(confirmed):
+    import ray
+
+    from melora_tune.search.confirm import run_confirm
+
+    space, result, _ = confirmed
+    mlf, _, before = runs_of(result)
+    steps_before = {r.info.run_id: len(mlf.get_metric_history(r.info.run_id, "score")) for r in before}
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING", log_to_driver=False)
+    try:
+        again = run_confirm(space, name=result.name, seeds=3, write=lambda s: None)
+    finally:
+        ray.shutdown()
+    _, _, after = runs_of(result)
+    assert again.status == "finished"
+    assert len(after) == 6  # 2 configurations x 3 seeds: only seed 3 is new
+    new = [r for r in after if r.info.run_id not in steps_before]
+    assert sorted(int(r.data.tags["melora.seed"]) for r in new) == [3, 3]
+    for run_id, steps in steps_before.items():  # the earlier confirmations were not trained or logged again
+        assert len(mlf.get_metric_history(run_id, "score")) == steps
+    assert again.experiments[-1] == "confirm-2"
+
+
+def test_confirm_needs_a_test_split(tmp_path):
+    from melora_tune.search.confirm import run_confirm
+    from melora_tune.search.schema import parse_space
+
+    data = small_space(tmp_path / "model", tmp_path)
+    data["task"] = {**data["task"], "test_fraction": 0}
+    with pytest.raises(UsageError, match="test_fraction is 0"):
+        parse_space(data)
+    data["confirm"] = {"enabled": False}
+    with pytest.raises(UsageError, match="test_fraction is 0"):
+        run_confirm(data)
