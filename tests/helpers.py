@@ -6,6 +6,8 @@ __init__.py, so pytest puts it on sys.path when it imports tests/conftest.py (an
 
 from __future__ import annotations
 
+import re
+
 
 def tiny_bert_config(num_labels: int = 3):
     from transformers import BertConfig
@@ -51,3 +53,108 @@ def save_tiny_classifier(path, *, head_bias=(0.3, 0.0), max_positions: int = 128
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return path
+
+
+# ---- MLflow records of a search, written the way the search and its confirm stage write them -------------------
+# (records, not mocks: a real MLflow store, filled with MlflowClient; the names come from melora_tune.records)
+
+def log_search(client, dataset: str, name: str, *, params: dict | None = None, metrics: dict | None = None,
+               start_time: int | None = None) -> tuple[str, str]:
+    """A search's parent run: returns (experiment id, parent run id)."""
+    from melora_tune.records import KIND_TAG, SEARCH_KIND, SEARCH_TAG, STATUS_TAG
+
+    exp = client.get_experiment_by_name(dataset)
+    exp_id = exp.experiment_id if exp else client.create_experiment(dataset)
+    parent = client.create_run(exp_id, run_name=name, start_time=start_time,
+                               tags={KIND_TAG: SEARCH_KIND, SEARCH_TAG: name, STATUS_TAG: "finished"}).info.run_id
+    for key, value in {"budget": "512", **(params or {})}.items():
+        client.log_param(parent, key, str(value))
+    for key, value in (metrics or {}).items():
+        client.log_metric(parent, key, float(value))
+    client.set_terminated(parent)
+    return exp_id, parent
+
+
+def log_baselines(client, parent: str, scores: dict[str, tuple[float, float]], *, majority_share: float | None = None,
+                  score_metric: str | None = None) -> None:
+    """The baselines on the parent run: scores {name: (val, test)}, the majority share, the score metric."""
+    from melora_tune.records import baseline_metric
+
+    for name, (val, test) in scores.items():
+        client.log_metric(parent, baseline_metric(name, "val"), val)
+        client.log_metric(parent, baseline_metric(name, "test"), test)
+    if majority_share is not None:
+        client.log_metric(parent, "majority_share", majority_share)
+    if score_metric is not None:
+        client.log_param(parent, "score_metric", score_metric)
+
+
+def _log_hp(client, run: str, hp: dict) -> None:
+    for key, value in hp.items():
+        if value is not None:
+            client.log_param(run, key, str(value))
+
+
+def log_trial(client, exp_id: str, parent: str, hp: dict, scores: list[float], *, status: str = "completed",
+              trial_id: str = "t0", optuna_trial: int = 0, steps_per_epoch: int = 10, start_time: int | None = None) -> str:
+    """A search trial: params ``hp`` (method, n, r, lr, adapter_params, ...), ``score`` and ``epoch`` at each
+    evaluation (one per epoch, at the global step), ``best_score``."""
+    from melora_tune.adapters import describe
+    from melora_tune.records import OPTUNA_TAG, PARENT_TAG, STATUS_TAG, TRIAL_TAG
+
+    tags = {PARENT_TAG: parent, TRIAL_TAG: trial_id, OPTUNA_TAG: str(optuna_trial), STATUS_TAG: status}
+    run = client.create_run(exp_id, run_name=describe(hp), tags=tags, start_time=start_time).info.run_id
+    _log_hp(client, run, hp)
+    for epoch, score in enumerate(scores, start=1):
+        client.log_metric(run, "score", score, step=epoch * steps_per_epoch)
+        client.log_metric(run, "epoch", float(epoch), step=epoch * steps_per_epoch)
+    if scores:
+        client.log_metric(run, "best_score", max(scores))
+    client.set_terminated(run, status="FINISHED" if status in ("completed", "stopped_early") else "FAILED")
+    return run
+
+
+def log_confirmation(client, exp_id: str, parent: str, trial_run: str, hp: dict, *, config: str, seed: int,
+                     val: float | None, test: float | None, status: str = "completed", metric: str = "accuracy",
+                     trial_id: str = "t0", start_time: int | None = None) -> str:
+    """A confirmation run retraining ``trial_run`` on ``seed``: ``score`` per evaluation, ``val_score``,
+    ``test_score`` and ``test_<metric>`` (None: the run did not get that far)."""
+    from melora_tune.adapters import describe
+    from melora_tune.records import (
+        CONFIG_TAG, CONFIRM_KIND, CONFIRMS_TAG, CONFIRMS_TRIAL_TAG, KIND_TAG, PARENT_TAG, SEED_TAG, STATUS_TAG,
+    )
+
+    tags = {PARENT_TAG: parent, KIND_TAG: CONFIRM_KIND, CONFIRMS_TAG: trial_run, CONFIRMS_TRIAL_TAG: trial_id,
+            CONFIG_TAG: config, SEED_TAG: str(seed), STATUS_TAG: status}
+    run = client.create_run(exp_id, run_name=f"{describe(hp)} seed={seed}", tags=tags, start_time=start_time).info.run_id
+    _log_hp(client, run, {**hp, "training.seed": seed})
+    if val is not None:
+        client.log_metric(run, "score", val - 0.02, step=10)
+        client.log_metric(run, "score", val, step=20)
+        client.log_metric(run, "val_score", val)
+    if test is not None:
+        client.log_metric(run, "test_score", test)
+        client.log_metric(run, f"test_{metric}", test)
+    client.set_terminated(run, status="FINISHED" if status == "completed" else "FAILED")
+    return run
+
+
+# ---- reading a report back ---------------------------------------------------------------------------------------
+
+def md_section(text: str, title: str) -> str:
+    return text.split(f"## {title}", 1)[1].split("\n## ", 1)[0]
+
+
+def md_table_rows(section: str) -> list[dict[str, str]]:
+    lines = [ln for ln in section.splitlines() if ln.startswith("|")]
+    heads = [h.strip() for h in lines[0].strip("|").split("|")]
+    return [dict(zip(heads, (c.strip() for c in ln.strip("|").split("|")))) for ln in lines[2:]]
+
+
+def assert_self_contained(page: str) -> int:
+    """No external resource: every src is a data: URI, no <link>/<script src>/@import/url(http...)."""
+    srcs = re.findall(r"""\bsrc\s*=\s*["']([^"']*)["']""", page, flags=re.I)
+    assert all(s.startswith("data:image/png;base64,") for s in srcs), [s[:40] for s in srcs if not s.startswith("data:")]
+    assert not re.search(r"<link\b|<script\b|@import|url\(\s*['\"]?https?:", page, flags=re.I)
+    assert not re.search(r"""href\s*=\s*["']https?:""", page, flags=re.I)
+    return len(srcs)

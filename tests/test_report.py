@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 import signal
 import socket
 import subprocess
@@ -24,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from melora_tune.cli import main
-from helpers import save_tiny_classifier
+from helpers import assert_self_contained, md_section, md_table_rows, save_tiny_classifier
 
 DATASET = "rotten_tomatoes"
 
@@ -90,25 +89,6 @@ def _report_data(tmp_path, trials, scopes=None, notes=None):
         search_status="finished", generated="now", trials=trials, best=best_per_method(trials), top=rank_trials(trials).head(3),
         top_k=3, figures=figs, importance=imp, settings={"budget (adapter params)": "512"},
     )
-
-
-def md_section(text: str, title: str) -> str:
-    return text.split(f"## {title}", 1)[1].split("\n## ", 1)[0]
-
-
-def md_table_rows(section: str) -> list[dict[str, str]]:
-    lines = [ln for ln in section.splitlines() if ln.startswith("|")]
-    heads = [h.strip() for h in lines[0].strip("|").split("|")]
-    return [dict(zip(heads, (c.strip() for c in ln.strip("|").split("|")))) for ln in lines[2:]]
-
-
-def assert_self_contained(page: str) -> int:
-    """No external resource: every src is a data: URI, no <link>/<script src>/@import/url(http...)."""
-    srcs = re.findall(r"""\bsrc\s*=\s*["']([^"']*)["']""", page, flags=re.I)
-    assert all(s.startswith("data:image/png;base64,") for s in srcs), [s[:40] for s in srcs if not s.startswith("data:")]
-    assert not re.search(r"<link\b|<script\b|@import|url\(\s*['\"]?https?:", page, flags=re.I)
-    assert not re.search(r"""href\s*=\s*["']https?:""", page, flags=re.I)
-    return len(srcs)
 
 
 def test_render_markdown_and_self_contained_html(tmp_path):

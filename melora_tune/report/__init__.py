@@ -3,9 +3,12 @@
 ``import melora_tune.report`` stays light: MLflow, pandas, matplotlib and Optuna load inside the
 functions that need them.
 
-* ``collect``: the searches and trials an MLflow store holds, as a pandas DataFrame; the best trial per method.
+* ``collect``: the searches, trials and confirmations an MLflow store holds, as pandas DataFrames; the best
+  trial per method; the baselines on the parent run.
+* ``stats``: mean and Student-t interval over seeds, paired differences, a verdict in words.
+* ``confirmed``: the confirmed configurations, each method's winner (chosen on validation), their comparisons.
 * ``importance``: Optuna's parameter importance on the search's study.
-* ``plots``: the PNG figures (budget frontier, n x r heatmap, learning-rate sensitivity, importance).
+* ``plots``: the PNG figures (budget frontier, n x r heatmap, learning-rate sensitivity, learning curves, importance).
 * ``render``: Markdown and a self-contained HTML page (PNGs embedded as base64).
 * ``build``: all of the above for one search, written to a folder and logged on the search's parent run.
 * ``cli``: ``melora-tune report``.

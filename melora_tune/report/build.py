@@ -7,8 +7,14 @@ Files of one dataset's report (``reports/<dataset>/`` by default)::
     frontier.png        score vs adapter parameters, one series per method
     heatmap_n_r.png     MELoRA: best score over n x r (when MELoRA was searched)
     lr_sensitivity.png  score vs learning rate (log x)
+    learning_curves.png score at every evaluation vs epoch, one line per trial
     importance.png      Optuna parameter importance (when the study has enough completed trials)
-    trials.csv          every trial (one row per MLflow child run)
+    trials.csv          every trial (one row per MLflow child run that is not a confirmation)
+    confirmations.csv   every confirmation run (when the search was confirmed)
+
+When the search was confirmed (``melora-tune confirm``), the report leads with the confirmed results: each
+method's configuration with the best mean validation score over its seeds, its test score with a Student-t
+interval, the baselines, and which method wins (``report.confirmed``, ``report.stats``).
 
 The same files are logged on the search's parent run under ``report/``.
 Several datasets (``--dataset a --dataset b`` or ``--dataset all``) give one
@@ -25,13 +31,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from melora_tune.errors import UsageError
-from melora_tune.report import collect
+from melora_tune.report import collect, confirmed
 from melora_tune.report.render import Figure, ReportData, render_html, render_index_html, render_index_markdown, render_markdown
 
 log = logging.getLogger("melora_tune.report")
 
-FIGURE_FILES = ("frontier.png", "heatmap_n_r.png", "lr_sensitivity.png", "importance.png")
-REPORT_FILES = ("report.md", "report.html", "trials.csv")
+FIGURE_FILES = ("frontier.png", "heatmap_n_r.png", "lr_sensitivity.png", "learning_curves.png", "importance.png")
+REPORT_FILES = ("report.md", "report.html", "trials.csv", "confirmations.csv")
+IMBALANCED_SHARE = 0.7  # a validation split this dominated by one class makes accuracy mostly a majority-class count
 SETTINGS = [  # (parent run param, label)
     ("model", "model"), ("methods", "methods"), ("budget", "budget (adapter params)"), ("min_fraction", "min fraction of budget"),
     ("num_samples", "trials requested"), ("epochs", "epochs (max fidelity)"), ("asha", "ASHA early stopping"),
@@ -67,6 +74,18 @@ def _settings(search: collect.SearchInfo) -> dict[str, str]:
         except ValueError:
             pass
     return out
+
+
+def imbalance_note(baselines: collect.Baselines) -> str | None:
+    """A warning when the score is accuracy on a split where one class holds >= IMBALANCED_SHARE of the examples."""
+    share = baselines.majority_share
+    if share is None or share < IMBALANCED_SHARE or baselines.score_metric != "accuracy":
+        return None
+    majority = baselines.split("val").get("majority")
+    scored = f" (the majority-class baseline scores {majority:.3f} on validation)" if majority is not None else ""
+    return (f"The validation split's most common class is {share:.0%} of it: accuracy mostly measures the majority class "
+            f"here{scored}. For a score that rewards the other classes too, set `task.metric: f1` "
+            "(or `matthews_correlation`) in the space file and search again.")
 
 
 def cross_dataset_rows(mlf, current: dict[str, tuple[collect.SearchInfo, object]] | None = None, only: list[str] | None = None):
@@ -116,11 +135,14 @@ def build_report(
     mlf = mlf or collect.client(uri)
     info = collect.resolve_search(mlf, dataset, search)
     trials = collect.trials_frame(mlf, info)
+    confirmations = collect.confirmations_frame(mlf, info)
+    baselines = collect.baselines_of(info)
+    confirmed_results = confirmed.confirmed_results(confirmations, baselines)
     out = Path(out_dir) if out_dir is not None else Path("reports") / safe_folder_name(dataset)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} is a file, not a folder")
     out.mkdir(parents=True, exist_ok=True)
-    for name in FIGURE_FILES:  # a figure not drawn this time must not linger from an earlier report
+    for name in (*FIGURE_FILES, "confirmations.csv"):  # a file not written this time must not linger from an earlier report
         (out / name).unlink(missing_ok=True)
 
     ranked = collect.rank_trials(trials)
@@ -132,22 +154,33 @@ def build_report(
         notes.append(f"This search ended {info.status}: the report shows the trials it finished.")
     if trials.empty:
         notes.append("The search has no trial runs in MLflow yet.")
+    imbalance = imbalance_note(baselines)
+    if imbalance:
+        notes.append(imbalance)
 
     budget = None
     try:
         budget = float(info.params.get("budget")) if info.params.get("budget") else None
     except ValueError:
         budget = None
+    lines = baselines.split("val")  # the trials' scores are validation scores: so are the baselines drawn with them
+    on_plot = " Grey horizontal lines: the baselines' validation scores." if lines else ""
     figures = [
-        Figure("frontier", "Score vs adapter parameters (budget frontier)", plots.frontier(trials, out / "frontier.png", budget),
+        Figure("frontier", "Score vs adapter parameters (budget frontier)",
+               plots.frontier(trials, out / "frontier.png", budget, baselines=lines),
                "One series per method; hollow markers: trials ASHA stopped early (their score is from fewer epochs). "
-               "The line is each method's best score at or below that many parameters."),
+               "The line is each method's best score at or below that many parameters." + on_plot),
     ]
     heat = plots.heatmap_n_r(trials, out / "heatmap_n_r.png")
     figures.append(Figure("heatmap", "MELoRA: best score over n x r", heat,
                           "" if heat else "No scored MELoRA trial in this search, so there is no n x r heatmap."))
-    lr_fig = plots.lr_sensitivity(trials, out / "lr_sensitivity.png")
-    figures.append(Figure("lr", "Learning-rate sensitivity", lr_fig, "" if lr_fig else "No scored trial to plot."))
+    lr_fig = plots.lr_sensitivity(trials, out / "lr_sensitivity.png", baselines=lines)
+    figures.append(Figure("lr", "Learning-rate sensitivity", lr_fig, on_plot.strip() if lr_fig else "No scored trial to plot."))
+    curves_fig = plots.learning_curves(collect.curves_frame(mlf, trials), out / "learning_curves.png", baselines=lines)
+    figures.append(Figure("curves", "Learning curves", curves_fig,
+                          "Validation score at every evaluation of every search trial, one colour per method. Dashed lines "
+                          "ending in a hollow marker: trials ASHA stopped early; dotted: failed, diverged or interrupted."
+                          + on_plot if curves_fig else "No trial logged a score with its epoch."))
     location = collect.study_location(info, trials)
     importance = imp.search_importance(location)
     imp_fig = plots.importance_bars(importance.scopes, out / "importance.png")
@@ -170,13 +203,17 @@ def build_report(
         dataset=dataset, search_name=info.name, parent_run_id=info.run_id, experiment_id=info.experiment_id,
         tracking_uri=uri, search_status=info.status, generated=time.strftime("%Y-%m-%d %H:%M:%S"), trials=trials,
         best=best, top=ranked.head(top_k), top_k=top_k, figures=figures, importance=importance,
-        settings=_settings(info), cross=cross_rows, notes=notes,
+        settings=_settings(info), cross=cross_rows, notes=notes, confirmed=confirmed_results,
+        baselines=baselines if baselines.logged else None,
     )
     files = []
     (out / "report.md").write_text(render_markdown(data))
     (out / "report.html").write_text(render_html(data))
     trials.to_csv(out / "trials.csv", index=False)
     files += [out / "report.md", out / "report.html", out / "trials.csv"]
+    if not confirmations.empty:
+        confirmations.to_csv(out / "confirmations.csv", index=False)
+        files.append(out / "confirmations.csv")
     files += [f.path for f in figures if f.path is not None]
 
     warnings = []

@@ -1,9 +1,11 @@
 """``melora-tune report --dataset NAME``: a search's report as Markdown, a self-contained HTML page and PNG plots.
 
 Reads the MLflow tracking store a search wrote (default sqlite:///mlflow.db
-here): the best configuration per method, the top-k trials, score vs adapter
-parameters, a MELoRA n x r heatmap, learning-rate sensitivity and Optuna's
-parameter importance. The report goes to reports/<dataset>/ and is also logged
+here): when the search was confirmed (melora-tune confirm), each method's
+confirmed configuration with its test score over seeds (mean, std, 95% CI),
+the baselines and which method wins; then the best configuration per method,
+the top-k trials, score vs adapter parameters, a MELoRA n x r heatmap,
+learning-rate sensitivity, learning curves and Optuna's parameter importance. The report goes to reports/<dataset>/ and is also logged
 on the search's parent run (artifacts under report/).
 
 Several datasets: repeat --dataset (or --dataset all for every experiment
@@ -38,6 +40,17 @@ def add_report_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
+def _confirmed_lines(confirmed) -> list[str]:
+    """'confirmed melora: melora n=4 r=2 lr=1.0e-3 test 0.7900 ± 0.0100 (3 seeds)' per method, then the verdicts."""
+    if confirmed is None:
+        return ["not confirmed yet: melora-tune confirm SPACE.yaml retrains the best configurations on several seeds"]
+    from melora_tune.report.render import mean_std
+
+    out = [f"confirmed {w['method']}: {w['configuration']} test {mean_std(w['test_mean'], w['test_std'], w['test_n']) or 'n/a'} "
+           f"({w['seeds']} seed{'s' if w['seeds'] != 1 else ''})" for _, w in confirmed.winners.iterrows()]
+    return out + [c.sentence for c in confirmed.comparisons]
+
+
 def report_command(args) -> int:
     import sys
 
@@ -54,6 +67,8 @@ def report_command(args) -> int:
             print(f"  best {row['method']}: {row['run_name']} score {row['score']:.4f} ({row['status'].replace('_', ' ')})")
         if best.empty:
             print("  no scored trial yet")
+        for line in _confirmed_lines(res.data.confirmed):
+            print(f"  {line}")
         if res.logged:
             print(f"  logged on MLflow run {res.parent_run_id} under report/")
         for warning in res.warnings:

@@ -7,6 +7,11 @@ space file as artifact ``space/<file>.yaml``), one child run per trial (tag
 evaluation and ``best_score`` of the best checkpoint; tag ``melora.status``;
 artifact ``adapter/``).
 
+Confirmations (``melora-tune confirm``) are child runs of the same parent tagged
+``melora.kind=confirmation``: ``trials_frame`` leaves them out (they retrain a trial, they are not
+one), ``confirmations_frame`` reads them; ``baselines_of`` reads the baselines the parent run holds.
+``records.schema`` documents every name read here.
+
 Ranking, the same rule the search itself uses for its summary: trials that
 reached the full number of epochs (``completed``) before trials ASHA stopped
 early (``stopped_early``), then the final ``score``, then ``best_score``;
@@ -26,14 +31,31 @@ from typing import Any
 from melora_tune.errors import UsageError
 
 from melora_tune.records import (  # noqa: F401  (re-exported for callers of the report API)
-    CHECKPOINT_TAG, DEFAULT_TRACKING_URI, KIND_TAG, META_NAME, OPTUNA_TAG, PARENT_TAG, REASON_TAG, SCORED, SEARCH_KIND,
-    SEARCH_TAG, STATUS_TAG, TRIAL_TAG,
+    BASELINES, CHECKPOINT_TAG, CONFIG_TAG, CONFIRM_KIND, CONFIRMS_TAG, CONFIRMS_TRIAL_TAG, DEFAULT_TRACKING_URI, KIND_TAG,
+    META_NAME, OPTUNA_TAG, PARENT_TAG, REASON_TAG, SCORED, SEARCH_KIND, SEARCH_TAG, SEED_TAG, STATUS_TAG, TRIAL_TAG,
+    baseline_metric, finite,
 )
-INT_COLUMNS = ("optuna_trial", "n", "r", "u", "m", "m_b", "equivalent_rank", "adapter_params")
-FLOAT_COLUMNS = ("lr", "alpha", "dropout", "score", "best_score", "epoch")
+
+# Metric and param names records.schema documents in prose but does not export as constants.
+VAL_SCORE = "val_score"  # a confirmation's final validation score
+TEST_SCORE = "test_score"  # a confirmation's test score (only confirmations ever see test)
+SEED_PARAM = "training.seed"  # a confirmation's seed, when the melora.seed tag is missing
+MAJORITY_SHARE = "majority_share"  # on the parent run: the validation split's most common class's share
+SCORE_METRIC_PARAM = "score_metric"  # on the parent run: what the search maximises
+DEFAULT_SCORE_METRIC = "score"  # a search that logged no score_metric (older searches)
+SPLITS = ("val", "test")
+
+HP_COLUMNS = ("n", "r", "u", "m", "m_b")
+INT_COLUMNS = ("optuna_trial", *HP_COLUMNS, "equivalent_rank", "adapter_params", "seed")
+FLOAT_COLUMNS = ("lr", "alpha", "dropout", "score", "best_score", "epoch", "val_score", "test_score")
 COLUMNS = (
     "run_id", "run_name", "trial_id", "optuna_trial", "method", "n", "r", "u", "m", "m_b", "lr", "alpha", "dropout",
     "equivalent_rank", "adapter_params", "score", "best_score", "epoch", "status", "reason", "mlflow_status",
+    "start_time", "duration_s", "best_checkpoint",
+)
+CONFIRM_COLUMNS = (
+    "run_id", "run_name", "confirms", "confirms_trial", "config", "method", *HP_COLUMNS, "lr", "alpha", "dropout",
+    "equivalent_rank", "adapter_params", "seed", "status", "mlflow_status", "val_score", "test_score", "score", "epoch",
     "start_time", "duration_s", "best_checkpoint",
 )
 
@@ -171,11 +193,22 @@ def _num(value: Any) -> float:
     return out
 
 
+def is_confirmation(run) -> bool:
+    return run.data.tags.get(KIND_TAG) == CONFIRM_KIND
+
+
+def _children(mlf, search: SearchInfo) -> list:
+    """Every child run of the search's parent: its trials and its confirmations."""
+    return _all_runs(mlf, [search.experiment_id], f"tags.`{PARENT_TAG}` = '{search.run_id}'")
+
+
 def trials_frame(mlf, search: SearchInfo):
-    """One row per child run (trial) of the search; columns ``COLUMNS``."""
+    """One row per trial (child run that is not a confirmation) of the search; columns ``COLUMNS``."""
     import pandas as pd
 
-    runs = _all_runs(mlf, [search.experiment_id], f"tags.`{PARENT_TAG}` = '{search.run_id}'")
+    # Filtered here, not in the query: MLflow's `tags.x != 'y'` also drops runs that lack the tag, which
+    # every trial does.
+    runs = [run for run in _children(mlf, search) if not is_confirmation(run)]
     rows = []
     for run in runs:
         p, m, t = run.data.params, run.data.metrics, run.data.tags
@@ -186,7 +219,7 @@ def trials_frame(mlf, search: SearchInfo):
             "trial_id": t.get(TRIAL_TAG),
             "optuna_trial": t.get(OPTUNA_TAG, p.get("optuna_trial")),
             "method": p.get("method", "?"),
-            **{k: p.get(k) for k in ("n", "r", "u", "m", "m_b", "lr", "alpha", "dropout", "equivalent_rank", "adapter_params")},
+            **{k: p.get(k) for k in (*HP_COLUMNS, "lr", "alpha", "dropout", "equivalent_rank", "adapter_params")},
             "score": m.get("score"),
             "best_score": m.get("best_score"),
             "epoch": m.get("epoch"),
@@ -199,6 +232,88 @@ def trials_frame(mlf, search: SearchInfo):
         })
     df = pd.DataFrame(rows, columns=list(COLUMNS))
     return normalize_frame(df)
+
+
+def confirmations_frame(mlf, search: SearchInfo):
+    """One row per confirmation run of the search (columns ``CONFIRM_COLUMNS``), oldest first.
+
+    ``confirms`` is the MLflow run id of the search trial it retrains, ``config`` the key its seeds share;
+    ``val_score`` / ``test_score`` are the final scores on validation and test (NaN until it finished).
+    """
+    import pandas as pd
+
+    rows = []
+    for run in (r for r in _children(mlf, search) if is_confirmation(r)):
+        p, m, t = run.data.params, run.data.metrics, run.data.tags
+        start, end = run.info.start_time, run.info.end_time
+        rows.append({
+            "run_id": run.info.run_id,
+            "run_name": run.info.run_name,
+            "confirms": t.get(CONFIRMS_TAG),
+            "confirms_trial": t.get(CONFIRMS_TRIAL_TAG),
+            "config": t.get(CONFIG_TAG),
+            "method": p.get("method", "?"),
+            **{k: p.get(k) for k in (*HP_COLUMNS, "lr", "alpha", "dropout", "equivalent_rank", "adapter_params")},
+            "seed": t.get(SEED_TAG, p.get(SEED_PARAM)),
+            "status": t.get(STATUS_TAG, "?"),
+            "mlflow_status": run.info.status,
+            "val_score": m.get(VAL_SCORE),
+            "test_score": m.get(TEST_SCORE),
+            "score": m.get("score"),
+            "epoch": m.get("epoch"),
+            "start_time": start,
+            "duration_s": (end - start) / 1000.0 if start and end else None,
+            "best_checkpoint": t.get(CHECKPOINT_TAG),
+        })
+    df = normalize_frame(pd.DataFrame(rows, columns=list(CONFIRM_COLUMNS)))
+    return df.sort_values("start_time", kind="mergesort").reset_index(drop=True)
+
+
+@dataclass
+class Baselines:
+    """What the parent run holds besides the trials: the baselines' scores, the class balance, the metric."""
+
+    scores: dict[str, dict[str, float]]  # {name: {"val": x, "test": y}}, names in BASELINES order, finite values only
+    majority_share: float | None  # the validation split's most common class's share (None: not logged)
+    score_metric: str  # what the search maximises ("score" when the search did not say)
+    logged: bool = True  # whether the parent run held any of it (searches before baselines existed did not)
+
+    def split(self, split: str) -> dict[str, float]:
+        """{name: score} of the baselines that have a score on ``split``."""
+        return {name: s[split] for name, s in self.scores.items() if split in s}
+
+
+def baselines_of(search: SearchInfo) -> Baselines:
+    """The baselines (``BASELINES``) logged on the search's parent run, ``majority_share`` and ``score_metric``."""
+    scores = {}
+    for name in BASELINES:
+        got = {split: float(search.metrics[baseline_metric(name, split)]) for split in SPLITS
+               if finite(search.metrics.get(baseline_metric(name, split)))}
+        if got:
+            scores[name] = got
+    share = search.metrics.get(MAJORITY_SHARE)
+    metric = search.params.get(SCORE_METRIC_PARAM)
+    return Baselines(scores, float(share) if finite(share) else None, metric or DEFAULT_SCORE_METRIC,
+                     logged=bool(scores) or finite(share) or bool(metric))
+
+
+def curves_frame(mlf, trials):
+    """The score at every evaluation of every trial: columns run_id, method, status, step, epoch, score.
+
+    Both ``score`` and ``epoch`` are logged at the trial's global step, so the epoch of an evaluation is the
+    ``epoch`` metric at the same step; an evaluation whose step has no epoch is left out (it has no x).
+    Ordered by trial (as ``trials``) then step.
+    """
+    import pandas as pd
+
+    columns = ["run_id", "method", "status", "step", "epoch", "score"]
+    rows = []
+    for trial in trials.itertuples(index=False):
+        epochs = {m.step: m.value for m in mlf.get_metric_history(trial.run_id, "epoch")}
+        for m in sorted(mlf.get_metric_history(trial.run_id, "score"), key=lambda m: m.step):
+            if m.step in epochs and math.isfinite(m.value):
+                rows.append((trial.run_id, trial.method, trial.status, m.step, epochs[m.step], m.value))
+    return pd.DataFrame(rows, columns=columns).astype({"step": "int64", "epoch": float, "score": float})
 
 
 def normalize_frame(df):

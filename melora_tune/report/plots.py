@@ -1,7 +1,9 @@
 """The report's figures as PNG files (matplotlib, Agg backend: no display needed).
 
-Every function takes the trials DataFrame of ``collect.trials_frame`` and returns the path it wrote,
-or None when the data has nothing to draw (the report then says why).
+Every function takes the trials DataFrame of ``collect.trials_frame`` (the learning curves: the evaluations
+of ``collect.curves_frame``) and returns the path it wrote, or None when the data has nothing to draw (the
+report then says why). ``baselines`` ({name: validation score}, names of ``records.BASELINES``) draws each
+baseline as a labelled horizontal line: the trials' scores are validation scores, so are these.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 DPI = 110
+BASELINE_STYLES = {"majority": ":", "probe": "-."}  # line style per baseline; all grey, apart from the methods' colours
 
 
 def _style(method: str) -> tuple[str | None, str]:
@@ -55,7 +58,16 @@ def _series(ax, data, x: str, method: str) -> None:
                    label=f"{method} (stopped early)", zorder=3)
 
 
-def frontier(df, path: str | Path, budget: float | None = None) -> Path | None:
+def _baseline_lines(ax, baselines: dict[str, float] | None) -> None:
+    """One labelled horizontal line per baseline score."""
+    from melora_tune.records import BASELINE_LABELS
+
+    for name, score in (baselines or {}).items():
+        ax.axhline(float(score), color="#555555", ls=BASELINE_STYLES.get(name, "--"), lw=1.2, zorder=2,
+                   label=f"{BASELINE_LABELS.get(name, name)} {float(score):.3f}")
+
+
+def frontier(df, path: str | Path, budget: float | None = None, baselines: dict[str, float] | None = None) -> Path | None:
     """Score vs trainable adapter parameters, one series per method, with each method's best-so-far frontier."""
     data = _scored(df).dropna(subset=["adapter_params"])
     if data.empty:
@@ -68,6 +80,7 @@ def frontier(df, path: str | Path, budget: float | None = None) -> Path | None:
         ax.step(best.index.astype(float), best.cummax().values, where="post", color=_style(method)[0], alpha=0.5, lw=1.2)
     if budget:
         ax.axvline(float(budget), color="grey", ls="--", lw=1, label=f"budget {int(budget):,}")
+    _baseline_lines(ax, baselines)
     ax.set_xlabel("trainable adapter parameters")
     ax.set_ylabel("score")
     ax.set_title("Budget frontier: score vs adapter parameters")
@@ -122,7 +135,7 @@ def heatmap_n_r(df, path: str | Path, method: str | None = None) -> Path | None:
     return _save(fig, Path(path))
 
 
-def lr_sensitivity(df, path: str | Path) -> Path | None:
+def lr_sensitivity(df, path: str | Path, baselines: dict[str, float] | None = None) -> Path | None:
     """Score vs learning rate (log scale), one series per method."""
     data = _scored(df).dropna(subset=["lr"])
     data = data[data["lr"] > 0]
@@ -132,12 +145,56 @@ def lr_sensitivity(df, path: str | Path) -> Path | None:
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for method, group in data.groupby("method", sort=True):
         _series(ax, group.sort_values("lr"), "lr", method)
+    _baseline_lines(ax, baselines)
     ax.set_xscale("log")
     ax.set_xlabel("learning rate (log scale)")
     ax.set_ylabel("score")
     ax.set_title("Learning-rate sensitivity")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
+    return _save(fig, Path(path))
+
+
+def learning_curves(curves, path: str | Path, baselines: dict[str, float] | None = None) -> Path | None:
+    """Score at every evaluation vs epoch, one line per trial, one colour per method.
+
+    Trials that trained every epoch are solid; trials ASHA stopped early are dashed and end in a hollow marker
+    where they stopped (their lines are shorter); failed, diverged and interrupted trials are dotted and faint.
+    """
+    from matplotlib.lines import Line2D
+
+    if curves is None or curves.empty:
+        return None
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    handles, styles_used = [], set()
+    for method, runs in curves.groupby("method", sort=True):
+        color, marker = _style(method)
+        for _, points in runs.groupby("run_id", sort=False):
+            points = points.sort_values("step")
+            status = points["status"].iloc[0]
+            kind = "completed" if status == "completed" else "stopped_early" if status == "stopped_early" else "other"
+            styles_used.add(kind)
+            ls, alpha = {"completed": ("-", 0.8), "stopped_early": ("--", 0.8), "other": (":", 0.4)}[kind]
+            line, = ax.plot(points["epoch"], points["score"], ls=ls, color=color, alpha=alpha, lw=1.2, marker=marker,
+                            markersize=3, zorder=3)
+            color = line.get_color()  # a method without a declared colour keeps the one matplotlib gave its first line
+            if kind == "stopped_early":
+                ax.scatter(points["epoch"].iloc[-1:], points["score"].iloc[-1:], marker=marker, s=45, facecolors="none",
+                           edgecolors=color, zorder=4)
+        handles.append(Line2D([], [], color=color, marker=marker, lw=1.2, label=method))
+    if "stopped_early" in styles_used:
+        handles.append(Line2D([], [], color="black", ls="--", marker="o", markerfacecolor="none", lw=1,
+                              label="stopped early (ASHA)"))
+    if "other" in styles_used:
+        handles.append(Line2D([], [], color="black", ls=":", alpha=0.4, lw=1, label="failed / diverged / interrupted"))
+    _baseline_lines(ax, baselines)
+    handles += [h for h in ax.get_legend_handles_labels()[0] if h not in handles]
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("score (validation)")
+    ax.set_title("Learning curves: score at every evaluation")
+    ax.grid(alpha=0.3)
+    ax.legend(handles=handles, fontsize=8)
     return _save(fig, Path(path))
 
 

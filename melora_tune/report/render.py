@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from melora_tune.records import BASELINE_LABELS
 from melora_tune.report.collect import fmt, fmt_lr
 
 # (column, header) of the best-per-method table; method-specific columns are dropped when no row has them.
@@ -56,6 +57,13 @@ class ReportData:
     settings: dict[str, str] = field(default_factory=dict)  # budget, epochs, ... from the parent run
     cross: Any = None  # DataFrame of cross_dataset_rows, or None
     notes: list[str] = field(default_factory=list)
+    confirmed: Any = None  # confirmed.ConfirmedResults, or None: no confirmation ran
+    baselines: Any = None  # collect.Baselines, or None
+
+
+CONFIRM_COMMAND = "melora-tune confirm SPACE.yaml"
+NO_CONFIRMATION = (f"No confirmation ran for this search: the tables below rank search trials by their validation score only. "
+                   f"Run `{CONFIRM_COMMAND}` to retrain the best configurations on several seeds and score them on test.")
 
 
 def cell(col: str, value: Any) -> str:
@@ -119,6 +127,14 @@ def _summary_lines(data: ReportData) -> list[tuple[str, str]]:
         ("tracking URI", data.tracking_uri),
         ("trials", f"{len(data.trials)}: {status_counts(data.trials)}"),
     ]
+    if data.confirmed is not None:
+        table = data.confirmed.table
+        lines.append(("confirmations", f"{int(table['runs'].sum())} runs of {len(table)} configurations, "
+                                       f"{int(table['seeds'].sum())} completed"))
+    if data.baselines is not None:
+        lines.append(("score metric", data.baselines.score_metric))
+        if data.baselines.majority_share is not None:
+            lines.append(("majority class share (validation)", f"{data.baselines.majority_share:.1%}"))
     lines += list(data.settings.items())
     lines.append(("generated", data.generated))
     return lines
@@ -140,6 +156,99 @@ def _importance_sections(data: ReportData) -> list[tuple[str, str]]:
     return out
 
 
+# ---- confirmed results: cells shared by both renderers ---------------------------------------------------
+
+CONFIRMED_HEADS = ["method", "configuration", "adapter params", "seeds", "validation (mean ± std)", "test (mean ± std)",
+                   "test 95% CI"]
+ALL_CONFIRMED_HEADS = ["method", "configuration", "adapter params", "seeds", "validation (mean ± std)", "validation 95% CI",
+                       "test (mean ± std)", "test 95% CI", "confirmed winner", "search trial", "config key"]
+
+
+def mean_std(mean: Any, std: Any, n: Any) -> str:
+    """'0.8123 ± 0.0101'; one seed has no spread: '0.8123 (one seed)'; no seed: ''."""
+    if not n or not _finite(mean):
+        return ""
+    return f"{mean:.4f} ± {std:.4f}" if _finite(std) else f"{mean:.4f} (one seed)"
+
+
+def interval(lo: Any, hi: Any, n: Any) -> str:
+    """'0.7953 to 0.8293'; fewer than two seeds: 'n/a'."""
+    return f"{lo:.4f} to {hi:.4f}" if n and n >= 2 and _finite(lo) and _finite(hi) else "n/a"
+
+
+def _finite(x: Any) -> bool:
+    from melora_tune.records import finite
+
+    return finite(x)
+
+
+def _seeds(row) -> str:
+    return f"{row['seeds']}" if row["seeds"] == row["runs"] else f"{row['seeds']} of {row['runs']}"
+
+
+def _method_cell(row) -> str:
+    from melora_tune.report.confirmed import method_label
+
+    return method_label(row["method"])
+
+
+def confirmed_rows(data: ReportData) -> tuple[list[str], list[list[str]]]:
+    """The headline table: each method's confirmed winner, then the baselines."""
+    rows = []
+    for _, w in data.confirmed.winners.iterrows():
+        rows.append([_method_cell(w), w["configuration"], cell("adapter_params", w["adapter_params"]), _seeds(w),
+                     mean_std(w["val_mean"], w["val_std"], w["val_n"]), mean_std(w["test_mean"], w["test_std"], w["test_n"]),
+                     interval(w["test_lo"], w["test_hi"], w["test_n"])])
+    return CONFIRMED_HEADS, rows + baseline_rows(data, len(CONFIRMED_HEADS))
+
+
+def baseline_rows(data: ReportData, width: int) -> list[list[str]]:
+    """[label, '', ..., val, test, ''] per baseline, aligned with the headline table's columns."""
+    if data.baselines is None:
+        return []
+    out = []
+    for name, scores in data.baselines.scores.items():
+        row = [BASELINE_LABELS.get(name, name), "baseline"] + [""] * (width - 2)
+        row[4], row[5] = fmt_score(scores.get("val")), fmt_score(scores.get("test"))
+        out.append(row)
+    return out
+
+
+def fmt_score(x: Any) -> str:
+    return f"{x:.4f}" if _finite(x) else ""
+
+
+def all_confirmed_rows(data: ReportData) -> tuple[list[str], list[list[str]]]:
+    rows = []
+    for _, c in data.confirmed.table.iterrows():
+        rows.append([_method_cell(c), c["configuration"], cell("adapter_params", c["adapter_params"]), _seeds(c),
+                     mean_std(c["val_mean"], c["val_std"], c["val_n"]), interval(c["val_lo"], c["val_hi"], c["val_n"]),
+                     mean_std(c["test_mean"], c["test_std"], c["test_n"]), interval(c["test_lo"], c["test_hi"], c["test_n"]),
+                     "yes" if c["winner"] else "", fmt(c["confirms_trial"]) or fmt(c["confirms"]), str(c["config"])])
+    return ALL_CONFIRMED_HEADS, rows
+
+
+def confirmed_note(data: ReportData) -> str:
+    pct = f"{100 * data.confirmed.level:g}%"
+    return (f"Each method's confirmed configuration is the one with the highest mean validation score over its seeds; "
+            f"test never takes part in the choice. ± is the standard deviation over seeds; the {pct} CI is Student's t "
+            "over seeds (n/a with one seed). Baselines are scored once on the same splits.")
+
+
+def verdict_lines(data: ReportData) -> list[str]:
+    """The sentences of 'Which method wins on this dataset'."""
+    if data.confirmed is None:
+        return []
+    comparisons = data.confirmed.comparisons
+    if not comparisons:
+        winners = data.confirmed.winners
+        if winners.empty:
+            return ["No confirmed configuration completed a seed: nothing to compare yet."]
+        return [f"Only {_method_cell(winners.iloc[0])} has a confirmed configuration with a completed seed: "
+                "there is no other method to compare it with."]
+    return [c.sentence for c in comparisons]
+
+
 # ---- Markdown --------------------------------------------------------------------------------------
 
 def render_markdown(data: ReportData) -> str:
@@ -149,6 +258,7 @@ def render_markdown(data: ReportData) -> str:
     out.append("")
     for note in data.notes:
         out += [f"> {md_escape(note)}", ""]
+    out += _confirmed_markdown(data)
     out += ["## Best configuration per method", ""]
     if data.best.empty:
         out += ["No trial finished with a score (completed or stopped early).", ""]
@@ -171,6 +281,21 @@ def render_markdown(data: ReportData) -> str:
     if data.cross is not None and not data.cross.empty:
         out += ["## Best configuration by dataset", "", md_table(*table_rows(data.cross, CROSS_COLUMNS)), ""]
     return "\n".join(out).rstrip() + "\n"
+
+
+def _confirmed_markdown(data: ReportData) -> list[str]:
+    out = ["## Confirmed results (held-out test)", ""]
+    if data.confirmed is None:
+        out += [NO_CONFIRMATION, ""]
+        baselines = baseline_rows(data, len(CONFIRMED_HEADS))
+        if baselines:
+            out += [md_table(["baseline", "", "validation", "test"], [[r[0], r[1], r[4], r[5]] for r in baselines]), ""]
+        return out
+    out += [md_table(*confirmed_rows(data)), "", confirmed_note(data), ""]
+    out += ["## Which method wins on this dataset", ""]
+    out += [f"- {md_escape(line)}" for line in verdict_lines(data)] + [""]
+    out += ["## Every confirmed configuration", "", md_table(*all_confirmed_rows(data)), ""]
+    return out
 
 
 # ---- HTML ------------------------------------------------------------------------------------------
@@ -203,6 +328,7 @@ def render_html(data: ReportData) -> str:
     parts.append("</dl>")
     for note in data.notes:
         parts.append(f'<p class="note">{e(note)}</p>')
+    parts += _confirmed_html(data)
     parts.append("<h2>Best configuration per method</h2>")
     if data.best.empty:
         parts.append("<p>No trial finished with a score (completed or stopped early).</p>")
@@ -227,6 +353,23 @@ def render_html(data: ReportData) -> str:
         parts.append(html_table(*table_rows(data.cross, CROSS_COLUMNS)))
     parts.append("</body></html>")
     return "\n".join(parts) + "\n"
+
+
+def _confirmed_html(data: ReportData) -> list[str]:
+    e = html.escape
+    parts = ["<h2>Confirmed results (held-out test)</h2>"]
+    if data.confirmed is None:
+        text = e(NO_CONFIRMATION).replace(f"`{e(CONFIRM_COMMAND)}`", f"<code>{e(CONFIRM_COMMAND)}</code>")
+        parts.append(f"<p>{text}</p>")
+        baselines = baseline_rows(data, len(CONFIRMED_HEADS))
+        if baselines:
+            parts.append(html_table(["baseline", "", "validation", "test"], [[r[0], r[1], r[4], r[5]] for r in baselines]))
+        return parts
+    parts += [html_table(*confirmed_rows(data)), f'<p class="note">{e(confirmed_note(data))}</p>']
+    parts.append("<h2>Which method wins on this dataset</h2>")
+    parts.append("<ul>" + "".join(f"<li>{e(line)}</li>" for line in verdict_lines(data)) + "</ul>")
+    parts += ["<h2>Every confirmed configuration</h2>", html_table(*all_confirmed_rows(data))]
+    return parts
 
 
 def render_index_markdown(cross, reports: list[tuple[str, str]], generated: str) -> str:

@@ -1,0 +1,178 @@
+"""Confirmed results: the search's best configurations retrained on several seeds and scored once on test.
+
+From the confirmation runs (``collect.confirmations_frame``), per configuration (the ``melora.config``
+key its seeds share) over its completed seeds s = 1..k:
+
+    validation  mean_ci(val_score_s)    test  mean_ci(test_score_s)      (``stats.mean_ci``: x̄ ± t·s/√k)
+
+The confirmed winner of a method is its configuration with the highest mean *validation* score. Test never
+takes part in choosing: a winner picked on test would make its test score an optimistic estimate, the
+very bias confirming on held-out data is there to remove. Ties go to more seeds, then the configuration
+confirmed first.
+
+Winners of two methods are compared on test seed by seed (``stats.paired_difference``): both were
+retrained on the same seeds, so d_s = test_a,s - test_b,s pairs what the seed does to both.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from itertools import combinations
+from typing import Any
+
+from melora_tune.report.collect import DEFAULT_SCORE_METRIC, HP_COLUMNS, Baselines
+from melora_tune.report.stats import PairedDifference, mean_ci, paired_difference, verdict
+
+COMPLETED = "completed"  # only a confirmation that trained every epoch counts as a seed
+
+
+@dataclass
+class Comparison:
+    """The paired test comparison of two methods' confirmed winners (``diff`` = a - b)."""
+
+    method_a: str
+    method_b: str
+    config_a: str
+    config_b: str
+    diff: PairedDifference
+    sentence: str
+
+
+@dataclass
+class ConfirmedResults:
+    """What the report shows of the confirmations."""
+
+    table: Any  # DataFrame of confirmed_table: one row per configuration
+    comparisons: list[Comparison] = field(default_factory=list)
+    baselines: Baselines | None = None
+    level: float = 0.95
+
+    @property
+    def winners(self):
+        return self.table[self.table["winner"]].reset_index(drop=True)
+
+
+def method_label(name: str) -> str:
+    """The method's label from the registry ("MELoRA"), its name when it is not registered."""
+    from melora_tune.adapters.registry import get_method
+    from melora_tune.errors import UsageError
+
+    try:
+        return get_method(name).label
+    except UsageError:
+        return str(name)
+
+
+def _plain(value: Any) -> Any:
+    """A pandas cell as a Python value: None for missing, int for whole numbers (describe prints them)."""
+    import pandas as pd
+
+    if value is None or (not isinstance(value, str) and pd.isna(value)):
+        return None
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value.item() if hasattr(value, "item") else value
+
+
+def configuration_text(row) -> str:
+    """'melora n=4 r=2 lr=1.0e-3': the method's hyperparameters and lr, as run names and the trial tables write them."""
+    from melora_tune.adapters.registry import describe
+
+    hp = {key: _plain(row.get(key)) for key in ("method", *HP_COLUMNS, "lr")}
+    return describe(hp)
+
+
+def completed_seeds(confirmations):
+    """The confirmation runs that count as seeds: completed, with a finite validation score; a seed confirmed
+    twice for one configuration (a retried run) counts once, its latest run (the frame is oldest first)."""
+    import numpy as np
+
+    confirmations = confirmations.assign(config=_config_keys(confirmations))
+    ok = (confirmations["status"] == COMPLETED) & np.isfinite(confirmations["val_score"].astype(float))
+    done = confirmations[ok]
+    repeated = done["seed"].notna() & done.duplicated(["config", "seed"], keep="last")
+    return done[~repeated]
+
+
+def _config_keys(confirmations):
+    # A run without the config tag is its own trial's configuration: its seeds retrain the same trial.
+    return confirmations["config"].fillna(confirmations["confirms"]).fillna(confirmations["run_id"])
+
+
+def confirmed_table(confirmations, level: float = 0.95):
+    """One row per configuration: its hyperparameters, seeds, validation and test mean/std/interval, ``winner``.
+
+    Columns: config, method, configuration, n, r, u, m, m_b, lr, adapter_params, equivalent_rank, confirms,
+    confirms_trial, runs (confirmation runs), seeds (completed ones), and for split in (val, test):
+    {split}_n, {split}_mean, {split}_std, {split}_lo, {split}_hi; winner (bool: the method's highest mean
+    validation score). Ordered by method (the method whose winner validates best first), then mean
+    validation score, best first.
+    """
+    import pandas as pd
+
+    runs = confirmations.assign(config=_config_keys(confirmations))
+    seeds = completed_seeds(runs)
+    rows = []
+    for key, group in runs.groupby("config", sort=False):
+        first = group.iloc[0]
+        done = seeds[seeds["config"] == key]
+        row = {"config": key, "method": first["method"], "configuration": configuration_text(first),
+               **{k: first[k] for k in (*HP_COLUMNS, "lr", "adapter_params", "equivalent_rank", "confirms", "confirms_trial")},
+               "runs": len(group), "seeds": len(done), "first_start": group["start_time"].min()}
+        for split, column in (("val", "val_score"), ("test", "test_score")):
+            ci = mean_ci(done[column], level)
+            row.update({f"{split}_n": ci.n, f"{split}_mean": ci.mean, f"{split}_std": ci.std, f"{split}_lo": ci.lo,
+                        f"{split}_hi": ci.hi})
+        rows.append(row)
+    table = pd.DataFrame(rows)
+    if table.empty:
+        return table
+    table["winner"] = False
+    for _, group in table.groupby("method", sort=False):
+        ranked = _by_validation(group)
+        if math.isfinite(ranked.iloc[0]["val_mean"]):  # a method none of whose seeds completed has no winner
+            table.loc[ranked.index[0], "winner"] = True
+    return _ordered(table).drop(columns=["first_start"]).reset_index(drop=True)
+
+
+def _by_validation(table):
+    """Highest mean validation score first; ties: more seeds, then confirmed first. Test is never looked at."""
+    key = table.assign(_val=table["val_mean"].fillna(-math.inf), _start=table["first_start"].fillna(math.inf))
+    return key.sort_values(["_val", "seeds", "_start"], ascending=[False, False, True], kind="mergesort")
+
+
+def _ordered(table):
+    ranked = _by_validation(table)
+    method_rank = {m: i for i, m in enumerate(dict.fromkeys(ranked["method"]))}  # a method's place: its best config's
+    return ranked.assign(_m=ranked["method"].map(method_rank)).sort_values("_m", kind="mergesort").drop(
+        columns=["_m", "_val", "_start"])
+
+
+def seed_scores(confirmations, config: str, column: str = "test_score") -> dict[int, float]:
+    """{seed: score} of a configuration's completed seeds (the last run of a seed when one was retried)."""
+    import numpy as np
+
+    runs = completed_seeds(confirmations)
+    runs = runs[(runs["config"] == config) & runs["seed"].notna() & np.isfinite(runs[column].astype(float))]
+    return {int(s): float(v) for s, v in zip(runs["seed"], runs[column])}
+
+
+def compare_winners(confirmations, table, metric: str, level: float = 0.95) -> list[Comparison]:
+    """Every pair of methods' winners, paired by seed on test, in the table's order, with the verdict."""
+    winners = table[table["winner"]] if not table.empty else table
+    out = []
+    for (_, a), (_, b) in combinations(winners.iterrows(), 2):
+        diff = paired_difference(seed_scores(confirmations, a["config"]), seed_scores(confirmations, b["config"]), level)
+        sentence = verdict(method_label(a["method"]), method_label(b["method"]), diff, metric)
+        out.append(Comparison(a["method"], b["method"], a["config"], b["config"], diff, sentence))
+    return out
+
+
+def confirmed_results(confirmations, baselines: Baselines | None = None, level: float = 0.95) -> ConfirmedResults | None:
+    """The confirmed table, its winners and their comparisons; None when the search has no confirmation run."""
+    if confirmations is None or confirmations.empty:
+        return None
+    table = confirmed_table(confirmations, level)
+    metric = baselines.score_metric if baselines is not None else DEFAULT_SCORE_METRIC
+    return ConfirmedResults(table, compare_winners(confirmations, table, metric, level), baselines, level)
