@@ -183,8 +183,20 @@ def save_adapter(model: nn.Module, cfg: AdapterConfig, directory: str | Path, **
 
 
 def load_adapter(model: nn.Module, directory: str | Path) -> tuple[AdapterConfig, InjectionReport]:
-    """Inject the saved config into a fresh base model and load its tensors (safetensors only)."""
+    """Inject the saved config into a fresh base model and load its tensors (safetensors only); the pooling the
+    trial trained with (``adapters.pooling``, saved in the config's provenance) is applied as well."""
+    import json
+
+    from melora_tune.adapters.config import CONFIG_NAME, META_KEY
+    from melora_tune.adapters.pooling import apply_pooling
+
     cfg = AdapterConfig.load(directory)
+    try:
+        pooling = (json.loads((Path(directory) / CONFIG_NAME).read_text()).get(META_KEY) or {}).get("pooling")
+    except (OSError, ValueError):
+        pooling = None
+    if pooling not in (None, "model"):
+        apply_pooling(model, pooling)
     report = inject_adapters(model, cfg)
     weights = Path(directory) / WEIGHTS_NAME
     if not weights.is_file():

@@ -52,6 +52,11 @@ CONFIRMS_TAG = "melora.confirms"
 CONFIRMS_TRIAL_TAG = "melora.confirms_trial"
 CONFIG_TAG = "melora.config"
 SEED_TAG = "melora.seed"
+VAL_SCORE = "val_score"  # a confirmation's final validation score
+TEST_SCORE = "test_score"  # a confirmation's test score (only confirmations ever see test)
+SEED_PARAM = "training.seed"  # a confirmation's seed, when the melora.seed tag is missing
+MAJORITY_SHARE = "majority_share"  # on the parent run: the validation split's most common class's share
+SCORE_METRIC_PARAM = "score_metric"  # on the parent run: what the search maximises
 CONFIRM_DIR = "confirm"  # the confirmations' Ray experiment, inside the search's experiment folder
 
 # Reference points computed on the same splits: predict the training split's most common class; a

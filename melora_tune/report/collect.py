@@ -36,12 +36,8 @@ from melora_tune.records import (  # noqa: F401  (re-exported for callers of the
     baseline_metric, finite,
 )
 
-# Metric and param names records.schema documents in prose but does not export as constants.
-VAL_SCORE = "val_score"  # a confirmation's final validation score
-TEST_SCORE = "test_score"  # a confirmation's test score (only confirmations ever see test)
-SEED_PARAM = "training.seed"  # a confirmation's seed, when the melora.seed tag is missing
-MAJORITY_SHARE = "majority_share"  # on the parent run: the validation split's most common class's share
-SCORE_METRIC_PARAM = "score_metric"  # on the parent run: what the search maximises
+# Metric and param names of confirmations and of the parent run (records.schema).
+from melora_tune.records import MAJORITY_SHARE, SCORE_METRIC_PARAM, SEED_PARAM, TEST_SCORE, VAL_SCORE  # noqa: E402
 DEFAULT_SCORE_METRIC = "score"  # a search that logged no score_metric (older searches)
 SPLITS = ("val", "test")
 

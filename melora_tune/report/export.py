@@ -8,8 +8,12 @@ DIR receives:
     README.md    how to load each
     export.json  where it came from (MLflow run ids, trial id, scores)
 
-The best trial: completed (every epoch) before stopped early, then the highest
-final score (``--method`` restricts it to one method). A non-empty DIR is
+Which adapter: the confirmed winner when the search was confirmed (``melora-tune
+confirm``): the configuration with the highest mean validation score over its
+seeds, and of its seeds the one with the best validation score (test never
+chooses). Without a confirmation, the search's best trial (completed before
+stopped early, then the highest final score), and the export says it is
+unconfirmed. ``--method`` restricts either to one method. A non-empty DIR is
 refused unless ``--force``; the export is written to a temporary sibling folder
 and renamed into place at the end, so an interrupted export leaves no half
 result behind.
@@ -48,6 +52,7 @@ class ExportResult:
     status: str
     run_name: str
     trial_yaml: Path
+    selection: str = ""
 
 
 # ---- checks ---------------------------------------------------------------------------------------
@@ -146,7 +151,32 @@ def _exact_params(row) -> dict[str, Any]:
         return {}
 
 
-def trial_dict(mlf, search, row, adapter_cfg) -> dict[str, Any]:
+def confirmed_choice(confirmations, method: str | None):
+    """(the confirmation run to export, its configuration's row of the confirmed table), or None.
+
+    The winner is chosen on validation only: the configuration with the highest mean validation score over
+    its seeds (``report.confirmed``), then that configuration's seed with the best validation score."""
+    from melora_tune.report.confirmed import completed_seeds, confirmed_table
+
+    if confirmations is None or confirmations.empty:
+        return None
+    table = confirmed_table(confirmations)
+    winners = table[table["winner"]] if not table.empty else table
+    if method is not None:
+        winners = winners[winners["method"] == method]
+    if winners.empty:
+        return None
+    config = winners.sort_values("val_mean", ascending=False, kind="mergesort").iloc[0]
+    seeds = completed_seeds(confirmations)
+    seeds = seeds[seeds["config"] == config["config"]].sort_values(["val_score", "start_time"], ascending=[False, True],
+                                                                   kind="mergesort")
+    run = seeds.iloc[0].to_dict()
+    run.update(trial_id=run.get("confirms_trial"), optuna_trial=None, score=run["val_score"], best_score=math.nan,
+               status="completed")
+    return run, config.to_dict()
+
+
+def trial_dict(mlf, search, row, adapter_cfg, seed: int | None = None) -> dict[str, Any]:
     """The TrialConfig dict of the trial: the search's base config (from its space file) + the trial's values."""
     from melora_tune.report.collect import space_artifact
     from melora_tune.search.schema import parse_space
@@ -167,7 +197,10 @@ def trial_dict(mlf, search, row, adapter_cfg) -> dict[str, Any]:
     if not isinstance(lr, (int, float)) or not math.isfinite(lr) or not math.isclose(lr, float(row["lr"]), rel_tol=1e-4):
         lr = float(row["lr"])
     hp = {k: v for k, v in adapter_cfg.model_dump().items() if k not in ("target_modules", "modules_to_save")}
-    return trial_config({BASE_KEY: base, **hp, "lr": float(lr)}).to_dict()
+    data = trial_config({BASE_KEY: base, **hp, "lr": float(lr)}).to_dict()
+    if seed is not None:  # a confirmation: its own seed
+        data["training"]["seed"] = int(seed)
+    return data
 
 
 def write_trial_yaml(path: Path, data: dict[str, Any], header: list[str]):
@@ -236,6 +269,8 @@ README = """# Exported adapter: {label}
 
 Best {which} of search `{search}` on dataset `{dataset}`: **{label}**, score {score} ({status}).
 
+{selection}
+
 | | |
 |---|---|
 | method | {method} |
@@ -245,7 +280,7 @@ Best {which} of search `{search}` on dataset `{dataset}`: **{label}**, score {sc
 | trial | {trial_id} (Optuna trial {optuna_trial}) |
 | MLflow run | {run_id} (search parent run {parent_run_id}, tracking URI `{tracking_uri}`) |
 
-The adapter weights are those of the trial's best checkpoint (score {best_score}).
+The adapter weights are those of {weights_from}.
 
 ## Files
 
@@ -279,7 +314,7 @@ base = {auto_class}.from_pretrained("{base_path}"{num_labels_arg})
 model = PeftModel.from_pretrained(base, "peft").eval()
 model = model.merge_and_unload()   # optional: fold the adapter into the weights
 ```
-
+{peft_pooling}
 The tokenizer is the base model's: `AutoTokenizer.from_pretrained("{base_path}")`.
 """
 
@@ -308,13 +343,19 @@ def export_best(
     mlf = collect.client(uri)
     info = collect.resolve_search(mlf, dataset, search)
     trials = collect.trials_frame(mlf, info)
-    row = collect.best_run(trials, method)
-    if row is None:
-        what = f"{method} trial" if method else "trial"
-        have = sorted(set(trials["method"])) if not trials.empty else []
-        hint = f" (methods searched: {', '.join(have)})" if have else ""
-        raise UsageError(f"search {info.name} has no scored {what} (completed or stopped early) to export{hint}")
-    row = row.to_dict()
+    chosen = confirmed_choice(collect.confirmations_frame(mlf, info), method)
+    confirmed = None
+    if chosen is not None:
+        row, confirmed = chosen
+    else:
+        best = collect.best_run(trials, method)
+        if best is None:
+            what = f"{method} trial" if method else "trial"
+            have = sorted(set(trials["method"])) if not trials.empty else []
+            hint = f" (methods searched: {', '.join(have)})" if have else ""
+            raise UsageError(f"search {info.name} has no scored {what} (completed or stopped early) to export{hint}")
+        row = best.to_dict()
+    selection = _selection(confirmed, row)
 
     parent = out.resolve().parent
     parent.mkdir(parents=True, exist_ok=True)
@@ -322,11 +363,12 @@ def export_best(
     try:
         adapter_dir = download_adapter(mlf, row, tmp)
         adapter_cfg = AdapterConfig.load(adapter_dir)
-        data = trial_dict(mlf, info, row, adapter_cfg)
+        seed = int(row["seed"]) if confirmed is not None else None
+        data = trial_dict(mlf, info, row, adapter_cfg, seed=seed)
         header = [
             f"melora-tune export: {row['run_name']} (trial {row['trial_id']}, MLflow run {row['run_id']})",
-            f"search {info.name} on {dataset}, score {row['score']:.4f} ({row['status']}); train it again with:",
-            "  melora-tune train trial.yaml",
+            f"search {info.name} on {dataset}: {selection['line']}",
+            "train it again with:  melora-tune train trial.yaml",
         ]
         cfg = write_trial_yaml(safe_path(tmp, "trial.yaml"), data, header)
         base_path = write_peft(cfg, adapter_dir, safe_path(tmp, "peft"))
@@ -341,6 +383,8 @@ def export_best(
             "adapter_params": _plain(row["adapter_params"]), "equivalent_rank": adapter_cfg.equivalent_rank,
             "model": cfg.model, "base_model_path": base_path, "task_type": cfg.task_type, "num_labels": num_labels,
             "tracking_uri": uri, "exported": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "selection": selection["kind"], "confirmed": selection.get("confirmed"),
+            "pooling": meta.get("pooling", "model"),
         }
         safe_path(tmp, "export.json").write_text(json.dumps(provenance, indent=1) + "\n")
         auto = "AutoModelForSequenceClassification" if cfg.task_type == "seq_cls" else "AutoModelForCausalLM"
@@ -356,6 +400,8 @@ def export_best(
             "head": "classification head" if adapter_cfg.modules_to_save else "saved-module",
             "auto_class": auto, "base_path": base_path,
             "num_labels_arg": f", num_labels={num_labels}" if num_labels else "",
+            "selection": selection["text"], "weights_from": selection["weights"],
+            "peft_pooling": _peft_pooling(meta.get("pooling", "model")),
         })
         safe_path(tmp, "README.md").write_text(readme)
         _swap_into_place(tmp, out)
@@ -363,7 +409,36 @@ def export_best(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return ExportResult(out, row["run_id"], info.run_id, row["trial_id"], adapter_cfg.method, float(row["score"]),
-                        row["status"], row["run_name"], out / "trial.yaml")
+                        row["status"], row["run_name"], out / "trial.yaml", selection["line"])
+
+
+def _selection(confirmed: dict[str, Any] | None, row: dict[str, Any]) -> dict[str, Any]:
+    """What the export took and how sure we are of it, in words (README, header, CLI) and as data (export.json)."""
+    if confirmed is None:
+        line = (f"UNCONFIRMED: the search's best trial, validation score {row['score']:.4f} from one seed "
+                f"({row['status'].replace('_', ' ')}); no confirmation ran (melora-tune confirm SPACE.yaml)")
+        return {"kind": "unconfirmed", "line": line, "text": line + ".",
+                "weights": f"the trial's best checkpoint (score {row['score']:.4f})"}
+    ci = (f"95% CI {confirmed['test_lo']:.4f} to {confirmed['test_hi']:.4f}" if math.isfinite(confirmed["test_lo"])
+          else "one seed: no interval")
+    line = (f"CONFIRMED winner {confirmed['configuration']}: test {confirmed['test_mean']:.4f} "
+            f"± {confirmed['test_std']:.4f} over {int(confirmed['seeds'])} seeds ({ci}), validation "
+            f"{confirmed['val_mean']:.4f}; these weights are seed {int(row['seed'])}, its best on validation")
+    data = {k: _plain(confirmed[k]) for k in ("configuration", "seeds", "val_mean", "val_std", "test_mean", "test_std",
+                                              "test_lo", "test_hi")}
+    data.update(seed=int(row["seed"]), confirms=row.get("confirms"))
+    return {"kind": "confirmed", "line": line, "text": line + ".", "confirmed": data,
+            "weights": f"the final model of confirmation seed {int(row['seed'])} (validation {row['score']:.4f}, "
+                       f"test {row['test_score']:.4f})"}
+
+
+def _peft_pooling(pooling: str) -> str:
+    if pooling in (None, "model"):
+        return ""
+    return (f"\nThe trial's classifier read the *{pooling}*-pooled token states, not the model's own pooler "
+            "(`pooling: " + pooling + "`); PEFT does not know that setting, so apply it after loading, or the logits differ:\n\n"
+            "```python\nfrom melora_tune.adapters.pooling import apply_pooling\n"
+            f"apply_pooling(model, \"{pooling}\")\n```\n")
 
 
 def _plain(value: Any) -> Any:
@@ -418,6 +493,7 @@ def export_command(args) -> int:
     res = export_best(args.dataset, out=args.out, method=args.method, search=args.search, tracking_uri=args.tracking_uri,
                       force=args.force)
     print(f"exported {res.run_name} (score {res.score:.4f}, {res.status.replace('_', ' ')}; MLflow run {res.run_id}) to {res.out_dir}")
+    print(f"  {res.selection}")
     print(f"  train it again:  melora-tune train {res.trial_yaml}")
     print(f"  PEFT:            PeftModel.from_pretrained(base_model, {str(res.out_dir / 'peft')!r})")
     return 0

@@ -39,7 +39,7 @@ from typing import Any, Callable
 from melora_tune.errors import UsageError
 from melora_tune.records import (
     CONFIG_TAG, CONFIRM_DIR, CONFIRM_KIND, CONFIRMS_TAG, CONFIRMS_TRIAL_TAG, KIND_TAG, PARENT_TAG, SEARCH_TAG, SEED_TAG,
-    STATUS_TAG, TRIAL_TAG, baseline_metric,
+    SCORE_METRIC_PARAM, STATUS_TAG, TEST_SCORE, TRIAL_TAG, VAL_SCORE, baseline_metric,
 )
 from melora_tune.search.tracking import MlflowTrialCallback
 from ray.tune import Callback
@@ -314,8 +314,8 @@ def log_baselines(mlf, parent_run_id: str, space, base_trial: dict[str, Any], wr
     metrics = result.to_metrics()
     now = int(time.time() * 1000)
     mlf.log_batch(parent_run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()])
-    if "score_metric" not in mlf.get_run(parent_run_id).data.params:
-        mlf.log_batch(parent_run_id, params=[Param("score_metric", result.metric)])
+    if SCORE_METRIC_PARAM not in mlf.get_run(parent_run_id).data.params:
+        mlf.log_batch(parent_run_id, params=[Param(SCORE_METRIC_PARAM, result.metric)])
     (write or print)(f"baselines on the same splits: {result.describe()}")
     return metrics
 
@@ -425,7 +425,7 @@ def _finish(result: ConfirmResult, mlf, experiment_id: str, parent: str, t0: flo
         result.rows.append({
             "run_id": run.info.run_id, "confirms": tags.get(CONFIRMS_TAG), "config": tags.get(CONFIG_TAG),
             "seed": int(tags.get(SEED_TAG, -1)), "status": tags.get(STATUS_TAG), "method": run.data.params.get("method"),
-            "val_score": metrics.get("val_score"), "test_score": metrics.get("test_score"),
+            "val_score": metrics.get(VAL_SCORE), "test_score": metrics.get(TEST_SCORE),
         })
     result.rows.sort(key=lambda r: (r["method"] or "", r["config"] or "", r["seed"]))
     result.wall_s = time.time() - t0
