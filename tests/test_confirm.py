@@ -163,3 +163,24 @@ def test_confirm_needs_a_test_split(tmp_path):
     data["confirm"] = {"enabled": False}
     with pytest.raises(UsageError, match="test_fraction is 0"):
         run_confirm(data)
+
+
+def test_report_and_export_read_the_confirmation(confirmed, tmp_path):
+    """The records a real confirmation wrote are what the report's confirmed table and the export read."""
+    from melora_tune.report.build import build_report
+    from melora_tune.report.export import export_best
+
+    _, result, _ = confirmed
+    report = build_report("rotten_tomatoes", search=result.parent_run_id, tracking_uri=result.tracking_uri,
+                          out_dir=tmp_path / "report", log_artifacts=False, cross=False)
+    text = (tmp_path / "report" / "report.md").read_text()
+    assert "## Confirmed results (held-out test)" in text and "## Which method wins on this dataset" in text
+    assert "linear probe" in text and "majority class" in text
+    assert (tmp_path / "report" / "learning_curves.png").stat().st_size > 0
+    assert report.data is not None
+
+    res = export_best("rotten_tomatoes", out=tmp_path / "best", search=result.parent_run_id, tracking_uri=result.tracking_uri)
+    info = json.loads((tmp_path / "best" / "export.json").read_text())
+    assert info["selection"] == "confirmed" and info["confirmed"]["seeds"] in (2, 3)  # 3 after the test that adds one
+    assert info["confirmed"]["seed"] in (1, 2, 3)
+    assert "CONFIRMED winner" in res.selection and "CONFIRMED winner" in (tmp_path / "best" / "README.md").read_text()
