@@ -12,6 +12,9 @@ tokenizer and real rotten_tomatoes sentences. Trial A (LoRA, ZeRO-2, the model's
 trial B (MELoRA, ZeRO-3, mean pooling: a pooler swapped in and a forward pre-hook) differ in
 everything a process could carry over.
 
+A fast test checks the weights cache alone on a checkpoint without a head (the tiny classifier has
+one, so there the head is loaded, not drawn from the seed).
+
 Run as a script (``python tests/test_warm_trials.py CONFIG_JSON RUN_DIR``) it trains one trial in a
 fresh process and prints the result as JSON: the reference.
 """
@@ -174,6 +177,56 @@ def fresh(configs, tmp_path_factory):
 
 
 # ---- the tests ---------------------------------------------------------------------------------------
+
+def test_cached_weights_give_what_from_pretrained_gives(tmp_path):
+    """The weights cache, alone (fast): a checkpoint without a classification head, so the head is new and
+    comes from the seed. A model from the cache equals ``from_pretrained(path)`` under the same seed (head
+    included, the RNG left in the same state), shares no tensor with the cache, and what a trial does to
+    its model does not reach the next one."""
+    import torch
+    import transformers
+    from helpers import tiny_bert_config
+
+    from melora_tune.trial import warm
+
+    torch.manual_seed(0)
+    transformers.BertModel(tiny_bert_config()).save_pretrained(tmp_path / "body")  # no classifier in the file
+    path, auto = str(tmp_path / "body"), transformers.AutoModelForSequenceClassification
+
+    def reference(seed):
+        torch.manual_seed(seed)
+        model = auto.from_pretrained(path, dtype=torch.float32, num_labels=3)
+        return model, torch.rand(3)
+
+    warm.clear()
+    warm.keep_weights()
+    try:
+        torch.manual_seed(1)
+        first, hit1 = warm.base_model(auto, path, dtype=torch.float32, num_labels=3)
+        torch.manual_seed(2)
+        second, hit2 = warm.base_model(auto, path, dtype=torch.float32, num_labels=3)
+        after = torch.rand(3)
+        with torch.no_grad():  # a trial changing its model in place ...
+            for p in second.parameters():
+                p.add_(1.0)
+        torch.manual_seed(2)
+        third, _ = warm.base_model(auto, path, dtype=torch.float32, num_labels=3)
+        [(_, _, cached, _)] = warm._weights.values()
+        stats = warm.stats()
+    finally:
+        warm.keep_weights(False)
+        warm.clear()
+    assert (hit1, hit2) == (False, True) and stats == {"model_miss": 1, "model_hit": 2}
+    assert "classifier.weight" not in cached  # new keys are the trial's, never cached
+    ref, ref_after = reference(2)
+    assert list(ref.state_dict()) == list(third.state_dict())
+    assert all(torch.equal(a, b) for a, b in zip(ref.state_dict().values(), third.state_dict().values()))  # ... not the next
+    assert torch.equal(after, ref_after)  # the same RNG stream after the load
+    assert not torch.equal(first.classifier.weight, third.classifier.weight)  # the head follows the seed
+    assert third.config.name_or_path == path and not third.training
+    cached_ptrs = {t.data_ptr() for t in cached.values()}
+    assert not any(t.data_ptr() in cached_ptrs for m in (first, third) for t in m.state_dict().values())
+
 
 @pytest.mark.slow
 def test_consecutive_trials_in_one_process_match_fresh_processes(configs, fresh, tmp_path):
