@@ -279,6 +279,8 @@ def _confirm_dirs(exp_dir: Path) -> list[Path]:
 def _tuner(space, trainable, param_space, storage: str, name: str, callbacks, restore: bool, concurrent: int):
     from ray import tune
 
+    from melora_tune.search.runner import reuse_actors
+
     if restore:
         tuner = tune.Tuner.restore(storage.rstrip("/") + "/" + name, trainable=trainable, resume_errored=True)
         internal = getattr(tuner, "_local_tuner", None)
@@ -290,7 +292,7 @@ def _tuner(space, trainable, param_space, storage: str, name: str, callbacks, re
         trainable,
         param_space=param_space,
         tune_config=tune.TuneConfig(metric="score", mode="max", max_concurrent_trials=concurrent,
-                                    trial_dirname_creator=confirm_dirname),
+                                    trial_dirname_creator=confirm_dirname, reuse_actors=reuse_actors(space)),
         run_config=tune.RunConfig(
             name=name, storage_path=storage, callbacks=callbacks, verbose=0,
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1),  # the final model: the one scored on test

@@ -286,6 +286,19 @@ def trial_resources(space: SearchSpace) -> dict[str, float]:
     return {"CPU": res.driver_cpus}
 
 
+def reuse_actors(space: SearchSpace) -> bool:
+    """Whether Tune runs consecutive trials in the same trial process (``TuneConfig(reuse_actors=...)``).
+
+    One worker: the trial trains in its Tune process (``trial.inprocess``), so a reused process keeps
+    the imports, the tokenizer, the tokenized splits and the base weights (``trial.warm``) and the next
+    trial skips loading them; each trial still builds its own model, adapter, optimizer and process
+    group, from its own seed (tests/test_warm_trials.py checks it matches a fresh process). More
+    workers: the work happens in Ray Train's own worker processes, which a reused Tune process would
+    not keep, so there is nothing to gain and Tune's actor reuse stays off.
+    """
+    return space.resources.num_workers == 1
+
+
 def make_scheduler(space: SearchSpace):
     from ray.tune.schedulers import AsyncHyperBandScheduler, FIFOScheduler
 
@@ -511,6 +524,7 @@ def _build_tuner(space, feasible, base_trial, storage, exp_name, optuna_storage,
             num_samples=space.num_samples,
             max_concurrent_trials=space.max_concurrent_trials,
             trial_dirname_creator=trial_dirname,
+            reuse_actors=reuse_actors(space),
         ),
         run_config=tune.RunConfig(
             name=exp_name,

@@ -39,7 +39,7 @@ RAY_KEYS = {
     "time_since_restore", "date", "hostname", "node_ip", "trial_id", "experiment_tag", "checkpoint_dir_name",
     "should_checkpoint", "config",
 }
-INFO_KEYS = {"status", "reason", "trial_name", "step", "total_steps", "world_size"}
+INFO_KEYS = {"status", "reason", "trial_name", "step", "total_steps", "world_size", "worker_pid"}
 
 
 def client(tracking_uri: str):

@@ -366,10 +366,13 @@ def tune_trial(config: TrialConfig | dict[str, Any]) -> None:
     trial_id = ctx.get_trial_id()
     storage = Path(ctx.get_trial_dir())
     name = f"train_{trial_id}"
+    from melora_tune.trial import warm
+
+    task = warm.task(cfg.task_spec())  # the checks read the task the worker will train on: loaded once per process
     if in_process(cfg):
         from melora_tune.trial.inprocess import tune_in_process
 
-        tune_in_process(prepare_trial(cfg).cfg, name)
+        tune_in_process(prepare_trial(cfg, task).cfg, name)
         return
 
     gave_up = storage / GAVE_UP_NAME
@@ -383,7 +386,7 @@ def tune_trial(config: TrialConfig | dict[str, Any]) -> None:
     if tune_ckpt is not None and not (storage / name).is_dir():
         resume_from = tune_ckpt.path  # e.g. PBT cloned another trial's checkpoint
 
-    prepared = prepare_trial(cfg)
+    prepared = prepare_trial(cfg, task)
     q = Queue(maxsize=0, actor_options={"num_cpus": 0})
     trainer = build_trainer(prepared.cfg, storage, name, callbacks=[_Relay(q)], resume_from=resume_from)
     outcome: dict[str, Any] = {}

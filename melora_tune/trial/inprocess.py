@@ -41,12 +41,20 @@ def single_process_group(use_gpu: bool):
     discovery unless RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT and LOCAL_RANK are
     set; they are set for the trial and put back afterwards, so whatever runs
     next in this process (another trial, the CLI) sees the environment it had.
+
+    The garbage collector runs on entry and exit: a finished trial's DeepSpeed
+    engine, model and optimizer hang in reference cycles (hooks), and with
+    reuse_actors the next trial would otherwise start while they still hold
+    memory (GPU memory too: ``empty_cache`` can only return what is freed).
     """
+    import gc
+
     import torch
     import torch.distributed as dist
 
     if dist.is_initialized():
         raise RuntimeError("a torch.distributed process group is already initialised in this process")
+    gc.collect()  # whatever an earlier trial in this process left (an error's traceback held it until now)
     saved = {k: os.environ.get(k) for k in _DIST_ENV}
     os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(_free_port()))
@@ -67,6 +75,7 @@ def single_process_group(use_gpu: bool):
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+        gc.collect()
         if on_gpu:
             torch.cuda.empty_cache()
 
@@ -104,8 +113,16 @@ def tune_in_process(cfg: TrialConfig, name: str) -> None:
     checkpoint (``ray.tune.get_checkpoint``), which is the only retry such a trial
     gets, so Train's and Tune's restarts are never stacked.
     """
+    from melora_tune.trial import warm
     from melora_tune.trial.reporting import TuneReporter
 
+    warm.keep_weights()  # Tune may hand this process further trials of the search (reuse_actors)
+    # With reuse_actors, Tune hands this process the next trial only once this function has returned, and
+    # gives it TUNE_FUNCTION_THREAD_TIMEOUT_S (2 s by default) to do so after a scheduler stopped the trial
+    # (the stop unwinds it from ray.tune.report); past that the next trial fails ("reuse requires
+    # reset_config()"). Unwinding (process group, DeepSpeed, gc) can take longer on a loaded machine.
+    # Tune reads the variable in this process when it resets the actor, after this trial.
+    os.environ.setdefault("TUNE_FUNCTION_THREAD_TIMEOUT_S", "60")
     run_with_reporter(cfg, name, TuneReporter(name, cfg.resources.use_gpu))
 
 

@@ -92,6 +92,18 @@ def trainable_groups(model, adapter_cfg) -> list[dict[str, Any]]:
     return [{"params": adapter}] + ([{"params": head}] if head else [])
 
 
+def seed_everything(seed: int) -> None:
+    """Seed torch (every device), numpy and ``random``: a trial starts from its seed whatever ran before it
+    in this process (another trial, with reuse_actors)."""
+    import random
+
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
 def _finite(x: float) -> bool:
     return x is not None and math.isfinite(x)
 
@@ -134,9 +146,9 @@ class TrialWorker:
         import transformers
 
         from melora_tune.adapters.inject import inject_adapters
-        from melora_tune.adapters.pooling import apply_pooling, resolve_pooling
-        from melora_tune.data import encode_causal_lm, encode_classification, load_task
         from melora_tune.adapters.models import auto_class, resolve_model
+        from melora_tune.adapters.pooling import apply_pooling, resolve_pooling
+        from melora_tune.trial import warm
 
         cfg, tr = self.cfg, self.cfg.training
         t = self.t0
@@ -146,26 +158,22 @@ class TrialWorker:
         skip_shm_comm_build()
         t = self._mark("import_s", t)
 
-        # data (every rank loads and tokenizes the same splits; the sampler shards them)
+        # data (every rank loads and tokenizes the same splits; the sampler shards them). Kept in the process
+        # between trials (trial.warm): read-only here.
         path = resolve_model(cfg.model)
-        self.task = load_task(cfg.task_spec())
-        if not tr.score_test:  # a search trial never holds the test split: selection cannot see it
-            self.task.splits.pop("test", None)
-        self.tokenizer = transformers.AutoTokenizer.from_pretrained(path)
-        if self.tokenizer.pad_token is None:
-            self.tokenizer.pad_token = self.tokenizer.eos_token or self.tokenizer.unk_token
-        encode = encode_causal_lm if self.causal else encode_classification
-        self.encoded = encode(self.task, self.tokenizer, tr.max_length, pad_to_max_length=False)  # padded per batch
+        self.tokenizer = warm.tokenizer(path)
+        self.task, self.encoded = warm.task_data(cfg.task_spec(), path, self.tokenizer, tr.max_length,
+                                                 score_test=tr.score_test, causal=self.causal)
         self.train_ds = self.encoded["train"]
         self.eval_ds = self.encoded["validation"]
         self.test_ds = self.encoded["test"] if tr.score_test else None
         self.metric_names, self.main_metric = task_metrics(self.task, cfg.task_type)
         t = self._mark("data_s", t)
 
-        # model + adapters, seeded identically on every rank
-        torch.manual_seed(tr.seed)
+        # model + adapters, seeded identically on every rank (and whatever ran before in this process)
+        seed_everything(tr.seed)
         kwargs = {} if self.causal else {"num_labels": self.task.num_labels}
-        model = auto_class(cfg.task_type).from_pretrained(path, dtype=torch.float32, **kwargs)
+        model, self.warm_start = warm.base_model(auto_class(cfg.task_type), path, dtype=torch.float32, **kwargs)
         if getattr(model.config, "pad_token_id", None) is None:
             model.config.pad_token_id = self.tokenizer.pad_token_id
         self.pooling = resolve_pooling(cfg.pooling, path, model, task_type=cfg.task_type)
@@ -407,6 +415,8 @@ class TrialWorker:
             "world_size": self.world,
             "restarts": state.get("restarts", 0),  # Train/Tune restarts after failures, and resumes
             "worker_node_ip": self.node_ip,
+            "worker_pid": os.getpid(),  # with reuse_actors, consecutive trials share it
+            "warm_start": int(self.warm_start),  # 1: the base weights came from this process's cache (trial.warm)
         }
 
     def run(self) -> dict[str, Any]:
