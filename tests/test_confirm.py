@@ -25,7 +25,7 @@ def small_space(model_dir, root: Path, **over) -> dict:
         "budget": {"max_params": 512, "min_fraction": 0.5},
         "methods": ["melora", "lora"],
         "space": {"lr": {"low": 1e-3, "high": 3e-2}, "n": [2, 4], "r": [1, 2]},
-        "training": {"epochs": 2, "micro_batch_size": 32, "max_length": 32, "zero_stage": 2},
+        "training": {"epochs": 1, "micro_batch_size": 32, "max_length": 32, "zero_stage": 2},
         "asha": {"enabled": False},
         "num_samples": 2,
         "max_concurrent_trials": 2,
