@@ -66,6 +66,7 @@ def bare_loop(cfg, threads: int) -> dict:
     from torch.utils.data import DataLoader
 
     from melora_tune.adapters.inject import inject_adapters
+    from melora_tune.adapters.pooling import apply_pooling, resolve_pooling
     from melora_tune.data import compute_metrics, encode_classification, load_task
     from melora_tune.adapters.models import resolve_model
     from melora_tune.trial.ds_config import plan_for
@@ -81,6 +82,7 @@ def bare_loop(cfg, threads: int) -> dict:
     enc = encode_classification(task, tok, tr.max_length, pad_to_max_length=False)
     torch.manual_seed(tr.seed)
     model = transformers.AutoModelForSequenceClassification.from_pretrained(path, num_labels=task.num_labels, dtype=torch.float32)
+    apply_pooling(model, resolve_pooling(cfg.pooling, path, model, task_type=cfg.task_type))  # the trial's head input
     inject_adapters(model, cfg.adapter.adapter_config())
     params = [p for p in model.parameters() if p.requires_grad]
     plan = plan_for(cfg, len(enc["train"]), 1)
