@@ -285,6 +285,11 @@ ROWS = [
     ("search-resume-changed-space", "search {A}/space.yaml --resume --name old --storage-path {A}/runs", "the space changed"),
     ("search-exists", "search {A}/space.yaml --name old --storage-path {A}/runs", "already exists"),
     ("search-num-samples", "search {A}/space.yaml --num-samples 0", "--num-samples must be >= 1"),
+    # ---- confirm
+    ("confirm-no-search", "confirm {A}/space.yaml --storage-path {A}/empty-runs", "nothing to confirm: no search of"),
+    ("confirm-seeds", "confirm {A}/space.yaml --seeds 0", "--seeds must be >= 1"),
+    ("confirm-top-k", "confirm {A}/space.yaml --top-k 0", "--top-k must be >= 1"),
+    ("confirm-no-space", "confirm {A}/nope.yaml", "search space"),
     # ---- report
     ("report-no-dataset", "report", "required: --dataset"),
     ("report-no-db", "report --dataset rotten_tomatoes", "no MLflow database"),
@@ -386,7 +391,7 @@ def test_bad_input_is_one_line_exit_2_and_leaves_nothing(template, needle, asset
 
 def test_the_table_is_broad():
     commands = {t.split(" ", 1)[0] for _, t, _ in ROWS if t}
-    assert len(ROWS) >= 60 and commands == {"budget", "train", "search", "report", "export", "ui", "cluster", "frobnicate"}
+    assert len(ROWS) >= 60 and commands == {"budget", "train", "search", "confirm", "report", "export", "ui", "cluster", "frobnicate"}
     assert sum(1 for _, t, _ in ROWS if t.startswith("search") and "--dry-run" not in t) >= 8  # real starts
 
 

@@ -337,7 +337,8 @@ def run_confirm(
     """Confirm a finished (or interrupted) search of ``space``: the newest of this space under the storage
     path, or ``name``. Safe to run again: completed confirmations are kept, interrupted ones resume."""
     from melora_tune.report import collect
-    from melora_tune.search.runner import _read_meta, _start_ray, plan_paths, resolve_space, trial_resources
+    from melora_tune.records import DEFAULT_STORAGE_PATH
+    from melora_tune.search.runner import _find_latest, _read_meta, _start_ray, plan_paths, resolve_space, trial_resources
     from melora_tune.search.space import build_space
     from melora_tune.search.trainable import BASE_KEY
 
@@ -355,6 +356,10 @@ def run_confirm(
             "a search needs task.test_fraction > 0 from the start to be confirmed"
         )
     feasible = build_space(space, spec=spec)
+    root = storage_path or space.storage_path or DEFAULT_STORAGE_PATH
+    if name is None and "://" not in root and _find_latest(Path(root).expanduser().resolve(), space.name) is None:
+        raise UsageError(f"nothing to confirm: no search of {space.name!r} under {Path(root).expanduser().resolve()}: "
+                         "run melora-tune search with this space first (or give --storage-path / --name)")
     storage, exp_name, exp_dir = plan_paths(space, storage_path=storage_path, name=name, resume=True)
     meta = _read_meta(exp_dir)
     if not meta.get("parent_run_id"):
