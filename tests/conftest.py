@@ -6,10 +6,15 @@ from __future__ import annotations
 import os
 
 import pytest
+import ray  # noqa: F401  (see below)
 import torch
 
 from helpers import tiny_bert_config, tiny_llama_config
 
+# `import ray` binds Ray's log handler to the sys.stderr of that moment and keeps writing to it. Imported here,
+# that is pytest's session-wide capture; first imported inside a test using capfd/capsys, it would be that
+# test's capture file, closed after it, and every later Ray warning would print "--- Logging error ---" with a
+# traceback into the next test's output (seen in CI: a one-line-error assertion failed on it).
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
