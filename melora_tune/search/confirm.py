@@ -142,16 +142,16 @@ def plan(space, trials, *, top_k: int | None = None, seeds: list[int] | None = N
     return out
 
 
-def confirmation_runs(mlf, experiment_id: str, parent_run_id: str) -> list:
-    from melora_tune.report.collect import _all_runs
+def confirmation_runs(mlf, search) -> list:
+    """The confirmation runs among the search's child runs (``report.collect``'s own reading of them)."""
+    from melora_tune.report.collect import _children, is_confirmation
 
-    runs = _all_runs(mlf, [experiment_id], f"tags.`{PARENT_TAG}` = '{parent_run_id}'")
-    return [r for r in runs if r.data.tags.get(KIND_TAG) == CONFIRM_KIND]
+    return [r for r in _children(mlf, search) if is_confirmation(r)]
 
 
-def done_keys(mlf, experiment_id: str, parent_run_id: str) -> set[tuple[str, int]]:
+def done_keys(mlf, search) -> set[tuple[str, int]]:
     out = set()
-    for run in confirmation_runs(mlf, experiment_id, parent_run_id):
+    for run in confirmation_runs(mlf, search):
         tags = run.data.tags
         if tags.get(STATUS_TAG) in DONE and tags.get(SEED_TAG, "").lstrip("-").isdigit():
             out.add((tags.get(CONFIRMS_TAG), int(tags[SEED_TAG])))
@@ -368,11 +368,7 @@ def run_confirm(
     mlf = collect.client(uri)
     experiment_id, parent = meta["mlflow_experiment_id"], meta["parent_run_id"]
     search = collect.SearchInfo.from_run(mlf.get_run(parent), space.task.name)
-    trials = collect.trials_frame(mlf, search)
-    if "run_id" in trials:
-        kinds = {r.info.run_id: r.data.tags.get(KIND_TAG) for r in confirmation_runs(mlf, experiment_id, parent)}
-        trials = trials[~trials["run_id"].isin(kinds)]
-    planned = plan(space, trials)
+    planned = plan(space, collect.trials_frame(mlf, search))  # trials only: trials_frame leaves confirmations out
     if not planned:
         raise UsageError(f"search {exp_name} has no scored trial to confirm (completed or stopped early)")
     base = space.base_trial_dict(feasible.target_modules, feasible.modules_to_save)
@@ -400,8 +396,8 @@ def run_confirm(
             result.experiments.append(last.name)
             if _interrupted(grid):
                 result.status = "interrupted"
-                return _finish(result, mlf, experiment_id, parent, t0)
-        done = done_keys(mlf, experiment_id, parent)
+                return _finish(result, mlf, search, t0)
+        done = done_keys(mlf, search)
         missing = [p for p in planned if p.key not in done]
         if missing:
             name_next = CONFIRM_DIR if not existing else f"{CONFIRM_DIR}-{len(existing) + 1}"
@@ -411,7 +407,7 @@ def run_confirm(
             result.experiments.append(name_next)
             if _interrupted(grid):
                 result.status = "interrupted"
-        return _finish(result, mlf, experiment_id, parent, t0)
+        return _finish(result, mlf, search, t0)
     finally:
         if started:
             import ray
@@ -426,8 +422,8 @@ def _interrupted(grid) -> bool:
         return False
 
 
-def _finish(result: ConfirmResult, mlf, experiment_id: str, parent: str, t0: float) -> ConfirmResult:
-    for run in confirmation_runs(mlf, experiment_id, parent):
+def _finish(result: ConfirmResult, mlf, search, t0: float) -> ConfirmResult:
+    for run in confirmation_runs(mlf, search):
         tags, metrics = run.data.tags, run.data.metrics
         result.rows.append({
             "run_id": run.info.run_id, "confirms": tags.get(CONFIRMS_TAG), "config": tags.get(CONFIG_TAG),

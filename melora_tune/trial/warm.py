@@ -82,6 +82,20 @@ def _count(kind: str, hit: bool) -> None:
     _counts[f"{kind}_{'hit' if hit else 'miss'}"] += 1
 
 
+def _cached(store: OrderedDict, kind: str, key, build, limit: int):
+    """``store[key]``, built on a miss; the least recently used entries beyond ``limit`` are dropped."""
+    with _lock:
+        hit = key in store
+        _count(kind, hit)
+        if hit:
+            store.move_to_end(key)
+        else:
+            store[key] = build()
+            while len(store) > limit:
+                store.popitem(last=False)
+        return store[key]
+
+
 # ---- tokenizer ---------------------------------------------------------------------------
 
 def _load_tokenizer(path: str):
@@ -128,17 +142,7 @@ def task(spec):
 
     if not enabled():
         return load_task(spec)
-    key = _key(spec)
-    with _lock:
-        hit = key in _tasks
-        _count("task", hit)
-        if hit:
-            _tasks.move_to_end(key)
-        else:
-            _tasks[key] = load_task(spec)
-            while len(_tasks) > MAX_SPLITS:
-                _tasks.popitem(last=False)
-        return _tasks[key]
+    return _cached(_tasks, "task", _key(spec), lambda: load_task(spec), MAX_SPLITS)
 
 
 def _encode(spec, tok, max_length: int, score_test: bool, causal: bool):
@@ -162,16 +166,7 @@ def task_data(spec, tokenizer_path: str, tok, max_length: int, *, score_test: bo
     if not enabled():
         return _encode(spec, tok, max_length, score_test, causal)
     key = (*_key(spec), tokenizer_path, int(max_length), bool(score_test), bool(causal))
-    with _lock:
-        hit = key in _splits
-        _count("data", hit)
-        if hit:
-            _splits.move_to_end(key)
-        else:
-            _splits[key] = _encode(spec, tok, max_length, score_test, causal)
-            while len(_splits) > MAX_SPLITS:
-                _splits.popitem(last=False)
-        return _splits[key]
+    return _cached(_splits, "data", key, lambda: _encode(spec, tok, max_length, score_test, causal), MAX_SPLITS)
 
 
 # ---- model ---------------------------------------------------------------------------------
