@@ -103,6 +103,21 @@ def with_num_samples(space: SearchSpace, num_samples: int | None) -> SearchSpace
     return space.model_copy(update={"num_samples": num_samples})
 
 
+def with_grid_size(space: SearchSpace, feasible: FeasibleSpace) -> SearchSpace:
+    """A grid's num_samples: the grid's size unless given (fewer runs part of it; more cannot be distinct)."""
+    if space.sampler != "grid":
+        return space
+    size = feasible.grid_size()
+    if "num_samples" not in space.model_fields_set:
+        return space.model_copy(update={"num_samples": size})
+    if space.num_samples > size:
+        raise UsageError(
+            f"num_samples={space.num_samples} exceeds the grid's {size} points (sampler grid runs each once): "
+            f"leave num_samples out to run the whole grid"
+        )
+    return space
+
+
 def _is_remote(path: str) -> bool:
     return "://" in path
 
@@ -349,6 +364,9 @@ def search_params(space: SearchSpace, feasible: FeasibleSpace, num_samples: int,
         "lr_log": s.lr.log,
         "epochs": space.training.epochs,
         "zero_stage": space.training.zero_stage,
+        "sampler": space.sampler,
+        "tell_policy": space.tell_policy,
+        "record_test": space.record_test,
         "asha": space.asha.enabled,
         "asha_grace_period": space.asha.grace_period,
         "asha_reduction_factor": space.asha.reduction_factor,
@@ -362,7 +380,7 @@ def search_params(space: SearchSpace, feasible: FeasibleSpace, num_samples: int,
         "optuna_storage": optuna_storage,
         "study_name": study_name,
     }
-    for key in ("n", "r", "u", "m", "m_b", "alpha", "dropout"):
+    for key in ("n", "r", "u", "m", "m_b", "alpha", "dropout", "lr_choices", "seeds"):
         value = getattr(s, key)
         if value is not None:
             out[f"space.{key}"] = value
@@ -394,6 +412,7 @@ def run_search(
     space, text, filename = resolve_space(space)
     space = with_num_samples(space, num_samples)
     feasible = build_space(space, spec=spec)
+    space = with_grid_size(space, feasible)
     base_trial = space.base_trial_dict(feasible.target_modules, feasible.modules_to_save)
     plan = plan_start(space, storage_path=storage_path, name=name, resume=resume, tracking_uri=tracking_uri, address=address)
     storage, exp_name, exp_dir, meta = plan.storage, plan.exp_name, plan.exp_dir, plan.meta
@@ -512,6 +531,8 @@ def _build_tuner(space, feasible, base_trial, storage, exp_name, optuna_storage,
         metric=METRIC,
         mode=MODE,
         points_to_evaluate=feasible.points,
+        sampler=space.sampler,
+        tell_policy=space.tell_policy,
     )
     return tune.Tuner(
         trainable,
@@ -609,6 +630,7 @@ def dry_run(space: SearchSpace | dict | str | os.PathLike, *, spec=None, num_sam
     space, _, _ = resolve_space(space)
     space = with_num_samples(space, num_samples)
     feasible = build_space(space, spec=spec)
+    space = with_grid_size(space, feasible)
     space.base_trial_dict(feasible.target_modules, feasible.modules_to_save)
     plan_start(space, storage_path=storage_path, name=name, resume=resume, tracking_uri=tracking_uri, address=address)
     return space, feasible

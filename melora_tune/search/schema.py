@@ -84,6 +84,12 @@ class SpaceSection(Schema):
     """What the search varies. Integer choices left out mean "every value the layers allow"."""
 
     lr: FloatRange = Field(default_factory=lambda: FloatRange(low=1e-4, high=1e-2, log=True))
+    # A list of learning rates instead of the range: lr becomes a categorical choice (what the grid sampler
+    # needs; TPE and random then draw from the same list). None: draw from space.lr.
+    lr_choices: list[float] | None = None
+    # Grid sampler only: repeat every configuration with each of these training seeds (training.seed of the
+    # trial: init and data order; the split stays task.seed). How a tabulated benchmark gets its seeds.
+    seeds: list[int] | None = None
     n: list[int] | None = None  # MELoRA: number of mini-LoRAs (None: every common divisor of the layer dims)
     r: list[int] | None = None  # rank (per mini for MELoRA); None: 1 .. the largest the layers allow
     u: list[int] | None = None  # PRoLoRA: unshared ranks, 0..r (None: all)
@@ -117,6 +123,43 @@ class SpaceSection(Schema):
             raise ValueError("the list of choices is empty: leave the key out to keep the fixed adapter value")
         return value
 
+    @field_validator("lr_choices", "seeds", mode="before")
+    @classmethod
+    def _lists(cls, value: Any, info) -> Any:
+        if value is None:
+            return None
+        if not isinstance(value, (list, tuple)):
+            value = [value]
+        if not value:
+            raise ValueError(f"the list is empty: leave space.{info.field_name} out")
+        return value
+
+    @field_validator("lr_choices")
+    @classmethod
+    def _lr_choices(cls, value: list[float] | None) -> list[float] | None:
+        if value is not None:
+            bad = [v for v in value if not v > 0]
+            if bad:
+                raise ValueError(f"learning rates must be > 0, got {bad[0]:g}")
+            return sorted(set(float(v) for v in value))
+        return value
+
+    @field_validator("seeds")
+    @classmethod
+    def _seeds(cls, value: list[int] | None) -> list[int] | None:
+        if value is not None:
+            bad = [v for v in value if isinstance(v, bool) or not isinstance(v, int) or v < 0]
+            if bad:
+                raise ValueError(f"seeds must be integers >= 0, got {bad[0]!r}")
+            return sorted(set(value))
+        return value
+
+    @model_validator(mode="after")
+    def _one_lr(self) -> "SpaceSection":
+        if self.lr_choices is not None and "lr" in self.model_fields_set:
+            raise ValueError("give space.lr (a range) or space.lr_choices (a list), not both")
+        return self
+
     @field_validator("alpha")
     @classmethod
     def _alpha(cls, value: list[float] | None) -> list[float] | None:
@@ -146,7 +189,7 @@ class SearchTraining(TrainingSection):
     def _no_lr(cls, data: Any) -> Any:
         if isinstance(data, dict) and "lr" in data:
             raise ValueError("training.lr is searched: give its range as space.lr: {low: 1.0e-4, high: 1.0e-2}")
-        if isinstance(data, dict) and data.get("score_test"):
+        if isinstance(data, dict) and (data.get("score_test") or data.get("test_every_eval")):
             raise ValueError("a search's trials never see the test split: score it with the confirm section (confirm.enabled: true)")
         return data
 
@@ -200,6 +243,16 @@ class SearchSpace(Schema):
     num_samples: int = Field(8, ge=1)
     max_concurrent_trials: int = Field(1, ge=1)
     n_startup_trials: int | None = Field(None, ge=0)  # random trials before TPE (None: about a third, 2..10)
+    # Which Optuna sampler proposes configurations, always over the feasible-only space: tpe (multivariate
+    # TPE), random, or grid (Optuna's BruteForceSampler: every feasible configuration x space.lr_choices
+    # [x space.seeds] exactly once; num_samples defaults to the grid's size).
+    sampler: Literal["tpe", "random", "grid"] = "tpe"
+    # What a trial ASHA stopped tells the sampler: fidelity (PRUNED, see search/searcher.py) or stock
+    # (what Ray's OptunaSearch does: COMPLETE with its partial-fidelity score). For comparisons.
+    tell_policy: Literal["fidelity", "stock"] = "fidelity"
+    # Record a tabulated benchmark: every evaluation also scores the test split (test_* metrics). Only for
+    # a full grid without early stopping, where nothing is selected inside the search.
+    record_test: bool = False
     seed: int = Field(0, ge=0)
     points_to_evaluate: list[dict[str, Any]] = Field(default_factory=list)  # configs to try first, e.g. {method: lora, r: 8, lr: 5e-4}
     resources: Resources = Field(default_factory=Resources)
@@ -263,6 +316,18 @@ class SearchSpace(Schema):
                 "confirm scores the test split, and task.test_fraction is 0 (no test split): "
                 "set task.test_fraction (e.g. 0.1), or confirm.enabled: false"
             )
+        if self.sampler == "grid" and self.space.lr_choices is None:
+            raise ValueError("sampler grid needs a list of learning rates: space.lr_choices: [1.0e-3, 3.0e-3, 1.0e-2]")
+        if self.space.seeds is not None and self.sampler != "grid":
+            raise ValueError("space.seeds repeats every grid point per seed: use sampler: grid, or drop space.seeds")
+        if self.record_test:
+            if self.sampler != "grid" or self.asha.enabled:
+                raise ValueError(
+                    "record_test scores the test split at every evaluation, which only a full grid without early "
+                    "stopping may do: set sampler: grid and asha.enabled: false, or record_test: false"
+                )
+            if self.task.test_fraction == 0:
+                raise ValueError("record_test needs a test split, and task.test_fraction is 0: set it (e.g. 0.1)")
         if self.asha.enabled and self.asha.grace_period > self.training.epochs:
             raise ValueError(
                 f"asha.grace_period={self.asha.grace_period} exceeds training.epochs={self.training.epochs} (the max fidelity)"
@@ -285,6 +350,8 @@ class SearchSpace(Schema):
         from melora_tune.trial.config import TrialConfig
 
         training = self.training.model_dump(mode="json")
+        if self.record_test:
+            training.update(score_test=True, test_every_eval=True)
         res = self.resources
         data = {
             "model": self.model,

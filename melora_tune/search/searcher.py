@@ -84,9 +84,30 @@ def outcome(result: dict[str, Any] | None, error: bool, max_t: float, time_attr:
 from melora_tune.records import finite as _finite  # noqa: E402
 
 
-def make_sampler(seed: int, n_startup_trials: int) -> optuna.samplers.TPESampler:
+class GridSampler(optuna.samplers.BruteForceSampler):
+    """Optuna's exhaustive sampler over the conditional space, each leaf once (running trials count as taken).
+
+    Its ``after_trial`` calls ``study.stop()`` once the tree is covered, which only works inside
+    ``study.optimize``; under Ray the search ends at ``num_samples`` = the grid's size instead.
+    """
+
+    def after_trial(self, study, trial, state, values) -> None:  # noqa: D102
+        return None
+
+
+SAMPLERS = ("tpe", "random", "grid")
+TELL_POLICIES = ("fidelity", "stock")
+
+
+def make_sampler(seed: int, n_startup_trials: int, kind: str = "tpe") -> optuna.samplers.BaseSampler:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    if kind == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    if kind == "grid":
+        return GridSampler(seed=seed)
+    if kind != "tpe":
+        raise ValueError(f"unknown sampler {kind!r}: choose from {', '.join(SAMPLERS)}")
     # multivariate + group: TPE models the parameters that occur together (one method's subtree)
     # jointly, which is what a conditional space needs; constant_liar keeps concurrent trials apart.
     return optuna.samplers.TPESampler(
@@ -95,7 +116,13 @@ def make_sampler(seed: int, n_startup_trials: int) -> optuna.samplers.TPESampler
 
 
 class BudgetOptunaSearch(OptunaSearch):
-    """``OptunaSearch`` over a ``FeasibleSpace`` with the fidelity-aware tell policy above."""
+    """``OptunaSearch`` over a ``FeasibleSpace`` with the fidelity-aware tell policy above.
+
+    ``sampler``: tpe | random | grid (``make_sampler``). ``tell_policy="stock"`` tells exactly what Ray's
+    ``OptunaSearch`` does (intermediate values at ``training_iteration``; an ended trial COMPLETE with its
+    last score, whatever its fidelity): the baseline the fidelity policy is measured against
+    (``benchmarks/search_efficiency.py``). Restart handling (orphans) is the same for both.
+    """
 
     def __init__(
         self,
@@ -110,7 +137,11 @@ class BudgetOptunaSearch(OptunaSearch):
         metric: str = "score",
         mode: str = "max",
         points_to_evaluate: list[dict] | None = None,
+        sampler: str = "tpe",
+        tell_policy: str = "fidelity",
     ) -> None:
+        if tell_policy not in TELL_POLICIES:
+            raise ValueError(f"unknown tell_policy {tell_policy!r}: choose from {', '.join(TELL_POLICIES)}")
         if isinstance(storage, str):
             storage = optuna.storages.RDBStorage(storage) if "://" in storage else optuna.storages.JournalStorage(
                 optuna.storages.journal.JournalFileBackend(storage)
@@ -119,11 +150,12 @@ class BudgetOptunaSearch(OptunaSearch):
             space=space,
             metric=metric,
             mode=mode,
-            sampler=make_sampler(seed, n_startup_trials),
+            sampler=make_sampler(seed, n_startup_trials, sampler),
             study_name=study_name,
             storage=storage,
         )
         self._max_t = max_t
+        self.tell_policy = tell_policy
         self._time_attr = time_attr
         # Ray would enqueue these again on every fresh start of the same study; skip_if_exists does not
         for point in points_to_evaluate or []:
@@ -158,6 +190,8 @@ class BudgetOptunaSearch(OptunaSearch):
 
     # ---- results ---------------------------------------------------------------------------
     def on_trial_result(self, trial_id: str, result: dict) -> None:
+        if self.tell_policy == "stock":
+            return super().on_trial_result(trial_id, result)
         if trial_id in self._completed_trials or trial_id not in self._ot_trials:
             return
         value = result.get(self.metric)
@@ -176,6 +210,8 @@ class BudgetOptunaSearch(OptunaSearch):
         return self._ot_study._storage.get_trial(ot_trial._trial_id).state
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        if self.tell_policy == "stock":
+            return super().on_trial_complete(trial_id, result, error)
         if trial_id in self._completed_trials or trial_id not in self._ot_trials:
             return
         ot_trial = self._ot_trials[trial_id]

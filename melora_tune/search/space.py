@@ -48,6 +48,8 @@ class FeasibleSpace:
     dropout: float
     alpha_choices: list[float] | None = None
     dropout_choices: list[float] | None = None
+    lr_choices: list[float] | None = None  # a categorical lr (space.lr_choices) instead of the range
+    seeds: list[int] | None = None  # grid only: every configuration once per training seed
     tied: tuple[str, ...] = ()  # hyperparameters with no declared choices that follow another (m_b = m)
     target_modules: list[str] = field(default_factory=list)
     modules_to_save: list[str] = field(default_factory=list)
@@ -82,6 +84,13 @@ class FeasibleSpace:
 
     def size(self, method: str) -> int:
         return len(self.candidates[method])
+
+    def grid_size(self) -> int:
+        """Trials in the full grid: feasible configurations x lr choices x alpha x dropout x seeds."""
+        per_config = 1
+        for choices in (self.lr_choices, self.alpha_choices, self.dropout_choices, self.seeds):
+            per_config *= len(choices) if choices else 1
+        return sum(len(c) for c in self.candidates.values()) * per_config
 
     def reachable(self) -> set[tuple]:
         """Every configuration some sequence of choices leads to (walks the tree exactly as ``__call__`` does)."""
@@ -135,8 +144,11 @@ class FeasibleSpace:
             parents.append((key, value))
             node = node[value]
         cand: Candidate = node
-        low, high, log = self.lr
-        lr = trial.suggest_float("lr", low, high, log=log)
+        if self.lr_choices:
+            lr = trial.suggest_categorical("lr", self.lr_choices)
+        else:
+            low, high, log = self.lr
+            lr = trial.suggest_float("lr", low, high, log=log)
         alpha = trial.suggest_categorical("alpha", self.alpha_choices) if self.alpha_choices else self.alpha
         dropout = trial.suggest_categorical("dropout", self.dropout_choices) if self.dropout_choices else self.dropout
         floor = budget_floor(self.min_fraction, self.budget)
@@ -151,6 +163,8 @@ class FeasibleSpace:
             "dropout": float(dropout),
         }
         trial.set_user_attr("config", describe(hp))
+        if self.seeds:
+            hp["seed"] = int(trial.suggest_categorical("seed", self.seeds))
         trial.set_user_attr("adapter_params", cand.adapter_params)
         trial.set_user_attr("equivalent_rank", cand.equivalent_rank)
         trial.set_user_attr("budget", self.budget)
@@ -184,7 +198,9 @@ class FeasibleSpace:
             node = node[value]
         low, high, _ = self.lr
         lr = float(point["lr"])
-        if not low <= lr <= high:
+        if self.lr_choices and lr not in self.lr_choices:
+            raise UsageError(f"{where}: lr={lr:g} is not among space.lr_choices {self.lr_choices}")
+        if not self.lr_choices and not low <= lr <= high:
             raise UsageError(f"{where}: lr={lr:g} is outside space.lr [{low:g}, {high:g}]")
         out["lr"] = lr
         for key, choices in (("alpha", self.alpha_choices), ("dropout", self.dropout_choices)):
@@ -208,7 +224,12 @@ class FeasibleSpace:
                 f"equivalent rank {min(ranks)}-{max(ranks)}"
             )
         low, high, log = self.lr
-        lines.append(f"  lr       {'log-uniform' if log else 'uniform'} [{low:g}, {high:g}]")
+        if self.lr_choices:
+            lines.append(f"  lr       one of {', '.join(f'{v:g}' for v in self.lr_choices)}")
+        else:
+            lines.append(f"  lr       {'log-uniform' if log else 'uniform'} [{low:g}, {high:g}]")
+        if self.seeds:
+            lines.append(f"  seed     each of {self.seeds} (training.seed)")
         if self.alpha_choices:
             lines.append(f"  alpha    {self.alpha_choices}")
         if self.dropout_choices:
@@ -290,6 +311,8 @@ def build_space(space: SearchSpace, spec=None) -> FeasibleSpace:
         dropout=space.adapter.dropout,
         alpha_choices=s.alpha,
         dropout_choices=s.dropout,
+        lr_choices=s.lr_choices,
+        seeds=s.seeds,
         tied=tuple(k for k, hp in HYPERPARAMS.items() if hp.tied_to and getattr(s, k) is None),
         target_modules=targets,
         modules_to_save=heads,

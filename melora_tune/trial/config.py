@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import model_validator, BaseModel, Field, ValidationError
 
 from melora_tune.adapters.config import AdapterConfig
 from melora_tune.data.tasks import TaskSpec
@@ -63,7 +63,17 @@ class TrainingSection(Schema):
     # Score the final model once on the task's test split (test_* metrics, test_score). Only confirmation
     # trials set it: a search's trials never load the test split, so selection cannot see it.
     score_test: bool = False
+    # Also score the test split at every evaluation, not only the final one (implies score_test). Only a
+    # search space's record_test sets it: recording a tabulated benchmark, where nothing is selected.
+    test_every_eval: bool = False
     debug_inject_nan_at_step: int | None = Field(None, ge=1)  # test knob: the loss of this step becomes NaN
+
+    @model_validator(mode="before")
+    @classmethod
+    def _every_eval_scores_test(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("test_every_eval"):
+            data = {**data, "score_test": True}
+        return data
 
 
 class ResourcesSection(Schema):
@@ -141,6 +151,8 @@ class TrialConfig(Schema):
                 adapter[key] = AdapterConfig.model_fields[key].default
         if "lr" in sampled:
             data["training"]["lr"] = float(sampled["lr"])
+        if sampled.get("seed") is not None:  # a grid's space.seeds
+            data["training"]["seed"] = int(sampled["seed"])
         return cls.from_dict(data, source="sampled trial")
 
     # ---- derived -------------------------------------------------------------

@@ -471,11 +471,13 @@ class TrialWorker:
                     t_eval = time.perf_counter()
                     metrics = self.evaluate()
                     self._mark("eval_s", t_eval)
+                    # validation time (not the test split's): with train_time_s, what an evaluation costs a search
+                    state["eval_time_s"] = round(state.get("eval_time_s", 0.0) + time.perf_counter() - t_eval, 3)
                     if not _finite(metrics["eval_loss"]):
                         return self.diverge(state, step, f"non-finite eval loss at step {step} (lr={tr.lr:g})", 0.0)
                     state["step"] = step
                     state["status"] = COMPLETED if step == plan.total_steps else RUNNING
-                    test = self.score_test_split(metrics) if step == plan.total_steps else {}
+                    test = self.score_test_split(metrics) if step == plan.total_steps or tr.test_every_eval else {}
                     metrics = {
                         **self.base_metrics(state),
                         "train_loss": train_loss,
@@ -484,6 +486,7 @@ class TrialWorker:
                         "samples_per_s": round(samples_per_s, 3),
                         "lr": float(self.scheduler.get_last_lr()[0]) if self.scheduler is not None else tr.lr,
                         "train_time_s": state["train_time_s"],
+                        "eval_time_s": state["eval_time_s"],
                         "reason": None,
                         **test,
                     }
