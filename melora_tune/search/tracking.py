@@ -103,6 +103,8 @@ def trial_params(config: dict[str, Any], budget: int, min_fraction: float) -> di
     for key in ("epochs", "micro_batch_size", "grad_accum", "max_length", "zero_stage", "weight_decay", "warmup_ratio", "seed"):
         if key in training:
             out[f"training.{key}"] = training[key]
+    if config.get("seed") is not None:  # a grid's space.seeds replaces the base seed per trial
+        out["training.seed"] = int(config["seed"])
     res = base.get("resources") or {}
     out["num_workers"] = res.get("num_workers")
     adapter = base.get("adapter") or {}
