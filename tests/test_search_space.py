@@ -450,3 +450,145 @@ def test_one_worker_trials_hold_the_workers_resources_in_tune():
     assert resources(cpus_per_worker=2) == {"CPU": 2}
     assert resources(cpus_per_worker=1, gpus_per_worker=0.5) == {"CPU": 1, "GPU": 0.5}
     assert resources(num_workers=2, cpus_per_worker=2, driver_cpus=0.25, gpus_per_worker=1) == {"CPU": 0.25}
+
+
+# ---- samplers to compare against: tpe | random | grid, tell_policy fidelity | stock ---------
+
+SAMPLER_BAD = [
+    ({"sampler": "grd"}, "sampler: Input should be 'tpe', 'random' or 'grid'"),
+    ({"tell_policy": "ray"}, "tell_policy: Input should be 'fidelity' or 'stock'"),
+    ({"sampler": "grid"}, "sampler grid needs a list of learning rates: space.lr_choices"),
+    ({"space.lr_choices": [1e-3]}, "give space.lr (a range) or space.lr_choices (a list), not both"),
+    ({"space.lr": DELETE, "space.lr_choices": [0.0, 1e-3]}, "space.lr_choices: learning rates must be > 0, got 0"),
+    ({"space.lr": DELETE, "space.lr_choices": [1e-3], "space.seeds": [0, 1]}, "space.seeds repeats every grid point per seed: use sampler: grid"),
+    ({"space.lr": DELETE, "space.lr_choices": [1e-3], "sampler": "grid", "space.seeds": [-1]}, "space.seeds: seeds must be integers >= 0"),
+    ({"record_test": True}, "record_test scores the test split at every evaluation, which only a full grid without early stopping may do"),
+    ({"space.lr": DELETE, "space.lr_choices": [1e-3], "sampler": "grid", "record_test": True},
+     "record_test scores the test split at every evaluation"),  # ASHA still on
+    ({"space.lr": DELETE, "space.lr_choices": [1e-3], "sampler": "grid", "num_samples": 20},
+     "num_samples=20 exceeds the grid's 8 points (sampler grid runs each once): leave num_samples out"),
+    ({"training.test_every_eval": True}, "a search's trials never see the test split"),
+]
+
+
+@pytest.mark.parametrize("changes,needle", SAMPLER_BAD, ids=[",".join(f"{k}={v!r}" for k, v in c[0].items() if v is not DELETE)[:50] for c in SAMPLER_BAD])
+def test_bad_sampler_keys_are_one_line_and_exit_2(changes, needle, tmp_path, tiny_model_dir, capsys):
+    data = base_space(tiny_model_dir)
+    for key, value in changes.items():
+        data = mutate(data, key, value)
+    code, out, err = cli(["search", write(tmp_path, data), "--dry-run"], capsys)
+    assert code == 2, (out, err)
+    assert err.count("\n") == 1 and needle in err, err
+
+
+def grid_space(tiny_model_dir, **extra):
+    from melora_tune.search.schema import parse_space
+    from melora_tune.search.space import build_space
+
+    data = base_space(tiny_model_dir)
+    data.pop("num_samples")
+    data["space"].pop("lr")
+    data["space"].update(lr_choices=[1e-3, 1e-2], **extra.pop("space", {}))
+    data.update(sampler="grid", **extra)
+    space = parse_space(data)
+    return space, build_space(space)
+
+
+def test_grid_covers_the_feasible_space_exactly_once_with_concurrent_trials(tmp_path, tiny_model_dir, capsys):
+    from melora_tune.search.runner import dry_run
+    from melora_tune.search.searcher import BudgetOptunaSearch
+
+    space, fs = grid_space(tiny_model_dir, space={"seeds": [0, 3]})
+    assert fs.grid_size() == len(fs.reachable()) * 2 * 2 == 32
+    assert dry_run(space)[0].num_samples == 32  # num_samples defaults to the grid's size
+    s = BudgetOptunaSearch(fs, storage=f"sqlite:///{tmp_path}/optuna.db", study_name="g", seed=0, max_t=2, sampler="grid")
+    seen, running = [], []
+    for i in range(32):  # Ray asks while earlier trials still run: running trials count as taken
+        tid = f"t{i}"
+        hp = s.suggest(tid)
+        seen.append(((hp["method"], hp["n"], hp["r"], hp["u"], hp["m"], hp["m_b"]), hp["lr"], hp["seed"]))
+        running.append(tid)
+        if len(running) == 3:
+            done = running.pop(0)
+            s.on_trial_complete(done, {"score": 0.5, "step": 2, "epoch": 2.0, "status": "completed"})
+    expected = {(key, lr, seed) for key in fs.reachable() for lr in (1e-3, 1e-2) for seed in (0, 3)}
+    assert len(seen) == len(set(seen)) == 32 and set(seen) == expected
+    # the sampled seed is the trial's training seed, and logged as such
+    from melora_tune.search.tracking import trial_params
+    from melora_tune.trial.config import TrialConfig
+
+    base = space.base_trial_dict(fs.target_modules, fs.modules_to_save)
+    sampled = s.suggest("extra") or {}
+    cfg = TrialConfig.from_sampled(base, {**sampled, "seed": 3})
+    assert cfg.training.seed == 3 and trial_params({**sampled, "seed": 3, "trial": base}, 768, 0.5)["training.seed"] == 3
+
+
+def test_record_test_scores_test_at_every_evaluation_of_a_grid(tiny_model_dir):
+    space, fs = grid_space(tiny_model_dir, record_test=True, asha={"enabled": False})
+    training = space.base_trial_dict(fs.target_modules, fs.modules_to_save)["training"]
+    assert training["score_test"] is True and training["test_every_eval"] is True
+    plain, fs2 = grid_space(tiny_model_dir)
+    training = plain.base_trial_dict(fs2.target_modules, fs2.modules_to_save)["training"]
+    assert training["score_test"] is False and training["test_every_eval"] is False
+
+
+def test_random_and_tpe_with_lr_choices_stay_feasible_and_on_the_list(tiny_model_dir):
+    from melora_tune.search.searcher import make_sampler
+    from melora_tune.search.schema import parse_space
+    from melora_tune.search.space import build_space
+
+    data = base_space(tiny_model_dir)
+    data["space"].pop("lr")
+    data["space"]["lr_choices"] = [5e-4, 2e-3, 8e-3]
+    fs = build_space(parse_space(data))
+    for kind in ("random", "tpe"):
+        study = optuna.create_study(direction="maximize", sampler=make_sampler(seed=0, n_startup_trials=4, kind=kind))
+        keys = set()
+        for _ in range(60):
+            trial = study.ask()
+            hp = fs(trial)
+            key = (hp["method"], hp["n"], hp["r"], hp["u"], hp["m"], hp["m_b"])
+            assert key in fs.reachable() and hp["lr"] in (5e-4, 2e-3, 8e-3) and hp["adapter_params"] <= 768
+            keys.add(key)
+            study.tell(trial, hp["r"] - hp["lr"])
+        assert len(keys) > 1, kind
+    assert isinstance(make_sampler(0, 4, "random"), optuna.samplers.RandomSampler)
+
+
+def test_stock_tell_policy_tells_what_rays_optuna_search_tells(tmp_path, tiny_model_dir):
+    """Same events through Ray's own OptunaSearch and through ours with tell_policy stock: same study."""
+    from ray.tune.search.optuna import OptunaSearch
+    from optuna.trial import TrialState
+
+    from melora_tune.search.schema import parse_space
+    from melora_tune.search.searcher import make_sampler
+    from melora_tune.search.space import build_space
+
+    fs = build_space(parse_space(base_space(tiny_model_dir)))
+    rays = OptunaSearch(space=fs, metric="score", mode="max", sampler=make_sampler(0, 2),
+                        storage=optuna.storages.RDBStorage(f"sqlite:///{tmp_path}/ray.db"), study_name="s")
+    ours = make_searcher(tmp_path, fs, tell_policy="stock")
+    (tmp_path / "f").mkdir()
+    fidelity = make_searcher(tmp_path / "f", fs)
+    events = [  # a: full fidelity; b: ASHA stops it after its first report; c: crashes
+        ("result", "a", {"score": 0.6, "step": 10, "training_iteration": 1, "epoch": 1.0, "status": "running"}),
+        ("result", "a", {"score": 0.7, "step": 20, "training_iteration": 2, "epoch": 2.0, "status": "completed"}),
+        ("complete", "a", {"score": 0.7, "step": 20, "training_iteration": 2, "epoch": 2.0, "status": "completed"}),
+        ("complete", "b", {"score": 0.9, "step": 10, "training_iteration": 1, "epoch": 1.0, "status": "running"}),
+        ("complete", "c", None),
+    ]
+    studies = []
+    for searcher in (rays, ours, fidelity):
+        for tid in "abc":
+            searcher.suggest(tid)
+        for kind, tid, result in events:
+            if kind == "result":
+                searcher.on_trial_result(tid, result)
+            else:
+                searcher.on_trial_complete(tid, result, error=result is None)
+        studies.append([(t.state, t.value, t.intermediate_values) for t in searcher._ot_study.trials])
+    assert studies[0] == studies[1]
+    # Ray's policy: the stopped trial is COMPLETE with its partial 0.9 and becomes the study's best
+    assert studies[1][1][:2] == (TrialState.COMPLETE, 0.9) and studies[1][2][0] == TrialState.FAIL
+    # ours (fidelity): PRUNED, the full-fidelity 0.7 stays best
+    assert studies[2][1][0] == TrialState.PRUNED and studies[2][0][:2] == (TrialState.COMPLETE, 0.7)
