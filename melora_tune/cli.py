@@ -25,13 +25,14 @@ def build_parser() -> argparse.ArgumentParser:
     from melora_tune.cluster import add_cluster_parser
     from melora_tune.report.export import add_export_parser
     from melora_tune.report.cli import add_report_parser
+    from melora_tune.report.table import add_table_parser
     from melora_tune.search.cli import add_confirm_parser, add_search_parser
     from melora_tune.trial.cli import add_train_parser
     from melora_tune.records.ui import add_ui_parser
 
     # in the order a user meets them: size a budget, debug one trial, search, read, export, browse, scale out
     for add in (add_budget_parser, add_train_parser, add_search_parser, add_confirm_parser, add_report_parser, add_export_parser,
-                add_ui_parser, add_cluster_parser):
+                add_table_parser, add_ui_parser, add_cluster_parser):
         add(sub)
     return parser
 

@@ -311,6 +311,14 @@ ROWS = [
     ("export-no-such-method", "export --dataset rotten_tomatoes --method prolora --out {A}/new --tracking-uri {URI}",
      "no scored prolora trial"),
     ("export-no-adapter", "export --dataset rotten_tomatoes --out {A}/new --tracking-uri {URI}", "has no adapter artifact"),
+    # ---- table (a recorded grid -> CSV)
+    ("table-no-search", "table --dataset rotten_tomatoes --out {A}/t.csv", "required: --search"),
+    ("table-not-csv", "table --dataset rotten_tomatoes --search s1 --out {A}/t.txt --tracking-uri {URI}", "give a .csv file name"),
+    ("table-no-folder", "table --dataset rotten_tomatoes --search s1 --out {A}/nowhere/t.csv --tracking-uri {URI}", "does not exist"),
+    ("table-not-recorded", "table --dataset rotten_tomatoes --search s1 --out {A}/t.csv --tracking-uri {URI}",
+     "is not a recorded grid (sampler: grid, record_test: true, asha.enabled: false)"),
+    ("table-no-such-search", "table --dataset rotten_tomatoes --search s9 --out {A}/t.csv --tracking-uri {URI}",
+     "no parent run with that id or search name"),
     # ---- ui (argument errors: nothing starts)
     ("ui-port-0", "ui --port 0", "--port must be 1..65535"),
     ("ui-port-big", "ui --port 70000", "--port must be 1..65535"),
@@ -391,7 +399,7 @@ def test_bad_input_is_one_line_exit_2_and_leaves_nothing(template, needle, asset
 
 def test_the_table_is_broad():
     commands = {t.split(" ", 1)[0] for _, t, _ in ROWS if t}
-    assert len(ROWS) >= 60 and commands == {"budget", "train", "search", "confirm", "report", "export", "ui", "cluster", "frobnicate"}
+    assert len(ROWS) >= 60 and commands == {"budget", "train", "search", "confirm", "report", "export", "table", "ui", "cluster", "frobnicate"}
     assert sum(1 for _, t, _ in ROWS if t.startswith("search") and "--dry-run" not in t) >= 8  # real starts
 
 

@@ -199,3 +199,47 @@ def test_killed_search_resumes_without_duplicates(tiny_model, tmp_path):
     assert len(runs) == 4  # one child run per trial, reused across the kill
     assert sorted(int(r.data.tags["melora.optuna_trial"]) for r in runs) == [0, 1, 2, 3]
     assert all(r.info.status == "FINISHED" for r in runs)
+
+
+def test_recorded_grid_exports_a_table_that_round_trips_mlflow(tiny_model, tmp_path):
+    """sampler grid + record_test on the real stack: every grid point x seed once, test scored at every
+    evaluation, and ``melora-tune table`` writes exactly what MLflow holds (CSV + JSON, read back)."""
+    import json
+
+    import pandas as pd
+    import ray
+
+    from melora_tune.cli import main
+    from melora_tune.search import run_search
+
+    if ray.is_initialized():
+        ray.shutdown()
+    data = space(tiny_model, tmp_path, name="rec", sampler="grid", record_test=True, points_to_evaluate=[],
+                 methods=["lora"], asha={"enabled": False})
+    data.pop("num_samples")
+    data["space"] = {"lr_choices": [1e-2], "r": [1, 2], "seeds": [0, 1]}
+    data["task"] = {"name": "rotten_tomatoes", "max_train_samples": 96, "max_eval_samples": 32}
+    data["training"] = {**data["training"], "epochs": 2}
+    result = run_search(data)
+    assert result.status == "finished" and len(result.trials) == 4
+    assert all(t.status == "completed" for t in result.trials)
+    out = tmp_path / "rec.csv"
+    code = main(["table", "--dataset", "rotten_tomatoes", "--search", result.name, "--tracking-uri", result.tracking_uri,
+                 "--out", str(out)])
+    assert code == 0
+    table = pd.read_csv(out)
+    assert len(table) == 4 * 2 and set(table["seed"]) == {0, 1} and set(table["r"]) == {1, 2}
+    assert table.groupby(["r", "seed"]).size().to_dict() == {(1, 0): 2, (1, 1): 2, (2, 0): 2, (2, 1): 2}
+    client, _, runs = mlflow_children(result.tracking_uri, result.parent_run_id)
+    for run in runs:
+        rows = table[table["run_id"] == run.info.run_id].sort_values("step")
+        for col, name in (("val_score", "score"), ("test_score", "test_score"), ("train_time_s", "train_time_s")):
+            logged = [m.value for m in sorted(client.get_metric_history(run.info.run_id, name), key=lambda m: m.step)]
+            assert rows[col].tolist() == pytest.approx(logged, rel=1e-5), col
+        assert len(rows) == 2 and rows["test_score"].notna().all()  # test at every evaluation, not only the last
+        assert int(rows["seed"].iloc[0]) == int(run.data.params["training.seed"])
+    meta = json.loads(out.with_suffix(".json").read_text())
+    assert meta["command"] == f"melora-tune table --search {result.name} --out {out}"  # main() called directly
+    assert meta["searches"][0]["parent_run_id"] == result.parent_run_id and meta["not_completed"] == []
+    assert meta["spaces"] == {"512": "search_spaces/rec.yaml"} and meta["rows"] == 8
+    assert set(meta["columns"]) == set(table.columns)
