@@ -92,7 +92,10 @@ def _dry_run(args) -> int:
     print(f"budget {space.budget.max_params:,} adapter params (min fraction {space.budget.min_fraction:g}): {total} feasible configurations")
     for line in feasible.summary_lines():
         print(line)
-    print(f"{space.num_samples} trials, at most {space.max_concurrent_trials} at once, {asha}")
+    sampler = {"tpe": "Optuna TPE", "random": "random search", "grid": f"the full grid ({feasible.grid_size()} points)"}[space.sampler]
+    policy = ", stopped trials told as COMPLETE (stock)" if space.tell_policy == "stock" and space.asha.enabled else ""
+    print(f"{space.num_samples} trials by {sampler}, at most {space.max_concurrent_trials} at once, {asha}{policy}"
+          + ("; test scored at every evaluation (record_test)" if space.record_test else ""))
     where = "trained in the Tune trial process" if res.num_workers == 1 else f"{res.num_workers} Ray Train workers"
     print(f"each trial: {where}, {res.cpus_per_worker:g} CPU" + (" each" if res.num_workers > 1 else "")
           + (f" + {res.gpus_per_worker:g} GPU" if res.gpus_per_worker else "")
