@@ -94,6 +94,7 @@ def main() -> None:
         print(f"\nbudget {budget:,}: {len(level.configs)} configurations, {level.epochs} epochs; grid compute "
               f"{level.grid_compute:,.0f} s; y* = {level.y_star:.4f} ({best.candidate.method} "
               f"{dict(best.candidate.values)} lr={best.key[-3]:g}), y_worst = {level.y_worst:.4f}")
+        print(f"  (one point of test score = regret {0.01 / (level.y_star - level.y_worst):.4f})")
         print(f"  {'strategy':<16}" + "".join(f"{f'regret@{f:.0%}':>17}" for f in FRACTIONS)
               + f"  {'compute to 0.5pt':>18}")
         curves[budget] = {}
@@ -126,13 +127,17 @@ def plot(curves: dict[int, dict[str, list]], out: Path) -> None:
     grid = np.linspace(0, 1, 201)
     fig, axes = plt.subplots(1, len(curves), figsize=(6 * len(curves), 4.2), squeeze=False)
     for ax, (budget, by_strategy) in zip(axes[0], curves.items()):
+        lowest = 0.0
         for name, runs in by_strategy.items():
             ys = np.array([[r.regret_at(x) for x in grid] for r in runs])
             mean = ys.mean(axis=0)
             se = ys.std(axis=0, ddof=1) / math.sqrt(len(runs)) if len(runs) > 1 else np.zeros_like(mean)
+            lowest = min(lowest, float((mean - se).min()))
             ax.step(grid, mean, where="post", label=name)
             ax.fill_between(grid, mean - se, mean + se, step="post", alpha=0.2)
         ax.axhline(0, color="k", lw=0.5)
+        ax.set_yscale("symlog", linthresh=0.01)  # the interesting part is regret near 0: linear below 0.01
+        ax.set_ylim(bottom=min(lowest, 0.0) - 0.001, top=1.05)
         ax.set_title(f"budget {budget:,} params")
         ax.set_xlabel("compute / grid compute")
         ax.set_ylabel("normalised regret (seed-mean test)")
