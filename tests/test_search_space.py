@@ -592,3 +592,28 @@ def test_stock_tell_policy_tells_what_rays_optuna_search_tells(tmp_path, tiny_mo
     assert studies[1][1][:2] == (TrialState.COMPLETE, 0.9) and studies[1][2][0] == TrialState.FAIL
     # ours (fidelity): PRUNED, the full-fidelity 0.7 stays best
     assert studies[2][1][0] == TrialState.PRUNED and studies[2][0][:2] == (TrialState.COMPLETE, 0.7)
+
+
+def test_grid_resumed_after_a_killed_driver_still_covers_each_point_once(tmp_path, tiny_model_dir):
+    from melora_tune.search.searcher import BudgetOptunaSearch
+
+    space, fs = grid_space(tiny_model_dir)  # 8 configurations x 2 lrs
+
+    def searcher():
+        return BudgetOptunaSearch(fs, storage=f"sqlite:///{tmp_path}/optuna.db", study_name="g", seed=0, max_t=2,
+                                  sampler="grid")
+
+    def key(hp):
+        return (hp["method"], hp["n"], hp["r"], hp["lr"])
+
+    s = searcher()
+    taken = [key(s.suggest(f"a{i}")) for i in range(3)]
+    s.on_trial_complete("a0", {"score": 0.5, "step": 2, "epoch": 2.0, "status": "completed"})
+    s.save(str(tmp_path / "searcher.pkl"))  # Ray's last snapshot ...
+    lost = [key(s.suggest(f"a{i}")) for i in range(3, 5)]  # ... then two more asked, and the driver dies
+    restored = searcher()
+    restored.restore(str(tmp_path / "searcher.pkl"))
+    rest = [key(restored.suggest(f"b{i}")) for i in range(fs.grid_size() - 3)]
+    assert rest[:2] == lost  # the orphans are handed out again first
+    assert sorted(taken + rest) == sorted({(k[0], k[1], k[2], lr) for k in fs.reachable() for lr in (1e-3, 1e-2)})
+    assert len(restored._ot_study.trials) == fs.grid_size() == 16
