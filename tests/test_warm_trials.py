@@ -32,7 +32,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 # Differ between runs of one configuration by nature (clocks, the process).
-VOLATILE = {"samples_per_s", "train_time_s", "worker_pid", "warm_start", "worker_node_ip"}
+VOLATILE = {"samples_per_s", "train_time_s", "eval_time_s", "worker_pid", "warm_start", "worker_node_ip"}
 
 A = {"method": "lora", "r": 2, "lr": 1e-2}
 # In the search (ASHA, grace 1 epoch, reduction 2, one trial at a time): A reaches 0.58 at epoch 1; STOPPED
