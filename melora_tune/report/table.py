@@ -108,11 +108,12 @@ def table_frame(mlf, search: collect.SearchInfo):
                 "status": t.get(collect.STATUS_TAG, "?"), "search": search.name, "run_id": run.info.run_id,
             })
     df = pd.DataFrame(rows, columns=list(COLUMNS))
-    for col in ("n", "r", "u", "m", "m_b", "seed", "step", "adapter_params", "equivalent_rank", "budget"):
+    for col in (*collect.HP_COLUMNS, "seed", "step", "adapter_params", "equivalent_rank", "budget"):
         df[col] = pd.to_numeric(df[col]).astype("Int64")
     for col in ("lr", "alpha", "dropout", "epoch", *METRICS):
         df[col] = pd.to_numeric(df[col]).astype(float)
-    return df.sort_values(["method", "n", "r", "u", "m", "m_b", "lr", "seed", "epoch"], kind="stable").reset_index(drop=True)
+    order = ["method", *collect.HP_COLUMNS, "lr", "seed", "epoch"]
+    return df.sort_values(order, kind="stable").reset_index(drop=True)
 
 
 def _git_commit() -> str | None:
@@ -135,7 +136,8 @@ def _write_atomic(path: Path, write) -> None:
 
 def export_table(dataset: str, searches: list[str], out: str | os.PathLike, *, tracking_uri: str | None = None,
                  command: str | None = None):
-    """Write ``out`` (.csv) and its ``.json`` from the recorded searches; returns (DataFrame, json path)."""
+    """Write ``out`` (.csv) and its ``.json`` from the recorded searches; returns (DataFrame, json path, the JSON's
+    content)."""
     import pandas as pd
 
     out = Path(out)
@@ -175,7 +177,7 @@ def export_table(dataset: str, searches: list[str], out: str | os.PathLike, *, t
     meta_path = out.with_suffix(".json")
     _write_atomic(out, lambda p: table.to_csv(p, index=False, float_format="%.6g"))
     _write_atomic(meta_path, lambda p: p.write_text(json.dumps(meta, indent=2) + "\n"))
-    return table, meta_path
+    return table, meta_path, meta
 
 
 def add_table_parser(subparsers) -> argparse.ArgumentParser:
@@ -196,13 +198,14 @@ def add_table_parser(subparsers) -> argparse.ArgumentParser:
 
 def table_command(args) -> int:
     command = "melora-tune " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:2] == ["table"] else None
-    table, meta_path = export_table(args.dataset, args.search, args.out, tracking_uri=args.tracking_uri, command=command)
+    table, meta_path, meta = export_table(args.dataset, args.search, args.out, tracking_uri=args.tracking_uri,
+                                          command=command)
     configs = table.groupby("budget")["config"].nunique().to_dict()
     seeds = table.groupby("budget")["seed"].nunique().to_dict()
     for budget in sorted(configs):
         print(f"budget {budget:,}: {configs[budget]} configurations x {seeds[budget]} seed(s)")
     print(f"{len(table)} rows -> {args.out} (meta {meta_path})")
-    not_done = json.loads(meta_path.read_text())["not_completed"]
+    not_done = meta["not_completed"]
     if not_done:
         print(f"melora-tune table: warning: {len(not_done)} configuration(s) did not complete: {', '.join(not_done)}",
               file=sys.stderr)

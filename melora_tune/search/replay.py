@@ -6,7 +6,7 @@ A table (``melora-tune table``, e.g. ``benchmarks/tables/trec.csv``) holds, for 
 small grid, every seed's full learning curve: one row per (configuration, seed, epoch) with the validation
 and test scores and the cumulative train + eval seconds. Replaying a strategy on it means running the
 project's real searcher (``BudgetOptunaSearch``) and Ray's real schedulers (the project's ``FiniteASHA``
-from ``make_scheduler``, or ``FIFOScheduler``) exactly as Ray Tune would call them, but answering each
+from ``asha_scheduler``, or ``FIFOScheduler``) exactly as Ray Tune would call them, but answering each
 trial's epoch with the recorded row instead of training, and advancing a simulated clock by the recorded
 cost of that epoch (as Syne Tune's simulator backend does). ``concurrency`` trials run at once; the next
 event is the earliest epoch to finish.
@@ -55,7 +55,6 @@ import heapq
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -267,15 +266,12 @@ def make_searcher(level: Level, strategy: str, seed: int, n_startup_trials: int 
 
 
 def make_replay_scheduler(level: Level, asha: bool, reduction_factor: float = 3):
-    """The project's scheduler (``runner.make_scheduler``: FiniteASHA, stop_last_trials=False, or FIFO)."""
-    from melora_tune.search.runner import make_scheduler
+    """The project's scheduler (``runner.asha_scheduler``: FiniteASHA, stop_last_trials=False, or FIFO)."""
+    from melora_tune.search.runner import asha_scheduler
+    from melora_tune.search.schema import Asha
 
-    spec = SimpleNamespace(
-        asha=SimpleNamespace(enabled=asha, time_attr="epoch", grace_period=1, reduction_factor=reduction_factor,
-                             brackets=1),
-        max_t=level.epochs,
-    )
-    scheduler = make_scheduler(spec)
+    section = Asha(enabled=asha, time_attr="epoch", grace_period=1, reduction_factor=reduction_factor, brackets=1)
+    scheduler = asha_scheduler(section, level.epochs)
     scheduler.set_search_properties(METRIC, "max")  # what tune.run does with TuneConfig(metric, mode)
     return scheduler
 

@@ -24,7 +24,7 @@ from typing import Any, Callable
 import yaml
 
 from melora_tune.errors import UsageError, first_line
-from melora_tune.search.schema import DEFAULT_STORAGE_PATH, DEFAULT_TRACKING_URI, SearchSpace, load_space, parse_space
+from melora_tune.search.schema import DEFAULT_STORAGE_PATH, DEFAULT_TRACKING_URI, Asha, SearchSpace, load_space, parse_space
 from melora_tune.search.space import FeasibleSpace, build_space
 
 log = logging.getLogger("melora_tune.search")
@@ -315,9 +315,15 @@ def reuse_actors(space: SearchSpace) -> bool:
 
 
 def make_scheduler(space: SearchSpace):
+    """The search's trial scheduler: ``asha_scheduler`` of its asha section, up to its max fidelity."""
+    return asha_scheduler(space.asha, space.max_t)
+
+
+def asha_scheduler(asha: Asha, max_t: int):
+    """FiniteASHA for an enabled asha section, else FIFO (also what the replay benchmark schedules with)."""
     from ray.tune.schedulers import AsyncHyperBandScheduler, FIFOScheduler
 
-    if not space.asha.enabled:
+    if not asha.enabled:
         return FIFOScheduler()
 
     class FiniteASHA(AsyncHyperBandScheduler):
@@ -335,11 +341,11 @@ def make_scheduler(space: SearchSpace):
             return super().on_trial_complete(tune_controller, trial, result)
 
     return FiniteASHA(
-        time_attr=space.asha.time_attr,
-        max_t=space.max_t,
-        grace_period=space.asha.grace_period,
-        reduction_factor=space.asha.reduction_factor,
-        brackets=space.asha.brackets,
+        time_attr=asha.time_attr,
+        max_t=max_t,
+        grace_period=asha.grace_period,
+        reduction_factor=asha.reduction_factor,
+        brackets=asha.brackets,
         # a trial at max_t ends by itself: stopping it would kill its Train run before it shuts down cleanly
         stop_last_trials=False,
     )

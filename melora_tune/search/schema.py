@@ -112,25 +112,17 @@ class SpaceSection(Schema):
             return {"low": value[0], "high": value[1]}
         return value
 
-    @field_validator("alpha", "dropout", mode="before")
-    @classmethod
-    def _float_list(cls, value: Any, info) -> Any:
-        if value is None:
-            return None
-        if not isinstance(value, (list, tuple)):
-            value = [value]
-        if not value:
-            raise ValueError("the list of choices is empty: leave the key out to keep the fixed adapter value")
-        return value
-
-    @field_validator("lr_choices", "seeds", mode="before")
+    @field_validator("alpha", "dropout", "lr_choices", "seeds", mode="before")
     @classmethod
     def _lists(cls, value: Any, info) -> Any:
+        """A single value is a one-item list; an empty list is refused (leaving the key out means something)."""
         if value is None:
             return None
         if not isinstance(value, (list, tuple)):
             value = [value]
         if not value:
+            if info.field_name in ("alpha", "dropout"):
+                raise ValueError("the list of choices is empty: leave the key out to keep the fixed adapter value")
             raise ValueError(f"the list is empty: leave space.{info.field_name} out")
         return value
 
