@@ -7,6 +7,7 @@ this works for any architecture transformers knows, at any size.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
@@ -38,6 +39,12 @@ class ModelSpec:
 
     @classmethod
     def from_config(cls, config, task: str = "seq_cls", name: str = "") -> "ModelSpec":
+        if task == "causal_lm":
+            from melora_tune.adapters.models import causal_lm_overrides
+
+            for key, value in causal_lm_overrides(config).items():  # as the trial loads it (and no warning)
+                config = copy.deepcopy(config)
+                setattr(config, key, value)
         with torch.device("meta"):
             model = auto_class(task).from_config(config)
         return cls(model, name or getattr(config, "name_or_path", ""))

@@ -73,7 +73,10 @@ class AdapterLinear(nn.Module, ABC):
         out = self.base(x)
         if self.merged:
             return out
-        return out + self.adapter_forward(self.dropout(x)).to(out.dtype)
+        h = self.dropout(x)
+        # An fp32 adapter on a low-precision base (QLoRA's NF4 with bf16 compute) computes in its own precision.
+        dtype = getattr(self, self.TRAINABLE[0]).dtype
+        return out + self.adapter_forward(h if h.dtype == dtype else h.to(dtype)).to(out.dtype)
 
     def delta_weight(self) -> torch.Tensor:
         a, b = self.lora_factors()

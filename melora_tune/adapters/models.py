@@ -36,6 +36,40 @@ def resolve_model(name_or_path: str) -> str:
     return str(root / sub)
 
 
+# Encoder families whose *ForCausalLM/*LMHeadModel attends both ways unless the config says is_decoder: loaded as a
+# causal LM without it, the model would see the answer it is asked to predict.
+ENCODER_MODEL_TYPES = frozenset({
+    "bert", "bert-generation", "big_bird", "camembert", "data2vec-text", "electra", "ernie", "megatron-bert",
+    "rembert", "roberta", "roberta-prelayernorm", "xlm-roberta", "xlm-roberta-xl", "xmod",
+})
+
+
+def causal_lm_overrides(config) -> dict[str, bool]:
+    """Config overrides that make ``AutoModelForCausalLM`` of this config causal (``is_decoder`` for encoders)."""
+    return {"is_decoder": True} if getattr(config, "model_type", None) in ENCODER_MODEL_TYPES else {}
+
+
+def nf4_loading_kwargs() -> dict:
+    """``from_pretrained`` arguments for a 4-bit NF4 base (QLoRA: NF4 with double quantization, bf16 compute),
+    placed on this process's GPU. One-line refusal where bitsandbytes' 4-bit kernels cannot run."""
+    import torch
+
+    if not torch.cuda.is_available():
+        raise UsageError("training.quantization nf4 needs a CUDA GPU (bitsandbytes 4-bit kernels); set "
+                         "resources.use_gpu: true on a GPU cluster, or training.quantization: none")
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise UsageError("training.quantization nf4 needs bitsandbytes on the GPU workers: pip install bitsandbytes") from None
+    import transformers
+
+    config = transformers.BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16,
+    )
+    return {"quantization_config": config, "device_map": {"": torch.cuda.current_device()}}
+
+
 def looks_like_path(name: str) -> bool:
     return name.startswith(("/", "./", "../", "~")) or Path(name).exists()
 

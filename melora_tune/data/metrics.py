@@ -11,6 +11,7 @@ bad-but-valid point for the searcher instead of a failed one.
 
 from __future__ import annotations
 
+import string
 from typing import Any, Callable
 
 import numpy as np
@@ -127,3 +128,22 @@ def compute_metrics(metric_names: Any, predictions: Any, labels: Any) -> dict[st
             if name in _REGRESSION:
                 results[name] = _REGRESSION[name](values, gold_values)
     return {name: results[name] for name in names}
+
+
+# ---- generated text ------------------------------------------------------------
+
+_EDGE_PUNCTUATION = string.punctuation + "\u201c\u201d\u2018\u2019"
+
+
+def normalize_answer(text: str) -> str:
+    """Case, surrounding punctuation and runs of whitespace do not count: " Person." == "person"."""
+    return " ".join(str(text).lower().split()).strip(_EDGE_PUNCTUATION + " ")
+
+
+def exact_match(predictions: list[str], references: list[str]) -> float:
+    """Fraction of generated answers equal to their reference after ``normalize_answer``."""
+    if len(predictions) != len(references):
+        raise UsageError(f"{len(predictions)} generated answers for {len(references)} references")
+    if not references:
+        raise UsageError("no answers to score")
+    return float(np.mean([normalize_answer(p) == normalize_answer(r) for p, r in zip(predictions, references)]))

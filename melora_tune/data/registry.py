@@ -90,8 +90,43 @@ BUILTIN_FILES = {
 GENERIC_PROMPTS = {1: "Text: {0}\nLabel:", 2: "Text 1: {0}\nText 2: {1}\nLabel:"}
 
 
+@dataclass(frozen=True)
+class InstructInfo:
+    """A built-in instruction task made from a built-in classification corpus: the same rows and the same seeded
+    splits (the split is stratified by the class behind each answer), phrased as instruction -> short answer."""
+
+    base: str  # the BUILTIN_TASKS entry whose rows it reuses
+    instruction: str  # the same for every row; the row's text is the input
+
+
+INSTRUCT_TASKS: dict[str, InstructInfo] = {
+    "trec_instruct": InstructInfo(
+        "trec", "What kind of answer does this question want? Answer with one of: abbreviation, entity, "
+        "description, person, location, number.",
+    ),
+    "rotten_tomatoes_instruct": InstructInfo(
+        "rotten_tomatoes", "Is this movie review fresh or rotten? Answer with one word: fresh or rotten.",
+    ),
+}
+
+# Alpaca's two prompts (Taori et al., 2023, as in alpaca-lora's templates/alpaca.json): the default for
+# instruction data, so a search on Alpaca-style data trains on the prompt its users know.
+ALPACA_PROMPT = (
+    "Below is an instruction that describes a task, paired with an input that provides further context. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+)
+ALPACA_PROMPT_NO_INPUT = (
+    "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Response:\n"
+)
+# What an instruction task can maximise: exact match of greedy generation with the reference answer, or
+# minus the eval loss on response tokens ("loss": for free-form answers, where exact match means little).
+INSTRUCTION_METRICS = ("exact_match", "loss")
+
+
 def known_task_names() -> list[str]:
-    return [*BUILTIN_TASKS, *(f"glue/{name}" for name in GLUE_TASKS)]
+    return [*BUILTIN_TASKS, *INSTRUCT_TASKS, *(f"glue/{name}" for name in GLUE_TASKS)]
 
 
 def glue_name(name: str) -> str | None:

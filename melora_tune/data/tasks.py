@@ -23,11 +23,23 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from typing import Literal
+
 from pydantic import field_validator, model_validator
 
 from melora_tune.errors import StandaloneSchema, UsageError, did_you_mean
 
-from .registry import BUILTIN_TASKS, GENERIC_PROMPTS, GLUE_TASKS, TaskInfo, check_glue_task, glue_name, unknown_task
+from .registry import (
+    BUILTIN_TASKS,
+    GENERIC_PROMPTS,
+    GLUE_TASKS,
+    INSTRUCT_TASKS,
+    INSTRUCTION_METRICS,
+    TaskInfo,
+    check_glue_task,
+    glue_name,
+    unknown_task,
+)
 from .sources import COMPRESSIONS, LOCAL_SUFFIXES, load_glue_from_hub, read_builtin, read_local
 
 if TYPE_CHECKING:
@@ -64,15 +76,53 @@ class TaskSpec(StandaloneSchema):
     # The score a search maximises (accuracy, f1, f1_macro, matthews_correlation, pearson, spearmanr);
     # None: the task's own (accuracy for most classification tasks). On an imbalanced task prefer f1 or
     # matthews_correlation: accuracy there mostly measures the majority class.
+    # Instruction tasks (exact_match or loss, see below) take the same key.
     metric: str | None = None
+
+    # ---- instruction data (causal LM): rows of instruction, optional input, output
+    # auto: an instruction task when the name is a built-in one (trec_instruct, rotten_tomatoes_instruct), hub_dataset
+    # is set, or a local file has the instruction and output columns; classification otherwise.
+    kind: Literal["auto", "classification", "instruction"] = "auto"
+    instruction_column: str = "instruction"  # Alpaca's names by default
+    input_column: str = "input"  # optional in the data: a missing column or an empty cell means no input
+    output_column: str = "output"
+    hub_dataset: str | None = None  # a Hugging Face Hub dataset id (e.g. tatsu-lab/alpaca), loaded with datasets
+    hub_config: str | None = None  # its configuration name, if it has several
+    hub_split: str = "train"  # the split read; validation/test are cut from it like a local file's
+    # auto: the tokenizer's chat template when it has one, else prompt_template; template | chat force one.
+    prompt_format: Literal["auto", "template", "chat"] = "auto"
+    # {instruction} and {input} are filled in; None: Alpaca's prompt (and its no-input variant).
+    prompt_template: str | None = None
+    prompt_template_no_input: str | None = None  # for rows without input; None: prompt_template (or Alpaca's)
+    max_new_tokens: int = 16  # greedy generation length for exact_match (the longest answer is used if shorter)
 
     @field_validator("metric", mode="before")
     @classmethod
     def _metric(cls, value: Any) -> Any:
         from .metrics import METRICS
 
-        if value is not None and value not in METRICS:
-            raise ValueError(f"unknown metric {value!r}: choose one of {', '.join(METRICS)}{did_you_mean(str(value), METRICS)}")
+        known = (*METRICS, *INSTRUCTION_METRICS)
+        if value is not None and value not in known:
+            raise ValueError(f"unknown metric {value!r}: choose one of {', '.join(known)}{did_you_mean(str(value), known)}")
+        return value
+
+    @field_validator("max_new_tokens", mode="before")
+    @classmethod
+    def _new_tokens(cls, value: Any) -> Any:
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 4096:
+            raise ValueError(f"max_new_tokens must be an integer in 1..4096, got {value!r}")
+        return value
+
+    @field_validator("prompt_template", "prompt_template_no_input", mode="before")
+    @classmethod
+    def _template(cls, value: Any, info) -> Any:
+        if value is None:
+            return value
+        if not isinstance(value, str) or "{instruction}" not in value:
+            raise ValueError(f"{info.field_name} must be a string with an {{instruction}} placeholder, got {value!r}")
+        from .instruct import check_template
+
+        check_template(value, info.field_name)
         return value
 
     @field_validator("text_columns", mode="before")
@@ -138,6 +188,16 @@ class TaskData:
     prompt_template: str = ""  # causal-LM prompt; "{0}"/"{1}" are the text columns
     answer_names: list[str] | None = None  # what a causal LM answers per label id
     source: str = ""  # where the rows came from (file or hub id), for run records
+    # "instruction": splits hold instruction/input/output (+ label, the answer's class id, when answers are
+    # labels); prompt_* say how a row becomes a prompt (melora_tune.data.instruct).
+    kind: str = "classification"
+    prompt_format: str = "auto"
+    prompt_template_no_input: str = ""
+    max_new_tokens: int = 16
+
+    @property
+    def is_instruction(self) -> bool:
+        return self.kind == "instruction"
 
     @property
     def is_regression(self) -> bool:
@@ -153,6 +213,10 @@ def load_task(spec: TaskSpec | str) -> TaskData:
         spec = TaskSpec(name=spec)
     if spec.path is None and _looks_like_file(spec.name):
         spec = spec.replace(path=spec.name, name=_file_label(spec.name))
+    from .instruct import is_instruction, load_instruction_task
+
+    if is_instruction(spec):
+        return load_instruction_task(spec)
     if spec.path is not None:
         return _load_local(spec)
     if spec.glue_task is not None and glue_name(spec.name) != check_glue_task(spec.glue_task):

@@ -159,13 +159,15 @@ def check_task_data(space) -> None:
     """A local data file is read and checked now (columns, labels, empty text, splits), as ``train`` does before
     Ray starts; built-in and GLUE tasks are checked by name only (GLUE would download)."""
     from melora_tune.data import TaskSpec, load_task
-    from melora_tune.data.registry import BUILTIN_TASKS, check_glue_task, glue_name, unknown_task
+    from melora_tune.data.registry import BUILTIN_TASKS, INSTRUCT_TASKS, check_glue_task, glue_name, unknown_task
     from melora_tune.data.tasks import is_local
 
     spec = TaskSpec(**space.task.model_dump())
-    if is_local(spec):
-        load_task(spec)
+    if is_local(spec) or spec.name.strip().lower() in INSTRUCT_TASKS:
+        load_task(spec)  # also checks the instruction settings (metric, template) against the data
         return
+    if spec.hub_dataset is not None:
+        return  # loading it is what a worker does (it may download): checked there
     if spec.glue_task is not None:
         check_glue_task(spec.glue_task)
     if spec.name.strip().lower() not in BUILTIN_TASKS and glue_name(spec.name) is None:

@@ -43,6 +43,13 @@ class PreparedTrial:
 
 
 def task_metrics(task, task_type: str) -> tuple[tuple[str, ...], str]:
+    """(metrics a trial computes, the one its score is): a classification task scored by a causal LM is
+    scored by its eval loss (the answer's likelihood); instruction data by its declared metric."""
+    if getattr(task, "is_instruction", False):
+        if task_type != "causal_lm":
+            raise UsageError(f"task {task.name!r} is instruction data: set task_type: causal_lm (a sequence classifier "
+                             "has no response to generate)")
+        return tuple(task.metrics), task.main_metric
     if task_type == "causal_lm":
         return ("loss", "perplexity"), "loss"
     return tuple(task.metrics), task.main_metric

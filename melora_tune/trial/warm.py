@@ -151,11 +151,14 @@ def _encode(spec, tok, max_length: int, score_test: bool, causal: bool):
     import datasets
 
     from melora_tune.data import encode_causal_lm, encode_classification
+    from melora_tune.data.instruct import encode_instruction
 
     full = task(spec)
     # a search trial never holds the test split (selection cannot see it); a copy, so the cached task keeps it
     kept = {name: rows for name, rows in full.splits.items() if score_test or name != "test"}
     loaded = dataclasses.replace(full, splits=datasets.DatasetDict(kept))
+    if loaded.is_instruction:
+        return loaded, encode_instruction(loaded, tok, max_length)  # never padded: padded per batch
     encode = encode_causal_lm if causal else encode_classification
     return loaded, encode(loaded, tok, max_length, pad_to_max_length=False)  # padded per batch
 

@@ -146,7 +146,7 @@ class TrialWorker:
         import transformers
 
         from melora_tune.adapters.inject import inject_adapters
-        from melora_tune.adapters.models import auto_class, resolve_model
+        from melora_tune.adapters.models import auto_class, causal_lm_overrides, load_config, nf4_loading_kwargs, resolve_model
         from melora_tune.adapters.pooling import apply_pooling, resolve_pooling
         from melora_tune.trial import warm
 
@@ -172,8 +172,15 @@ class TrialWorker:
 
         # model + adapters, seeded identically on every rank (and whatever ran before in this process)
         seed_everything(tr.seed)
-        kwargs = {} if self.causal else {"num_labels": self.task.num_labels}
-        model, self.warm_start = warm.base_model(auto_class(cfg.task_type), path, dtype=torch.float32, **kwargs)
+        kwargs = {"num_labels": self.task.num_labels} if not self.causal else causal_lm_overrides(load_config(path))
+        # frozen weights in the compute precision (bf16 on GPU: half the memory of fp32, what DeepSpeed would cast
+        # them to anyway); an NF4 base is quantized while loading and keeps its adapters in fp32 (QLoRA)
+        dtype = torch.bfloat16 if cfg.precision_on(self.on_gpu) == "bf16" else torch.float32
+        if getattr(tr, "quantization", "none") == "nf4":  # quantized weights are not cached between trials (trial.warm clones tensors)
+            model = auto_class(cfg.task_type).from_pretrained(path, dtype=torch.bfloat16, **kwargs, **nf4_loading_kwargs())
+            self.warm_start = False
+        else:
+            model, self.warm_start = warm.base_model(auto_class(cfg.task_type), path, dtype=dtype, **kwargs)
         if getattr(model.config, "pad_token_id", None) is None:
             model.config.pad_token_id = self.tokenizer.pad_token_id
         self.pooling = resolve_pooling(cfg.pooling, path, model, task_type=cfg.task_type)
@@ -299,7 +306,11 @@ class TrialWorker:
         )
         self.engine.eval()
         outputs = []
+        prompts: list[tuple[int, list[int]]] = []  # (row, prompt ids) of this rank's rows, for exact match
         for batch in loader:
+            rows, lengths = batch.pop("row", None), batch.pop("prompt_length", None)
+            if rows is not None and "exact_match" in self.metric_names:
+                prompts += [(int(r), ids[:n].tolist()) for r, ids, n in zip(rows, batch["input_ids"], lengths)]
             batch = _to(batch, self.device)
             labels = batch.pop("labels")
             logits = self.engine(**batch).logits.float()
@@ -321,7 +332,10 @@ class TrialWorker:
         rows = np.stack([seen[i] for i in sorted(seen)])
         if self.causal:
             loss = float(rows[:, 0].sum() / max(rows[:, 1].sum(), 1.0))
-            return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 700.0))}
+            metrics = {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 700.0))}
+            if "exact_match" in self.metric_names:
+                metrics["eval_exact_match"] = self.exact_match(dataset, prompts)
+            return metrics
         predictions, labels = rows[:, :-1], rows[:, -1]
         if self.task.is_regression:
             predictions = predictions[:, 0]
@@ -333,6 +347,36 @@ class TrialWorker:
         metrics = {"eval_loss": loss}
         metrics.update({f"eval_{k}": float(v) for k, v in compute_metrics(self.metric_names, predictions, labels).items()})
         return metrics
+
+    def exact_match(self, dataset, prompts: list[tuple[int, list[int]]]) -> float:
+        """Greedy answers to this rank's prompts, gathered, against the split's reference outputs."""
+        from melora_tune.data.instruct import end_token
+        from melora_tune.data.metrics import exact_match
+        from melora_tune.trial.generation import greedy_generate
+
+        split = "test" if dataset is self.test_ds else "validation"
+        references = self.task.splits[split]["output"]
+        new_tokens = self.task.max_new_tokens
+        if self.task.answer_names:  # short labels: the longest one, plus its end token
+            longest = max(len(self.tokenizer(a, add_special_tokens=False)["input_ids"]) for a in self.task.answer_names)
+            new_tokens = min(new_tokens, longest + 1)
+
+        def everyone_done(done: bool) -> bool:
+            return self.all_sum([0.0 if done else 1.0])[0] == 0.0
+
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        answers = greedy_generate(
+            self.engine, [ids for _, ids in prompts], max_new_tokens=new_tokens, end_id=end_token(self.tokenizer),
+            pad_id=pad, device=self.device, batch_size=self.cfg.training.micro_batch_size * 2,
+            everyone_done=everyone_done,
+        )
+        local = [(row, self.tokenizer.decode(ids, skip_special_tokens=True)) for (row, _), ids in zip(prompts, answers)]
+        texts: dict[int, str] = {}
+        for part in self.all_gather(local):
+            for row, text in part:
+                texts.setdefault(row, text)  # the sampler's padding repeats rows: one copy each
+        self.last_answers = texts  # what the model said, for tests and debugging
+        return exact_match([texts[r] for r in sorted(texts)], [references[r] for r in sorted(texts)])
 
     def score_test_split(self, val_metrics: dict[str, float]) -> dict[str, float]:
         """The final model on the test split, once (``training.score_test``): ``test_*``, ``test_score``, and
@@ -348,8 +392,9 @@ class TrialWorker:
         return out
 
     def score(self, metrics: dict[str, float]) -> float:
-        """Higher is better: the task's main metric, or minus the eval loss for causal LM."""
-        if self.causal:
+        """Higher is better: the task's main metric, or minus the eval loss (a causal LM on classification data,
+        or instruction data scored by loss)."""
+        if self.main_metric == "loss":
             return -metrics["eval_loss"]
         return metrics[f"eval_{self.main_metric}"]
 
