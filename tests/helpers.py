@@ -28,6 +28,42 @@ def tiny_llama_config():
     )
 
 
+def bpe_tokenizer(vocab_size: int = 1000):
+    """A byte-level BPE tokenizer trained on TREC questions, with BOS/EOS, no pad token and no chat template: what
+    base Llama/GPT tokenizers look like to the data code."""
+    import transformers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    from melora_tune.data import TaskSpec, load_task
+
+    texts = load_task(TaskSpec(name="trec", max_train_samples=500)).splits["train"]["text"]
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.post_processor = processors.ByteLevel(trim_offsets=True)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tokenizer.train_from_iterator(texts, trainer)
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>")
+
+
+def save_tiny_llama_with_bpe(path):
+    """A random GQA Llama (4 query heads, 2 key/value heads) with ``bpe_tokenizer()``, saved like a Hub model:
+    a stand-in for a Llama checkpoint (BOS/EOS, no pad token), since no pretrained decoder ships offline."""
+    import torch
+    import transformers
+
+    tok = bpe_tokenizer()
+    config = transformers.LlamaConfig(
+        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+    )
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(config).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
 def save_tiny_classifier(path, *, head_bias=(0.3, 0.0), max_positions: int = 128):
     """A tiny random BertForSequenceClassification (2 layers, hidden 32) with the bundled MiniLM tokenizer,
     saved to ``path``: what the real-stack search tests train.

@@ -271,3 +271,62 @@ def test_killed_trial_resumes_from_its_last_checkpoint(tmp_path, workers):
     history = json.loads((Path(resumed["checkpoint_path"]) / "trial_state.json").read_text())["history"]
     assert [h["step"] for h in history] == [3, 6, 9, 12, 15, 16]
     assert len(list(run_dir.glob("checkpoint_0*"))) <= 2  # keep_checkpoints
+
+
+# ---- instruction tuning: a causal LM under ZeRO-3 on 2 workers, killed and resumed -------------------------
+
+INSTRUCT_SETTINGS = [
+    "task_type=causal_lm", "task.name=trec_instruct", "max_train_samples=128", "max_eval_samples=24", "epochs=1",
+    "max_length=96", "method=lora", "r=4", "target_modules=[q_proj,v_proj]", "lr=3e-3", "zero_stage=3",
+    "eval_every_steps=2", "training.seed=5", "keep_checkpoints=2", "num_workers=2", "micro_batch_size=8",
+    "task.max_new_tokens=4",
+]
+
+
+def test_instruction_trial_zero3_on_two_workers_resumes_at_the_same_step(tmp_path):
+    """Llama-like model (GQA, BOS/EOS, no pad token), instruction data with exact match, ZeRO-3 over 2 Train workers:
+    killed after a checkpoint, the rerun continues from that step and ends where an unkilled run ends."""
+    import ray
+
+    from helpers import save_tiny_llama_with_bpe
+
+    if ray.is_initialized():
+        ray.shutdown()
+    model = save_tiny_llama_with_bpe(tmp_path / "tiny-llama-bpe")
+    config = tmp_path / "instruct.yaml"
+    config.write_text(f"model: {model}\n")
+    storage = tmp_path / "runs"
+    storage.mkdir()
+
+    def cli(name: str, **popen):
+        cmd = [sys.executable, "-m", "melora_tune.cli", "train", str(config), "--storage-path", str(storage),
+               "--name", name, "--num-cpus", "2", "--json", "--set", *INSTRUCT_SETTINGS]
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+        return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True,
+                                cwd=str(storage), **popen)
+
+    victim = cli("victim", start_new_session=True)
+    run_dir = storage / "victim"
+    deadline = time.time() + 480
+    while time.time() < deadline and victim.poll() is None:
+        if (run_dir / "checkpoint_manager_snapshot.json").is_file() and list(run_dir.glob("checkpoint_*/trial_state.json")):
+            break
+        time.sleep(0.2)
+    os.killpg(victim.pid, signal.SIGKILL)
+    _, err = victim.communicate()
+    states = [json.loads(p.read_text()) for p in run_dir.glob("checkpoint_*/trial_state.json")]
+    assert states, f"no checkpoint was written: {err[-2000:]}"
+    killed_at = max(s["step"] for s in states)
+    assert all(s["status"] == "running" for s in states), "killed too late: the trial had already finished"
+
+    resumed = _json_result(cli("victim"))
+    reference = _json_result(cli("reference"))
+    # 128 rows / (2 workers x 8) = 8 steps, evaluated every 2
+    assert resumed["status"] == reference["status"] == "completed"
+    assert resumed["step"] == reference["step"] == 8 and resumed["restarts"] == 1 and reference["restarts"] == 0
+    history = json.loads((Path(resumed["checkpoint_path"]) / "trial_state.json").read_text())["history"]
+    assert [h["step"] for h in history] == [2, 4, 6, 8] and killed_at in (2, 4, 6)
+    for key in ("eval_loss", "train_loss", "eval_exact_match", "eval_perplexity", "lr", "score"):
+        assert resumed["metrics"][key] == pytest.approx(reference["metrics"][key], rel=1e-5, abs=1e-9), key
+    assert resumed["metrics"]["score"] == resumed["metrics"]["eval_exact_match"]
+    assert resumed["metrics"]["adapter_params"] == 2 * (4 * (64 + 64) + 4 * (64 + 32))  # 2 layers x (q_proj, v_proj)

@@ -225,14 +225,17 @@ def end_token(tokenizer: Any) -> int | None:
     return tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
 
 
-def encode_instruction(task: TaskData, tokenizer: Any, max_length: int, *, batch_size: int = 256) -> datasets.DatasetDict:
+def encode_instruction(
+    task: TaskData, tokenizer: Any, max_length: int, *, train_prompt_columns: bool = False, batch_size: int = 256
+) -> datasets.DatasetDict:
     """``input_ids`` = [BOS] prompt response EOS; ``labels`` = -100 on BOS and the prompt, so the loss (and
     perplexity) is that of the response given the prompt. Prompt and response are tokenized apart, as the
     model meets them at generation time (prompt in, response out). A sequence longer than ``max_length``
     keeps up to half of it for the prompt (its start and its last ``PROMPT_TAIL_TOKENS`` tokens, the response
     cue), the rest for the response, whose end is cut (and then has no EOS). With a chat template the BOS
     is the template's. Validation and test rows also get ``prompt_length`` and ``row`` (their index in the
-    split: where the reference answer is) for exact match.
+    split: where the reference answer is) for exact match; training rows too with ``train_prompt_columns``
+    (not for training: the loop feeds every column to the model).
     """
     from .encode import IGNORE_INDEX, _check_length
 
@@ -274,6 +277,7 @@ def encode_instruction(task: TaskData, tokenizer: Any, max_length: int, *, batch
         encode, batched=True, batch_size=batch_size, with_indices=True,
         remove_columns=task.splits["train"].column_names, desc=f"prompting {task.name}",
     )
-    encoded["train"] = encoded["train"].remove_columns(["prompt_length", "row"])  # the training loop feeds the model all columns
+    if not train_prompt_columns:
+        encoded["train"] = encoded["train"].remove_columns(["prompt_length", "row"])
     encoded.set_format("torch")
     return encoded

@@ -181,6 +181,13 @@ def build_report(
                           "Validation score at every evaluation of every search trial, one colour per method. Dashed lines "
                           "ending in a hollow marker: trials ASHA stopped early; dotted: failed, diverged or interrupted."
                           + on_plot if curves_fig else "No trial logged a score with its epoch."))
+    perplexity = collect.curves_frame(mlf, trials, metric="eval_perplexity")
+    if not perplexity.empty:  # a causal LM: how well each trial predicts the response tokens
+        ppl_fig = plots.learning_curves(perplexity, out / "perplexity.png", ylabel="perplexity of the response (validation)",
+                                        title="Validation perplexity at every evaluation", log_y=True)
+        figures.append(Figure("perplexity", "Response perplexity", ppl_fig,
+                              "exp(mean cross-entropy) over the validation responses' tokens (prompt tokens masked), "
+                              "at every evaluation of every search trial; lower is better. Line styles as above."))
     location = collect.study_location(info, trials)
     importance = imp.search_importance(location)
     imp_fig = plots.importance_bars(importance.scopes, out / "importance.png")

@@ -293,10 +293,11 @@ def baselines_of(search: SearchInfo) -> Baselines:
                      logged=bool(scores) or finite(share) or bool(metric))
 
 
-def curves_frame(mlf, trials):
-    """The score at every evaluation of every trial: columns run_id, method, status, step, epoch, score.
+def curves_frame(mlf, trials, metric: str = "score"):
+    """``metric`` (the score by default; eval_perplexity for a causal LM's curves) at every evaluation of every
+    trial: columns run_id, method, status, step, epoch, score (holding ``metric``).
 
-    Both ``score`` and ``epoch`` are logged at the trial's global step, so the epoch of an evaluation is the
+    Both ``metric`` and ``epoch`` are logged at the trial's global step, so the epoch of an evaluation is the
     ``epoch`` metric at the same step; an evaluation whose step has no epoch is left out (it has no x).
     Ordered by trial (as ``trials``) then step.
     """
@@ -306,7 +307,7 @@ def curves_frame(mlf, trials):
     rows = []
     for trial in trials.itertuples(index=False):
         epochs = {m.step: m.value for m in mlf.get_metric_history(trial.run_id, "epoch")}
-        for m in sorted(mlf.get_metric_history(trial.run_id, "score"), key=lambda m: m.step):
+        for m in sorted(mlf.get_metric_history(trial.run_id, metric), key=lambda m: m.step):
             if m.step in epochs and math.isfinite(m.value):
                 rows.append((trial.run_id, trial.method, trial.status, m.step, epochs[m.step], m.value))
     return pd.DataFrame(rows, columns=columns).astype({"step": "int64", "epoch": float, "score": float})

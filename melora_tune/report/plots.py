@@ -155,8 +155,10 @@ def lr_sensitivity(df, path: str | Path, baselines: dict[str, float] | None = No
     return _save(fig, Path(path))
 
 
-def learning_curves(curves, path: str | Path, baselines: dict[str, float] | None = None) -> Path | None:
-    """Score at every evaluation vs epoch, one line per trial, one colour per method.
+def learning_curves(curves, path: str | Path, baselines: dict[str, float] | None = None, *,
+                    ylabel: str = "score (validation)", title: str = "Learning curves: score at every evaluation",
+                    log_y: bool = False) -> Path | None:
+    """Score (or ``curves``' other metric) at every evaluation vs epoch, one line per trial, one colour per method.
 
     Trials that trained every epoch are solid; trials ASHA stopped early are dashed and end in a hollow marker
     where they stopped (their lines are shorter); failed, diverged and interrupted trials are dotted and faint.
@@ -191,8 +193,10 @@ def learning_curves(curves, path: str | Path, baselines: dict[str, float] | None
     _baseline_lines(ax, baselines)
     handles += [h for h in ax.get_legend_handles_labels()[0] if h not in handles]
     ax.set_xlabel("epoch")
-    ax.set_ylabel("score (validation)")
-    ax.set_title("Learning curves: score at every evaluation")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    if log_y:
+        ax.set_yscale("log")
     ax.grid(alpha=0.3)
     ax.legend(handles=handles, fontsize=8)
     return _save(fig, Path(path))

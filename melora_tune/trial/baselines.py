@@ -128,9 +128,15 @@ def compute_baselines(cfg: TrialConfig, *, task=None, batch_size: int = 64, pool
     from melora_tune.data import compute_metrics, encode_classification, load_task
     from melora_tune.trial.prepare import task_metrics
 
+    t0 = time.perf_counter()
+    if cfg.task_type == "causal_lm":
+        task = task if task is not None else load_task(cfg.task_spec())
+        if not (task.is_instruction and task.label_names and task.main_metric == "exact_match"):
+            raise UsageError("baselines of a causal LM need instruction data with short answers scored by exact_match "
+                             f"(task {task.name!r} is scored by {task.main_metric if task.is_instruction else 'loss'})")
+        return instruction_baselines(cfg, task, batch_size=batch_size, t0=t0)
     if cfg.task_type != "seq_cls":
         raise UsageError(f"baselines are for sequence classification (task_type seq_cls), not {cfg.task_type}")
-    t0 = time.perf_counter()
     task = task if task is not None else load_task(cfg.task_spec())
     metric = task_metrics(task, cfg.task_type)[1]
     splits = [s for s in ("train", "validation", "test") if s in task.splits]
@@ -164,3 +170,71 @@ def compute_baselines(cfg: TrialConfig, *, task=None, batch_size: int = 64, pool
     test = score(probe.predict(feats["test"]), "test") if "test" in feats else None
     return Baselines(metric=metric, scores={"majority": majority, "probe": {"val": val, "test": test}},
                      majority_share=share, probe_C=C, pooling=resolved, seconds=round(time.perf_counter() - t0, 3))
+
+
+@torch.no_grad()
+def last_prompt_features(model, rows, pad_token_id: int, batch_size: int = 64) -> np.ndarray:
+    """(N, hidden) float32: a causal LM's last hidden state at the last prompt token, the state its first answer
+    token is predicted from (``encode_instruction`` rows, which carry ``prompt_length``)."""
+    from torch.utils.data import DataLoader
+
+    from melora_tune.trial.worker import pad_collate
+
+    prompts = [{"input_ids": ids[: int(n)], "attention_mask": torch.ones(int(n), dtype=torch.long)}
+               for ids, n in zip(rows["input_ids"], rows["prompt_length"])]
+    out = []
+    for batch in DataLoader(prompts, batch_size=batch_size, collate_fn=pad_collate(pad_token_id)):
+        hidden = model(**batch, output_hidden_states=True).hidden_states[-1]
+        last = batch["attention_mask"].sum(1) - 1  # right padding: each row's own last token
+        out.append(hidden[torch.arange(len(last)), last].float())
+    return torch.cat(out).numpy()
+
+
+def instruction_baselines(cfg: TrialConfig, task, *, batch_size: int = 64, t0: float) -> Baselines:
+    """The same two reference points for instruction data whose answers are labels, in exact match.
+
+    * ``majority``: answer the train split's most frequent output for every row.
+    * ``probe``: a logistic regression from the frozen causal LM's state at the last prompt token (what its
+      first answer token is predicted from) to the answer, C picked on validation as above; an exact match
+      when it picks the reference answer.
+    """
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    import transformers
+
+    from melora_tune.adapters.models import auto_class, causal_lm_overrides, load_config, resolve_model
+    from melora_tune.data.instruct import encode_instruction
+
+    path = resolve_model(cfg.model)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+    pad = next(t for t in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0) if t is not None)
+    torch.manual_seed(cfg.training.seed)
+    verbosity = transformers.utils.logging.get_verbosity()
+    transformers.utils.logging.set_verbosity_error()  # the new LM-head weights: the probe never reads them
+    try:
+        model = auto_class("causal_lm").from_pretrained(path, dtype=torch.float32,
+                                                        **causal_lm_overrides(load_config(path))).eval()
+    finally:
+        transformers.utils.logging.set_verbosity(verbosity)
+    splits = [s for s in ("train", "validation", "test") if s in task.splits]
+    encoded = encode_instruction(task, tokenizer, cfg.training.max_length, train_prompt_columns=True)
+    labels = {s: np.asarray(task.splits[s]["label"]) for s in splits}
+    feats = {s: last_prompt_features(model, encoded[s], pad, batch_size) for s in splits}
+    scaler = StandardScaler().fit(feats["train"])
+    feats = {s: scaler.transform(x) for s, x in feats.items()}
+    accuracy = lambda pred, split: float(np.mean(pred == labels[split]))  # noqa: E731  (= exact match of the answer)
+    constant = int(np.bincount(labels["train"], minlength=task.num_labels).argmax())
+    majority = {"val": accuracy(np.full(len(labels["validation"]), constant), "validation"),
+                "test": accuracy(np.full(len(labels["test"]), constant), "test") if "test" in labels else None}
+    best = None
+    for C in C_GRID:
+        probe = LogisticRegression(C=C, max_iter=2000, random_state=0).fit(feats["train"], labels["train"])
+        val = accuracy(probe.predict(feats["validation"]), "validation")
+        if best is None or val > best[1]:
+            best = (C, val, probe)
+    C, val, probe = best
+    test = accuracy(probe.predict(feats["test"]), "test") if "test" in feats else None
+    share = float(np.bincount(labels["validation"]).max() / len(labels["validation"]))
+    return Baselines(metric="exact_match", scores={"majority": majority, "probe": {"val": val, "test": test}},
+                     majority_share=share, probe_C=C, pooling="last prompt token", seconds=round(time.perf_counter() - t0, 3))

@@ -181,8 +181,11 @@ class TrialWorker:
             self.warm_start = False
         else:
             model, self.warm_start = warm.base_model(auto_class(cfg.task_type), path, dtype=dtype, **kwargs)
+        # Llama-style tokenizers have no pad token: pad with EOS (masked out; labels there are -100), as is usual
+        tok = self.tokenizer
+        self.pad_id = next((t for t in (tok.pad_token_id, tok.eos_token_id, 0) if t is not None))
         if getattr(model.config, "pad_token_id", None) is None:
-            model.config.pad_token_id = self.tokenizer.pad_token_id
+            model.config.pad_token_id = self.pad_id
         self.pooling = resolve_pooling(cfg.pooling, path, model, task_type=cfg.task_type)
         apply_pooling(model, self.pooling)
         self.adapter_cfg = cfg.adapter.adapter_config()
@@ -201,7 +204,7 @@ class TrialWorker:
         )
         self.device = self.engine.device
         self.zero3 = tr.zero_stage == 3
-        self.collate = pad_collate(self.tokenizer.pad_token_id)
+        self.collate = pad_collate(self.pad_id)
         self._mark("deepspeed_init_s", t)
 
     # ---- state -------------------------------------------------------------
@@ -364,10 +367,9 @@ class TrialWorker:
         def everyone_done(done: bool) -> bool:
             return self.all_sum([0.0 if done else 1.0])[0] == 0.0
 
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         answers = greedy_generate(
             self.engine, [ids for _, ids in prompts], max_new_tokens=new_tokens, end_id=end_token(self.tokenizer),
-            pad_id=pad, device=self.device, batch_size=self.cfg.training.micro_batch_size * 2,
+            pad_id=self.pad_id, device=self.device, batch_size=self.cfg.training.micro_batch_size * 2,
             everyone_done=everyone_done,
         )
         local = [(row, self.tokenizer.decode(ids, skip_special_tokens=True)) for (row, _), ids in zip(prompts, answers)]
