@@ -263,3 +263,39 @@ def test_a_trial_too_large_for_its_gpu_is_refused_at_the_dry_run(tmp_path, tiny_
     assert line.startswith("melora-tune search: error: the largest melora trial (melora n=") and "the GPUs have 1.00 GiB" in line
     assert "most of it CUDA context 1.00): use GPUs with more memory" in line
     assert sorted(p.name for p in tmp_path.iterdir()) == ["space.yaml"]  # no storage, database or experiment
+
+
+# ---- against what autograd keeps ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("attention", ["eager", "sdpa"])
+def test_activation_estimate_covers_what_autograd_keeps_for_a_lora_trial(attention):
+    """Every tensor the layers save for backward (a bf16 Llama-shaped model with LoRA on q_proj/v_proj, on CPU),
+    counted once per storage, weights excluded: the estimate is above it, and not wildly."""
+    import torch
+    import transformers
+
+    from melora_tune.adapters import AdapterConfig
+    from melora_tune.adapters.inject import inject_adapters
+    from melora_tune.trial.memory import activation_bytes, model_facts
+
+    config = transformers.LlamaConfig(vocab_size=1000, hidden_size=256, intermediate_size=688, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=128)
+    config._attn_implementation = attention
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config).to(torch.bfloat16)
+    adapter = AdapterConfig(method="lora", r=8, target_modules=["q_proj", "v_proj"], modules_to_save=[])
+    facts = model_facts(ModelSpec(model), adapter, "causal_lm")
+    inject_adapters(model, adapter)
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved: dict[int, int] = {}
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in weights:
+            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model.model(input_ids=torch.randint(0, 1000, (2, 64))).last_hidden_state.float().sum().backward()
+    est = activation_bytes(facts, tokens=64, micro_batch=2, compute_bytes=2, checkpointing=False)
+    kept = sum(saved.values())
+    assert kept <= est <= 1.6 * kept, (kept, est)

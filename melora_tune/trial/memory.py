@@ -348,6 +348,7 @@ def estimate(cfg: TrialConfig, spec=None, *, facts: ModelFacts | None = None, on
         "ZeRO buffers": buckets,
         ("CUDA context" if on_gpu else "process baseline"): CUDA_CONTEXT_BYTES if on_gpu else CPU_PROCESS_BYTES,
     }
+    components = {k: int(v) for k, v in components.items()}
     per_worker = sum(components.values())
     warm_copy = LOAD_BYTES * total if keeps_weights else 0
     if on_gpu:
@@ -361,8 +362,8 @@ def estimate(cfg: TrialConfig, spec=None, *, facts: ModelFacts | None = None, on
         "micro_batch_size": t.micro_batch_size, "max_length": t.max_length, "grad_accum": t.grad_accum,
         "trainable_params": trainable, "total_params": total, "keeps_weights": keeps_weights,
     }
-    return MemoryEstimate(device="gpu" if on_gpu else "cpu", components={k: int(v) for k, v in components.items()},
-                          per_worker=int(per_worker), cpu_per_node=int(cpu), settings=settings, facts=facts)
+    return MemoryEstimate(device="gpu" if on_gpu else "cpu", components=components, per_worker=per_worker,
+                          cpu_per_node=int(cpu), settings=settings, facts=facts)
 
 
 # ---- the GPUs, and the refusal ------------------------------------------------------------------------------
