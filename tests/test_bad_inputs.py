@@ -70,6 +70,9 @@ SPACES = {
     "optuna_foo": ("optuna_storage", "foo://bar"),
     "optuna_proc": ("optuna_storage", "sqlite:////proc/x/optuna.db"),
     "optuna_dir": ("optuna_storage", "{A}"),
+    "gpu_memory_zero": ("resources", {"gpus_per_worker": 1, "gpu_memory_gb": 0}),
+    "gpu_too_small": ("resources", {"gpus_per_worker": 1, "gpu_memory_gb": 0.5}),
+    "offload_params_zero2": ("training", {"epochs": 2, "offload_params": True}),
 }
 
 
@@ -205,6 +208,10 @@ ROWS = [
     ("train-set-alpha-nan", "train {A}/trial.yaml --set adapter.alpha=nan", "adapter.alpha"),
     ("train-set-zero-stage", "train {A}/trial.yaml --set zero_stage=5", "training.zero_stage"),
     ("train-offload-without-zero", "train {A}/trial.yaml --set offload_optimizer=true zero_stage=0", "offload_optimizer needs ZeRO"),
+    ("train-offload-params-zero2", "train {A}/trial.yaml --set offload_params=true zero_stage=2", "offload_params needs ZeRO-3"),
+    ("train-gpu-memory-zero", "train {A}/trial.yaml --set gpu_memory_gb=0", "resources.gpu_memory_gb: Input should be greater than 0"),
+    ("train-gpu-memory-negative", "train {A}/trial.yaml --set gpu_memory_gb=-24", "resources.gpu_memory_gb: Input should be greater than 0"),
+    ("train-gpu-too-small", "train {A}/trial.yaml --set use_gpu=true gpu_memory_gb=0.5", "the GPUs have 0.50 GiB, and no change tried fits"),
     ("train-bad-target", "train {A}/trial.yaml --set adapter.target_modules=nothing", "matches no linear layer"),
     ("train-missing-model", "train {A}/trial.yaml --set model={A}/nowhere", "does not exist"),
     ("train-unknown-task", "train {A}/trial.yaml --set task.name=nonexistent_task task.path=null", "unknown task 'nonexistent_task'"),
@@ -266,6 +273,9 @@ ROWS = [
     ("dry-optuna-backend", "search {A}/sp_optuna_foo.yaml --dry-run", "unknown database backend 'foo'"),
     ("dry-optuna-unwritable", "search {A}/sp_optuna_proc.yaml --dry-run", "Optuna database folder /proc/x is not writable"),
     ("dry-optuna-folder", "search {A}/sp_optuna_dir.yaml --dry-run", "is a folder"),
+    ("dry-gpu-memory-zero", "search {A}/sp_gpu_memory_zero.yaml --dry-run", "resources.gpu_memory_gb: Input should be greater than 0"),
+    ("dry-gpu-too-small", "search {A}/sp_gpu_too_small.yaml --dry-run", "the GPUs have 0.50 GiB, and no change tried fits"),
+    ("dry-offload-params-zero2", "search {A}/sp_offload_params_zero2.yaml --dry-run", "offload_params needs ZeRO-3"),
     ("dry-address-dead", "search {A}/space.yaml --dry-run --address 127.0.0.1:1", "nothing answers there"),
     ("dry-address-garbage", "search {A}/space.yaml --dry-run --address host:notaport", "is not HOST:PORT"),
     ("dry-name-escapes", "search {A}/space.yaml --dry-run --name ../evil", "--name '../evil'"),
@@ -285,6 +295,8 @@ ROWS = [
     ("search-resume-changed-space", "search {A}/space.yaml --resume --name old --storage-path {A}/runs", "the space changed"),
     ("search-exists", "search {A}/space.yaml --name old --storage-path {A}/runs", "already exists"),
     ("search-num-samples", "search {A}/space.yaml --num-samples 0", "--num-samples must be >= 1"),
+    ("search-gpu-too-small", "search {A}/sp_gpu_too_small.yaml", "the GPUs have 0.50 GiB, and no change tried fits"),
+    ("search-offload-params-zero2", "search {A}/sp_offload_params_zero2.yaml", "offload_params needs ZeRO-3"),
     # ---- confirm
     ("confirm-no-search", "confirm {A}/space.yaml --storage-path {A}/empty-runs", "nothing to confirm: no search of"),
     ("confirm-seeds", "confirm {A}/space.yaml --seeds 0", "--seeds must be >= 1"),

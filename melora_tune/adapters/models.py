@@ -15,6 +15,14 @@ BUNDLED_MODELS["all-minilm-l6-v2"] = BUNDLED_MODELS["minilm"]
 
 TASK_TYPES = ("seq_cls", "causal_lm")
 
+# config.json files shipped in melora_tune/model_configs/, used when the Hub cannot be reached (offline machines):
+# only for parameter accounting and memory estimates, which need shapes alone. No weights come with them, so a
+# trial of these models still needs the real checkpoint. Keys are lower-cased Hub ids and short names.
+SHIPPED_CONFIGS = {
+    "meta-llama/llama-2-7b-hf": "llama-2-7b",
+    "llama-2-7b": "llama-2-7b",
+}
+
 
 def package_dir(package: str) -> Path | None:
     """The folder of an installed package, found without importing it."""
@@ -84,14 +92,25 @@ def auto_class(task: str):
     raise UsageError(f"unknown task type {task!r}: choose one of {', '.join(TASK_TYPES)}")
 
 
+def shipped_config(name: str) -> Path | None:
+    """The folder of a shipped config.json for this Hub id or short name, if there is one."""
+    folder = SHIPPED_CONFIGS.get(name.strip().lower())
+    return Path(__file__).resolve().parent.parent / "model_configs" / folder if folder else None
+
+
 def load_config(name_or_path: str, **overrides):
     import transformers
 
     path = resolve_model(name_or_path)
+    shipped = shipped_config(name_or_path)
+    if shipped is not None and "/" not in name_or_path:
+        path = str(shipped)  # a short name has no Hub repository to try first
     if looks_like_path(path) and not Path(path).is_dir():
         raise UsageError(f"model folder {path} does not exist: give a local model folder, a Hub id, or 'minilm'")
     try:
         return transformers.AutoConfig.from_pretrained(path, **overrides)
     except (OSError, ValueError) as err:
+        if shipped is not None and path != str(shipped):
+            return transformers.AutoConfig.from_pretrained(str(shipped), **overrides)
         first = first_line(err)
         raise UsageError(f"cannot load model config {name_or_path!r}: {first}") from err

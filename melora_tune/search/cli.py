@@ -4,8 +4,9 @@ Progress goes to stdout, one line per change (a trial started, reported,
 ended), then a summary table with the best trial of each method marked.
 ``--dry-run`` validates the space, runs the checks a real start runs (storage
 writable, tracking URI and Optuna storage usable, --address answering, a local
-data file readable) and prints how many configurations fit the budget per
-method, without starting or writing anything. ``--resume`` continues the
+data file readable, each method's largest trial fitting its GPU's memory) and
+prints how many configurations fit the budget per method and the memory
+estimate of each method's largest one, without starting or writing anything. ``--resume`` continues the
 newest interrupted search of the same space (or the one named by --name).
 """
 
@@ -100,8 +101,14 @@ def _dry_run(args) -> int:
     print(f"each trial: {where}, {res.cpus_per_worker:g} CPU" + (" each" if res.num_workers > 1 else "")
           + (f" + {res.gpus_per_worker:g} GPU" if res.gpus_per_worker else "")
           + f", DeepSpeed ZeRO-{space.training.zero_stage}, {space.training.epochs} epoch(s)")
+    if feasible.memory is not None:
+        for line in feasible.memory.lines():
+            print(line)
     if args.json:
-        print(json.dumps({m: [c.to_dict() for c in feasible.candidates[m]] for m in feasible.methods}))
+        out = {m: [c.to_dict() for c in feasible.candidates[m]] for m in feasible.methods}
+        if feasible.memory is not None:
+            out["memory"] = feasible.memory.to_dict()  # beside the methods' candidate lists
+        print(json.dumps(out))
     return 0
 
 

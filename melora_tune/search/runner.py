@@ -25,6 +25,7 @@ import yaml
 
 from melora_tune.errors import UsageError, first_line
 from melora_tune.search.schema import DEFAULT_STORAGE_PATH, DEFAULT_TRACKING_URI, Asha, SearchSpace, load_space, parse_space
+from melora_tune.search.memcheck import search_memory
 from melora_tune.search.space import FeasibleSpace, build_space
 
 log = logging.getLogger("melora_tune.search")
@@ -420,6 +421,7 @@ def run_search(
     feasible = build_space(space, spec=spec)
     space = with_grid_size(space, feasible)
     base_trial = space.base_trial_dict(feasible.target_modules, feasible.modules_to_save)
+    feasible.memory = search_memory(space, feasible, base_trial)  # a trial that cannot fit its GPU is refused here
     plan = plan_start(space, storage_path=storage_path, name=name, resume=resume, tracking_uri=tracking_uri, address=address)
     storage, exp_name, exp_dir, meta = plan.storage, plan.exp_name, plan.exp_dir, plan.meta
     tracking, optuna_storage, study_name = plan.tracking, plan.optuna_storage, plan.study_name
@@ -632,11 +634,13 @@ def dry_run(space: SearchSpace | dict | str | os.PathLike, *, spec=None, num_sam
             storage_path: str | None = None, tracking_uri: str | None = None, name: str | None = None,
             resume: bool = False, address: str | None = None) -> tuple[SearchSpace, FeasibleSpace]:
     """Validate a space, enumerate its feasible configurations and run the start checks a real start runs
-    (``plan_start``: storage, tracking URI, Optuna storage, Ray address, local data); nothing starts or is written."""
+    (each method's largest trial fits its GPU, then ``plan_start``: storage, tracking URI, Optuna storage, Ray
+    address, local data); nothing starts or is written. ``feasible.memory`` holds the memory estimates."""
     space, _, _ = resolve_space(space)
     space = with_num_samples(space, num_samples)
     feasible = build_space(space, spec=spec)
     space = with_grid_size(space, feasible)
-    space.base_trial_dict(feasible.target_modules, feasible.modules_to_save)
+    base_trial = space.base_trial_dict(feasible.target_modules, feasible.modules_to_save)
+    feasible.memory = search_memory(space, feasible, base_trial)
     plan_start(space, storage_path=storage_path, name=name, resume=resume, tracking_uri=tracking_uri, address=address)
     return space, feasible

@@ -216,6 +216,9 @@ class Resources(Schema):
     # the trial this many times. More: Train restarts its workers this many times, then the trial gives up
     # (a Tune restart, meant for a lost trial process, ends at once instead of repeating them).
     max_failures: int = Field(2, ge=0)
+    # Memory of one GPU in GiB, for the check that each method's largest trial fits (trial config's
+    # resources.gpu_memory_gb). None: measure this machine's GPU, or skip the check (and say so) without CUDA.
+    gpu_memory_gb: float | None = Field(None, gt=0)
 
 
 class SearchSpace(Schema):
@@ -363,6 +366,8 @@ class SearchSpace(Schema):
         }
         if res.gpus_per_worker > 0:
             data["resources"]["gpus_per_worker"] = res.gpus_per_worker
+        if res.gpu_memory_gb is not None:
+            data["resources"]["gpu_memory_gb"] = res.gpu_memory_gb
         return TrialConfig.from_dict(data, source=f"space {self.name}").to_dict()
 
 

@@ -54,6 +54,8 @@ class FeasibleSpace:
     target_modules: list[str] = field(default_factory=list)
     modules_to_save: list[str] = field(default_factory=list)
     shapes_summary: str = ""
+    spec: Any = field(default=None, repr=False, compare=False)  # the ModelSpec it was built from (meta device)
+    memory: Any = field(default=None, repr=False, compare=False)  # search.memcheck.SearchMemory, set at start checks
 
     def __post_init__(self) -> None:
         self.points: list[dict[str, Any]] = []  # points_to_evaluate as Optuna parameter names
@@ -317,6 +319,7 @@ def build_space(space: SearchSpace, spec=None) -> FeasibleSpace:
         target_modules=targets,
         modules_to_save=heads,
         shapes_summary=f"{len(shapes)} layers ({', '.join(targets)})",
+        spec=spec,
     )
     feasible.points = [feasible.point_params(p, f"points_to_evaluate[{i}]") for i, p in enumerate(space.points_to_evaluate)]
     return feasible

@@ -113,6 +113,12 @@ def train_command(args: argparse.Namespace) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     cfg = load_trial_config(args.config, args.overrides)
     prepared = prepare_trial(cfg)  # UsageError here, before Ray starts
+    if prepared.cfg.resources.use_gpu:  # a trial that cannot fit its GPU is refused now, not after loading 7B weights
+        from melora_tune.trial.memory import check_fits, estimate, gpu_memory
+
+        gpu_bytes, _ = gpu_memory(prepared.cfg)
+        if gpu_bytes is not None:
+            check_fits(prepared.cfg, estimate(prepared.cfg), gpu_bytes)
     from melora_tune.search.preflight import check_ray_address, check_run_name, check_storage
 
     if args.name is not None:

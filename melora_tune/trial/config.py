@@ -56,6 +56,15 @@ class TrainingSection(Schema):
     grad_clip: float = Field(1.0, ge=0.0)  # 0 disables clipping
     zero_stage: int = Field(2, ge=0, le=3)
     offload_optimizer: bool = False
+    # ZeRO-3 only: keep the partitioned parameters (frozen base weights too) in CPU memory between uses
+    # (DeepSpeed's offload_param); a GPU then holds little more than the layer being computed.
+    offload_params: bool = False
+    # Recompute each layer's activations in backward instead of keeping them: activation memory falls to the
+    # layer inputs plus one layer's working set, for about a third more compute.
+    gradient_checkpointing: bool = False
+    # Load the frozen base model in 4-bit NF4 (bitsandbytes, QLoRA-style): 0.5 bytes a weight plus one fp32
+    # absmax per block of 64 for the transformer's linear layers; embeddings, norms and heads stay 16-bit.
+    quantization: Literal["none", "nf4"] = "none"
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     eval_every_steps: int | None = Field(None, ge=1)  # None: evaluate after every epoch
     seed: int = 0
@@ -87,6 +96,10 @@ class ResourcesSection(Schema):
     # several workers; with one (trained in process) run_trial's own loop, or in a search Tune's FailureConfig.
     # A diverged loss is a result, not a failure, and is never retried.
     max_failures: int = Field(2, ge=0)
+    # Memory of one GPU in GiB (a "24 GB" card is 24), what the memory check compares a trial's estimate with.
+    # None: measure the driver's GPU (NVML, else torch.cuda) when CUDA is available there; on a driver without
+    # CUDA a GPU trial's fit cannot be checked, and the dry run says so instead of refusing.
+    gpu_memory_gb: float | None = Field(None, gt=0)
 
 
 class TrialConfig(Schema):

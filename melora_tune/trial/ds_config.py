@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from melora_tune.errors import UsageError
-from melora_tune.trial.config import TrialConfig
+from melora_tune.trial.config import TrainingSection, TrialConfig
 
 
 @dataclass(frozen=True)
@@ -89,6 +89,16 @@ def learning_rates(cfg: TrialConfig) -> list[float]:
     return [t.lr, t.head_lr if t.head_lr is not None else t.lr]
 
 
+def check_offload(t: TrainingSection) -> None:
+    """The offload settings DeepSpeed cannot honour at this ZeRO stage (also checked by the memory estimate)."""
+    if t.offload_optimizer and t.zero_stage == 0:
+        raise UsageError("offload_optimizer needs ZeRO: set training.zero_stage to 1, 2 or 3")
+    if t.offload_params and t.zero_stage != 3:
+        # only ZeRO-3 partitions parameters; below it DeepSpeed would ignore offload_param without a word
+        raise UsageError(f"offload_params needs ZeRO-3 (only it partitions parameters): set training.zero_stage: 3, "
+                         f"or training.offload_params: false (zero_stage is {t.zero_stage})")
+
+
 def build_ds_config(
     cfg: TrialConfig,
     plan: StepPlan,
@@ -135,10 +145,11 @@ def build_ds_config(
                 "stage3_gather_16bit_weights_on_model_save": False,
             }
         )
+    check_offload(t)
     if t.offload_optimizer:
-        if t.zero_stage == 0:
-            raise UsageError("offload_optimizer needs ZeRO: set training.zero_stage to 1, 2 or 3")
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": bool(on_gpu)}
+    if t.offload_params:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": bool(on_gpu)}
 
     ds: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
