@@ -122,9 +122,12 @@ def test_regression_predicts_the_train_mean_and_fits_a_ridge_probe(tiny_model, t
     assert b.scores["probe"]["val"] > 0.5 and b.scores["probe"]["test"] > 0.5
 
 
-def test_causal_lm_is_refused():
-    with pytest.raises(UsageError, match="sequence classification"):
+def test_causal_lm_baselines_need_instruction_data_with_short_answers():
+    with pytest.raises(UsageError, match="need instruction data with short answers scored by exact_match "
+                                         r"\(task 'rotten_tomatoes' is scored by loss\)"):
         compute_baselines(TrialConfig.from_dict({"task_type": "causal_lm"}))
+    with pytest.raises(UsageError, match=r"\(task 'trec_instruct' is scored by loss\)"):
+        compute_baselines(TrialConfig.from_dict({"task_type": "causal_lm", "task": {"name": "trec_instruct", "metric": "loss"}}))
 
 
 def test_bundled_minilm_probe_beats_majority_on_rotten_tomatoes():

@@ -99,6 +99,20 @@ def check_offload(t: TrainingSection) -> None:
                          f"or training.offload_params: false (zero_stage is {t.zero_stage})")
 
 
+def check_quantization(cfg: TrialConfig) -> None:
+    """An NF4 base (QLoRA) where it can run: bitsandbytes' 4-bit kernels need CUDA, and its packed weights are not
+    something ZeRO-3 can partition."""
+    t = cfg.training
+    if t.quantization != "nf4":
+        return
+    if not cfg.resources.use_gpu:
+        raise UsageError("training.quantization nf4 needs GPU workers (bitsandbytes 4-bit kernels): set "
+                         "resources.use_gpu: true (gpus_per_worker in a search space), or training.quantization: none")
+    if t.zero_stage == 3:
+        raise UsageError("training.quantization nf4 cannot be partitioned by ZeRO-3 (bitsandbytes packs the weights): "
+                         "set training.zero_stage to 0-2, or training.quantization: none")
+
+
 def build_ds_config(
     cfg: TrialConfig,
     plan: StepPlan,
@@ -146,6 +160,7 @@ def build_ds_config(
             }
         )
     check_offload(t)
+    check_quantization(cfg)
     if t.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": bool(on_gpu)}
     if t.offload_params:
@@ -179,7 +194,9 @@ def build_ds_config(
                 "warmup_type": "linear",
             },
         },
-        "bf16": {"enabled": precision == "bf16"},
+        # an NF4 base computes in bf16 by itself (bitsandbytes' compute dtype) and keeps its adapters in fp32:
+        # DeepSpeed's bf16 mode would cast the adapters (and try to cast the packed weights) to bf16
+        "bf16": {"enabled": precision == "bf16" and t.quantization != "nf4"},
         "fp16": {"enabled": False},
     }
     if t.grad_clip > 0:

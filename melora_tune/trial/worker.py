@@ -176,7 +176,7 @@ class TrialWorker:
         # frozen weights in the compute precision (bf16 on GPU: half the memory of fp32, what DeepSpeed would cast
         # them to anyway); an NF4 base is quantized while loading and keeps its adapters in fp32 (QLoRA)
         dtype = torch.bfloat16 if cfg.precision_on(self.on_gpu) == "bf16" else torch.float32
-        if getattr(tr, "quantization", "none") == "nf4":  # quantized weights are not cached between trials (trial.warm clones tensors)
+        if tr.quantization == "nf4":  # quantized weights are not cached between trials (trial.warm clones tensors)
             model = auto_class(cfg.task_type).from_pretrained(path, dtype=torch.bfloat16, **kwargs, **nf4_loading_kwargs())
             self.warm_start = False
         else:
@@ -190,6 +190,10 @@ class TrialWorker:
         apply_pooling(model, self.pooling)
         self.adapter_cfg = cfg.adapter.adapter_config()
         self.report_info = inject_adapters(model, self.adapter_cfg)
+        if tr.gradient_checkpointing:
+            # non-reentrant: the frozen embeddings' outputs need no grad for the adapters' gradients to flow
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.config.use_cache = False
         self.model = model
         t = self._mark("model_s", t)
 
