@@ -104,8 +104,9 @@ def test_peft_model_states_by_hand(tiny_spec):
 
     off = estimate(cfg.with_overrides({"offload_optimizer": True}), facts=facts)
     assert off.components["gradients + optimizer states"] == 0
-    # host per node: each of the 2 workers loads the base in fp32; their offloaded states are far smaller
-    assert off.cpu_per_node == int(1.5 * 4 * 77_120 * 2)
+    # host per node: each of the 2 workers loads the base in bf16 (the worker's load dtype on GPU); their
+    # offloaded states are far smaller
+    assert off.cpu_per_node == int(1.5 * 2 * 77_120 * 2)
 
 
 def test_nf4_base_weights(llama7b):

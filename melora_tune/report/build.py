@@ -184,7 +184,8 @@ def build_report(
     perplexity = collect.curves_frame(mlf, trials, metric="eval_perplexity")
     if not perplexity.empty:  # a causal LM: how well each trial predicts the response tokens
         ppl_fig = plots.learning_curves(perplexity, out / "perplexity.png", ylabel="perplexity of the response (validation)",
-                                        title="Validation perplexity at every evaluation", log_y=True)
+                                        title="Validation perplexity at every evaluation",
+                                        log_y=perplexity["score"].max() > 10 * perplexity["score"].min())
         figures.append(Figure("perplexity", "Response perplexity", ppl_fig,
                               "exp(mean cross-entropy) over the validation responses' tokens (prompt tokens masked), "
                               "at every evaluation of every search trial; lower is better. Line styles as above."))

@@ -218,10 +218,12 @@ def load_base_model(cfg, num_labels: int | None):
     """The trial's base model (fp32, eval mode), as the trial's workers load it."""
     import torch
 
-    from melora_tune.adapters.models import auto_class, resolve_model
+    from melora_tune.adapters.models import auto_class, causal_lm_overrides, load_config, resolve_model
 
     path = resolve_model(cfg.model)
     kwargs = {"num_labels": int(num_labels)} if cfg.task_type == "seq_cls" and num_labels else {}
+    if cfg.task_type == "causal_lm":
+        kwargs = causal_lm_overrides(load_config(path))  # an encoder used as a decoder is loaded causal, as trained
     try:
         model = auto_class(cfg.task_type).from_pretrained(path, dtype=torch.float32, **kwargs)
     except (OSError, ValueError) as err:
@@ -319,6 +321,15 @@ The tokenizer is the base model's: `AutoTokenizer.from_pretrained("{base_path}")
 """
 
 
+def decoder_override(cfg) -> bool:
+    """Whether the trial's causal LM is an encoder loaded with is_decoder=True (what its users must pass too)."""
+    if cfg.task_type != "causal_lm":
+        return False
+    from melora_tune.adapters.models import causal_lm_overrides, load_config
+
+    return bool(causal_lm_overrides(load_config(cfg.model)))
+
+
 def render_readme(info: dict[str, Any]) -> str:
     return README.format(**info)
 
@@ -399,7 +410,8 @@ def export_best(
             "best_score": "n/a" if provenance["best_score"] is None else f"{provenance['best_score']:.4f}",
             "head": "classification head" if adapter_cfg.modules_to_save else "saved-module",
             "auto_class": auto, "base_path": base_path,
-            "num_labels_arg": f", num_labels={num_labels}" if num_labels else "",
+            "num_labels_arg": (f", num_labels={num_labels}" if num_labels and cfg.task_type == "seq_cls" else
+                               ", is_decoder=True" if decoder_override(cfg) else ""),
             "selection": selection["text"], "weights_from": selection["weights"],
             "peft_pooling": _peft_pooling(meta.get("pooling", "model")),
         })

@@ -40,9 +40,11 @@ BUFFER_FACTOR = 1.5
 # count of the fp32 gradient partition, fp32 master weight and Adam's m and v (4 each). Its ZeRO-3 estimator
 # counts these 16 and no separate 16-bit gradient (gradients are reduce-scattered into the partition).
 STATE_BYTES = 16
-# bitsandbytes NF4 with its defaults (blocks of 64, no double quantisation): 4-bit codes + an fp32 absmax a block.
-NF4_BYTES = 0.5 + 4 / 64
-# The worker loads the base model in fp32 (trial/worker.py) before DeepSpeed casts it: host memory per process.
+# bitsandbytes NF4 as the worker loads it (QLoRA: blocks of 64, double quantisation): 4-bit codes, an 8-bit absmax
+# a block, and an fp32 scale per 256 absmax values.
+NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)
+# DeepSpeed's estimators assume each process loads the model in fp32 first; the worker loads it in the compute
+# dtype (trial/worker.py: bf16 on GPU), which the estimate passes in instead.
 LOAD_BYTES = 4
 # DeepSpeed's and our count of the host memory needed while a 4-bit base loads: its 16-bit checkpoint.
 NF4_LOAD_BYTES = 2
@@ -324,7 +326,7 @@ def estimate(cfg: TrialConfig, spec=None, *, facts: ModelFacts | None = None, on
     total, trainable = facts.total_params, facts.trainable_params
     frozen_total = total - trainable
     frozen_bytes: float = cb
-    load_bytes: float = LOAD_BYTES
+    load_bytes: float = cb  # the worker's from_pretrained dtype
     if t.quantization == "nf4":  # quantized linears at NF4, everything else frozen (embeddings, norms) at 16-bit
         quantized = min(facts.quantizable_params, frozen_total)
         frozen_bytes = (quantized * NF4_BYTES + (frozen_total - quantized) * cb) / max(frozen_total, 1)
@@ -350,11 +352,11 @@ def estimate(cfg: TrialConfig, spec=None, *, facts: ModelFacts | None = None, on
     }
     components = {k: int(v) for k, v in components.items()}
     per_worker = sum(components.values())
-    warm_copy = LOAD_BYTES * total if keeps_weights else 0
+    warm_copy = load_bytes * total if keeps_weights else 0
     if on_gpu:
         cpu = ms.cpu + warm_copy
     else:  # all of it is host memory: the workers, what they "offload to the CPU", or the fp32 load if larger
-        cpu = max(per_worker * n + ms.offloaded, (LOAD_BYTES * total + CPU_PROCESS_BYTES) * n) + warm_copy
+        cpu = max(per_worker * n + ms.offloaded, (load_bytes * total + CPU_PROCESS_BYTES) * n) + warm_copy
     settings = {
         "model": facts.name, "method": cfg.adapter.method, "precision": precision, "zero_stage": stage,
         "num_workers": n, "offload_optimizer": t.offload_optimizer, "offload_params": t.offload_params,
