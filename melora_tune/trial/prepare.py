@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from melora_tune.adapters.inject import default_target_modules, find_head_modules
-from melora_tune.errors import UsageError
+from melora_tune.errors import UsageError, first_line
 from melora_tune.trial.config import TrialConfig
 from melora_tune.trial.ds_config import StepPlan, build_ds_config, plan_for
 
@@ -88,6 +88,17 @@ def prepare_trial(cfg: TrialConfig, task=None) -> PreparedTrial:
     adapter_cfg = resolved.adapter.adapter_config()
     acct = account(spec, adapter_cfg)  # raises UsageError when the adapter does not fit the layers
     metrics, main = task_metrics(task, cfg.task_type)
+    if getattr(task, "is_instruction", False) and task.prompt_format == "chat":
+        import transformers
+
+        from melora_tune.adapters.models import resolve_model
+        from melora_tune.data.instruct import prompt_format
+
+        try:
+            tokenizer = transformers.AutoTokenizer.from_pretrained(resolve_model(cfg.model))
+        except (OSError, ValueError) as err:
+            raise UsageError(f"cannot load the tokenizer of {cfg.model!r} to check its chat template: {first_line(err)}") from None
+        prompt_format(task, tokenizer)  # refuses a tokenizer without one
     plan = plan_for(resolved, len(task.splits["train"]))
     build_ds_config(resolved, plan)  # the DeepSpeed settings a worker would refuse (offload without ZeRO...), refused now
     if len(task.splits["validation"]) < 1:
