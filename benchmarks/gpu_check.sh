@@ -4,6 +4,8 @@
 #   2. one bf16 ZeRO-2 trial on the in-process path (melora-tune train, 1 worker, use_gpu)
 #   3. >= 2 GPUs: a 2-worker ZeRO-3 nccl trial (TorchTrainer); 1 GPU: two 0.5-GPU trials packed on it
 #      (a tiny search, max_concurrent_trials 2)
+#   4. an instruction trial (trec_instruct, MiniLM as a causal LM, exact match) in bf16, its measured peak GPU
+#      memory beside the will-it-fit estimate; then the same with an NF4 base when bitsandbytes is installed
 # then a short summary. Runs from a fresh clone (bash .ci/setup first when .venv is missing).
 #
 # Usage: bash benchmarks/gpu_check.sh [--out DIR] [--dry-run]
@@ -83,6 +85,20 @@ EOF
     --tracking-uri "sqlite:///$OUT/mlflow.db" --name packed --json
 fi
 
+INSTRUCT=(model=minilm task_type=causal_lm task.path=null task.name=trec_instruct "adapter.target_modules=[query,value]"
+          "adapter.modules_to_save=[cls.predictions.transform]" "task.prompt_template={instruction} Question: {input} Answer:"
+          max_train_samples=512 max_eval_samples=128 epochs=1 micro_batch_size=16 max_length=64 method=lora r=2 lr=4e-3
+          use_gpu=true precision=bf16 keep_checkpoints=1 num_workers=1 zero_stage=2)
+[ "$DRY" = 1 ] || printf '%s\n' "${INSTRUCT[@]}" >"$OUT/instruct_settings.txt"  # for the estimate in the summary
+run instruct_bf16 150 "$PY" -m melora_tune.cli train melora_tune/trial/example_trial.yaml \
+  --storage-path "$OUT/runs" --name instruct-bf16 --json --set "${INSTRUCT[@]}"
+if [ "$DRY" = 1 ] || "$PY" -c "import bitsandbytes" 2>/dev/null; then
+  run instruct_nf4 150 "$PY" -m melora_tune.cli train melora_tune/trial/example_trial.yaml \
+    --storage-path "$OUT/runs" --name instruct-nf4 --json --set "${INSTRUCT[@]}" quantization=nf4
+else
+  STATUS+=("instruct_nf4 skipped: bitsandbytes is not installed (pip install bitsandbytes)")
+fi
+
 [ "$DRY" = 1 ] && exit 0
 
 echo
@@ -114,6 +130,20 @@ for name in ("trial_zero2_inprocess", "trial_zero3_2gpu"):
         m = r.get("metrics") or {}
         print(f"  {name}: {r['status']} step {r['step']}/{r['total_steps']} accuracy {m.get('eval_accuracy')} "
               f"{m.get('samples_per_s')} samples/s" + (f" ({r['reason']})" if r.get("reason") else ""))
+for name in ("instruct_bf16", "instruct_nf4"):
+    r = last_json(name)
+    if r:
+        from melora_tune.trial.config import load_trial_config
+        from melora_tune.trial.memory import estimate
+        from melora_tune.trial.prepare import prepare_trial
+
+        m = r.get("metrics") or {}
+        settings = (out / "instruct_settings.txt").read_text().splitlines() + (["quantization=nf4"] if "nf4" in name else [])
+        cfg = prepare_trial(load_trial_config("melora_tune/trial/example_trial.yaml", settings)).cfg
+        est = f"{estimate(cfg).per_worker / 2**30:.2f}"
+        print(f"  {name}: {r['status']} exact match {m.get('eval_exact_match')} perplexity {m.get('eval_perplexity')}, "
+              f"peak GPU memory {m.get('gpu_peak_mem_gib')} GiB (estimate {est} GiB)"
+              + (f" ({r['reason']})" if r.get("reason") else ""))
 s = last_json("search_packed_half_gpus")
 if s:
     rows = [(t["trial_id"], t["status"], t.get("score")) for t in s["trials"]]
@@ -126,5 +156,5 @@ if s:
     overlap = len(spans) == 2 and max(a for a, _ in spans) <= min(b for _, b in spans)
     print(f"  search_packed_half_gpus: {s['status']}, trials {rows}, ran side by side: {overlap}")
 EOF
-for s in "${STATUS[@]}"; do case "$s" in *" rc=0 "*) ;; *) exit 1 ;; esac; done
+for s in "${STATUS[@]}"; do case "$s" in *" rc=0 "*|*" skipped:"*) ;; *) exit 1 ;; esac; done
 exit 0

@@ -468,6 +468,8 @@ class TrialWorker:
             "worker_node_ip": self.node_ip,
             "worker_pid": os.getpid(),  # with reuse_actors, consecutive trials share it
             "warm_start": int(self.warm_start),  # 1: the base weights came from this process's cache (trial.warm)
+            # what this rank's GPU held at most so far: the measured side of the will-it-fit estimate (trial.memory)
+            **({"gpu_peak_mem_gib": round(torch.cuda.max_memory_allocated(self.device) / 2**30, 3)} if self.on_gpu else {}),
         }
 
     def run(self) -> dict[str, Any]:
