@@ -40,19 +40,9 @@ def minilm_tokenizer():
 @pytest.fixture(scope="module")
 def bpe_tokenizer():
     """A tiny byte-level BPE tokenizer with BOS/EOS and no pad token, like Llama/GPT ones."""
-    import transformers
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from helpers import bpe_tokenizer
 
-    texts = load_task(TaskSpec(name="trec", max_train_samples=500)).splits["train"]["text"]
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.post_processor = processors.ByteLevel(trim_offsets=True)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=1000, special_tokens=["<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
-    )
-    tokenizer.train_from_iterator(texts, trainer)
-    return transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>")
+    return bpe_tokenizer()
 
 
 def texts_of(task):

@@ -18,11 +18,15 @@ BERT_CFGS = [
     AdapterConfig(method="prolora", r=4, u=1, m=3, m_b=5, target_modules=["query", "value"], modules_to_save=["classifier"]),
 ]
 # GQA: q_proj 64->64, v_proj/k_proj 64->32, up 64->96, down 96->64
+LLAMA_ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 LLAMA_CFGS = [
     AdapterConfig(method="lora", r=4, target_modules=["q_proj", "v_proj"]),
     AdapterConfig(method="melora", n=8, r=2, target_modules=["q_proj", "v_proj"]),
     AdapterConfig(method="melora", n=32, r=1, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj"]),
     AdapterConfig(method="prolora", r=6, u=2, m=4, target_modules=["q_proj", "v_proj", "down_proj"]),
+    # all seven Llama projections, as PRoLoRA's official (QLoRA) setup adapts them
+    AdapterConfig(method="prolora", r=4, u=1, m=2, target_modules=LLAMA_ALL),
+    AdapterConfig(method="melora", n=32, r=1, target_modules=LLAMA_ALL),
 ]
 
 
