@@ -172,6 +172,21 @@ def test_bad_instruction_data_gets_one_line(tmp_path):
         TaskSpec(name="trec_instruct", prompt_template="{instruction} {question}")
 
 
+def test_hub_datasets_load_through_datasets_load_dataset(tmp_path):
+    """The Hub path is datasets.load_dataset; offline it is given a dataset folder (what a Hub repository of
+    jsonl files is once cached), so the same code runs without network."""
+    folder = tmp_path / "my-instructions"
+    folder.mkdir()
+    frame = alpaca_frame()
+    frame.to_json(folder / "train.jsonl", orient="records", lines=True)
+    task = load_task(TaskSpec(hub_dataset=str(folder), hub_split="train"))
+    assert task.is_instruction and task.name == "my-instructions" and task.source == str(folder)
+    rows = pd.concat([task.splits[s].to_pandas() for s in ("train", "validation", "test")])
+    assert sorted(rows["output"]) == sorted(frame["output"])
+    with pytest.raises(UsageError, match=r"\(split 'validation'\)"):
+        load_task(TaskSpec(hub_dataset=str(folder), hub_split="validation"))
+
+
 def test_a_hub_dataset_that_cannot_be_loaded_is_one_line(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")

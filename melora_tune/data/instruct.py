@@ -78,8 +78,10 @@ def load_instruction_task(spec: TaskSpec) -> TaskData:
     if spec.hub_dataset is not None:
         if spec.path is not None:
             raise UsageError("task sets both path and hub_dataset: keep one source of rows")
-        frame, source, name = _read_hub(spec), spec.hub_dataset, spec.name
-        frame = _rows(frame, spec, spec.hub_dataset)
+        frame, source = _rows(_read_hub(spec), spec, spec.hub_dataset), spec.hub_dataset
+        # the MLflow experiment: the space's name for the rows, else the dataset's ("tatsu-lab/alpaca" -> "alpaca")
+        named = spec.name and spec.name != type(spec).model_fields["name"].default
+        name = spec.name if named else spec.hub_dataset.rstrip("/").rsplit("/", 1)[-1]
     elif spec.path is not None:
         frame = _rows(read_local(spec.path), spec, spec.path)
         if spec.validation_path is not None:

@@ -185,7 +185,7 @@ class TaskData:
     label_names: list[str] | None  # None for regression
     metrics: tuple[str, ...]
     main_metric: str  # the metric a search maximises
-    prompt_template: str = ""  # causal-LM prompt; "{0}"/"{1}" are the text columns
+    prompt_template: str = ""  # causal-LM prompt: "{0}"/"{1}" are the text columns ({instruction}/{input} for instruction data)
     answer_names: list[str] | None = None  # what a causal LM answers per label id
     source: str = ""  # where the rows came from (file or hub id), for run records
     # "instruction": splits hold instruction/input/output (+ label, the answer's class id, when answers are

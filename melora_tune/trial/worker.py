@@ -381,7 +381,6 @@ class TrialWorker:
         for part in self.all_gather(local):
             for row, text in part:
                 texts.setdefault(row, text)  # the sampler's padding repeats rows: one copy each
-        self.last_answers = texts  # what the model said, for tests and debugging
         return exact_match([texts[r] for r in sorted(texts)], [references[r] for r in sorted(texts)])
 
     def score_test_split(self, val_metrics: dict[str, float]) -> dict[str, float]:
