@@ -331,3 +331,26 @@ def test_instruction_trial_zero3_on_two_workers_resumes_at_the_same_step(tmp_pat
         assert resumed["metrics"][key] == pytest.approx(reference["metrics"][key], rel=1e-5, abs=1e-9), key
     assert resumed["metrics"]["score"] == resumed["metrics"]["eval_exact_match"]
     assert resumed["metrics"]["adapter_params"] == 2 * (4 * (64 + 64) + 4 * (64 + 32))  # 2 layers x (q_proj, v_proj)
+
+
+def test_bf16_instruction_trial_loads_frozen_weights_in_bf16(tmp_path):
+    """precision bf16 (what a GPU trial uses by default), here on CPU: the base loads in bf16, DeepSpeed trains the
+    adapter with fp32 master weights, the loss falls and the saved adapter is bf16 as trained."""
+    from safetensors.torch import load_file
+
+    from helpers import save_tiny_llama_with_bpe
+
+    model = save_tiny_llama_with_bpe(tmp_path / "tiny-llama-bpe")
+    cfg = apply_overrides(TrialConfig(), {
+        "model": str(model), "task_type": "causal_lm", "task.path": None, "task.name": "trec_instruct",
+        "max_train_samples": 96, "max_eval_samples": 16, "epochs": 2, "max_length": 96, "micro_batch_size": 8,
+        "method": "melora", "n": 2, "r": 2, "target_modules": ["q_proj", "v_proj"], "lr": 1e-2, "zero_stage": 2,
+        "precision": "bf16", "task.max_new_tokens": 3,
+    })
+    result = run_trial(cfg, tmp_path, "bf16")
+    assert result.status == "completed", result.reason
+    first, last = result.history[0], result.history[-1]
+    assert math.isfinite(last["eval_loss"]) and last["eval_loss"] < first["eval_loss"]
+    assert 0.0 <= last["eval_exact_match"] <= 1.0
+    tensors = load_file(str(Path(result.adapter_path) / "adapter_model.safetensors"))
+    assert tensors and {t.dtype for t in tensors.values()} == {torch.bfloat16}
