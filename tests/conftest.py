@@ -53,3 +53,21 @@ def saved_tiny_llama(tmp_path):
     path = tmp_path / "tiny-llama"
     LlamaForCausalLM(tiny_llama_config()).save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def minilm_tokenizer():
+    """The bundled all-MiniLM-L6-v2 tokenizer (WordPiece, [CLS]/[SEP])."""
+    import transformers
+
+    from melora_tune.adapters.models import resolve_model
+
+    return transformers.AutoTokenizer.from_pretrained(resolve_model("minilm"))
+
+
+@pytest.fixture(scope="session")
+def bpe_tokenizer():
+    """A tiny byte-level BPE tokenizer with BOS/EOS and no pad token, like Llama/GPT ones."""
+    from helpers import bpe_tokenizer
+
+    return bpe_tokenizer()

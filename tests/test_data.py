@@ -14,7 +14,6 @@ import torch
 from melora_tune.data import TaskSpec, encode_causal_lm, encode_classification, load_task
 from melora_tune.data import sources
 from melora_tune.errors import UsageError
-from melora_tune.adapters.models import resolve_model
 
 FIXTURES = Path(__file__).parent / "fixtures"
 TICKETS = FIXTURES / "support_tickets.jsonl"
@@ -28,21 +27,6 @@ def rotten():
 @pytest.fixture(scope="module")
 def trec():
     return load_task("trec")
-
-
-@pytest.fixture(scope="module")
-def minilm_tokenizer():
-    import transformers
-
-    return transformers.AutoTokenizer.from_pretrained(resolve_model("minilm"))
-
-
-@pytest.fixture(scope="module")
-def bpe_tokenizer():
-    """A tiny byte-level BPE tokenizer with BOS/EOS and no pad token, like Llama/GPT ones."""
-    from helpers import bpe_tokenizer
-
-    return bpe_tokenizer()
 
 
 def texts_of(task):

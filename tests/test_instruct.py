@@ -6,7 +6,6 @@ import pandas as pd
 import pytest
 import torch
 
-from melora_tune.adapters.models import resolve_model
 from melora_tune.data import TaskSpec, load_task
 from melora_tune.data.instruct import encode_instruction, render_prompt
 from melora_tune.data.metrics import exact_match, normalize_answer
@@ -14,20 +13,6 @@ from melora_tune.errors import UsageError
 from melora_tune.trial.generation import greedy_generate
 
 TREC_PROMPT = "{instruction}\nQuestion: {input}\nAnswer:"
-
-
-@pytest.fixture(scope="module")
-def minilm_tokenizer():
-    import transformers
-
-    return transformers.AutoTokenizer.from_pretrained(resolve_model("minilm"))
-
-
-@pytest.fixture(scope="module")
-def bpe_tokenizer():
-    from helpers import bpe_tokenizer
-
-    return bpe_tokenizer()
 
 
 def alpaca_frame(n: int = 60) -> pd.DataFrame:
