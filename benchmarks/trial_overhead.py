@@ -6,7 +6,7 @@ the same thread count, and evaluate on the same validation samples after every e
 
 * ``bare``:  a plain loop: ``from_pretrained`` + ``inject_adapters`` + ``torch.optim.AdamW``;
 * ``search``: a Ray Tune search of identical one-worker trials, one after the other, with
-  ``reuse_actors`` on as the search sets it for one-worker trials (``search.runner.reuse_actors``):
+  ``reuse_actors`` on as the search sets it for one-worker trials (``search.resources.reuse_actors``):
   each trains inside its Tune trial process (DeepSpeed, ZeRO stage as given, a checkpoint per
   report through ``ray.tune.report``). The first trial is what a search's first trial pays (a
   new trial process: imports, data, weights), timed from Tune starting it to its completion;

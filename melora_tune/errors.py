@@ -105,6 +105,19 @@ def first_line(err: BaseException) -> str:
     return text.splitlines()[0] if text else type(err).__name__
 
 
+def innermost_error_line(err: BaseException | str, default: str = "the trial raised") -> str:
+    """The innermost ``SomeError: message`` line of an error or a traceback's text (Ray wraps a worker's error in
+    pages of traceback), else its last line, else ``default`` (an error's type name); at most 500 characters."""
+    if isinstance(err, BaseException):
+        err, default = str(err).strip(), type(err).__name__
+    lines = [ln.strip() for ln in err.splitlines() if ln.strip()]
+    for ln in reversed(lines):
+        head = ln.split(":")[0]
+        if "Error" in head or "Exception" in head:
+            return ln[:500]
+    return (lines[-1] if lines else default)[:500]
+
+
 def closest(key: str, known: list[str], cutoff: float = 0.6, prefix: bool = True) -> str | None:
     """The known key a typo most likely meant: a prefix or substring match first (unless ``prefix=False``,
     for dotted keys where a shared prefix says little), then difflib's closest."""

@@ -156,15 +156,14 @@ def assets(tmp_path_factory) -> dict[str, str]:
 @pytest.fixture
 def tripwire(monkeypatch):
     """A row that gets past every check would start Ray and train: fail it instead."""
-    import melora_tune.search.runner as runner
     import melora_tune.trial.driver as driver
+    import melora_tune.trial.ray_env as ray_env
 
     def reached(*args, **kwargs):
         raise AssertionError("this bad input got past every check and reached Ray")
 
     monkeypatch.setattr(driver, "run_trial", reached)
-    monkeypatch.setattr(driver, "ensure_ray", reached)
-    monkeypatch.setattr(runner, "_start_ray", reached)
+    monkeypatch.setattr(ray_env, "start_ray", reached)
 
 
 # (row id, argv with {A}/{URI}/{PARENT}/{CHILD} placeholders, text the one line must contain)
@@ -486,7 +485,7 @@ def test_tracking_schemes_are_mlflow_s_own():
     """The start check accepts only schemes MLflow 3 registers a tracking store for (file stores excepted)."""
     from mlflow.tracking._tracking_service.utils import _tracking_store_registry
 
-    from melora_tune.search.preflight import TRACKING_SCHEMES
+    from melora_tune.records.store import TRACKING_SCHEMES
 
     assert set(TRACKING_SCHEMES) <= set(_tracking_store_registry._registry) - {"", "file"}
 
@@ -495,17 +494,17 @@ def test_search_record_that_cannot_be_written_leaves_no_folder(tmp_path):
     """The search record is written after the parent run exists: a failure there is one line, and the folder it
     created is gone again (the start's finally then closes the parent run as failed)."""
     from melora_tune.errors import UsageError
-    from melora_tune.search.runner import META_NAME, _read_meta, _write_meta
+    from melora_tune.search.experiment import META_NAME, read_meta, write_meta
 
     (tmp_path / "afile").write_text("x")
     with pytest.raises(UsageError, match="cannot write the search record"):
-        _write_meta(tmp_path / "afile" / "exp", {"name": "x"})
+        write_meta(tmp_path / "afile" / "exp", {"name": "x"})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
     exp = tmp_path / "exp"
     exp.mkdir()
     (exp / META_NAME).write_text("[1, 2]")
     with pytest.raises(UsageError, match="is not a search record"):
-        _read_meta(exp)
+        read_meta(exp)
 
 
 @pytest.mark.slow

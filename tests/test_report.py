@@ -33,7 +33,7 @@ DATASET = "rotten_tomatoes"
 def synthetic_trials():
     import pandas as pd
 
-    from melora_tune.report.collect import COLUMNS, normalize_frame
+    from melora_tune.records.read import COLUMNS, normalize_frame
 
     rows = [
         # method, n, r, lr, params, eq rank, score, best, status
@@ -58,7 +58,7 @@ def synthetic_trials():
 
 
 def test_ranking_prefers_completed_then_score():
-    from melora_tune.report.collect import best_per_method, best_run, rank_trials
+    from melora_tune.records.read import best_per_method, best_run, rank_trials
 
     df = synthetic_trials()
     ranked = rank_trials(df)
@@ -73,7 +73,7 @@ def test_ranking_prefers_completed_then_score():
 
 def _report_data(tmp_path, trials, scopes=None, notes=None):
     from melora_tune.report import plots
-    from melora_tune.report.collect import best_per_method, rank_trials
+    from melora_tune.records.read import best_per_method, rank_trials
     from melora_tune.report.importance import Importance
     from melora_tune.report.render import Figure, ReportData
 

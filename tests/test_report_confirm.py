@@ -70,19 +70,19 @@ def store(tmp_path_factory):
 
 
 def _search(client, parent):
-    from melora_tune.report import collect
+    from melora_tune.records import read
 
-    return collect.SearchInfo.from_run(client.get_run(parent), DATASET)
+    return read.SearchInfo.from_run(client.get_run(parent), DATASET)
 
 
 def test_trials_frame_leaves_confirmations_out_and_confirmations_frame_reads_them(store):
-    from melora_tune.report import collect
+    from melora_tune.records import read
 
     uri, client, parent, trial_runs = store
     info = _search(client, parent)
-    trials = collect.trials_frame(client, info)
+    trials = read.trials_frame(client, info)
     assert sorted(trials["run_id"]) == sorted(trial_runs.values())  # 6 trials, none of the 13 confirmations
-    conf = collect.confirmations_frame(client, info)
+    conf = read.confirmations_frame(client, info)
     assert len(conf) == 13 and not set(conf["run_id"]) & set(trials["run_id"])
     a0 = conf[(conf["config"] == "cfg-a") & (conf["seed"] == 0)].iloc[0]
     assert a0["confirms"] == trial_runs["a"] and a0["confirms_trial"] == "s1-0" and a0["method"] == "melora"
@@ -91,21 +91,21 @@ def test_trials_frame_leaves_confirmations_out_and_confirmations_frame_reads_the
     failed = conf[conf["status"] == "failed"].iloc[0]
     assert failed["seed"] == 3 and math.isnan(failed["val_score"]) and math.isnan(failed["test_score"])
     assert list(conf["start_time"]) == sorted(conf["start_time"])
-    assert collect.best_run(trials)["run_id"] == trial_runs["b"]  # the search's best trial, never a confirmation
+    assert read.best_run(trials)["run_id"] == trial_runs["b"]  # the search's best trial, never a confirmation
 
-    base = collect.baselines_of(info)
+    base = read.baselines_of(info)
     assert base.scores == {"majority": {"val": 0.55, "test": 0.52}, "probe": {"val": 0.65, "test": 0.63}}
     assert base.majority_share == 0.55 and base.score_metric == "accuracy" and base.logged
-    old = collect.baselines_of(collect.SearchInfo("r", "s", "1", DATASET, "finished", "FINISHED", None, None))
+    old = read.baselines_of(read.SearchInfo("r", "s", "1", DATASET, "finished", "FINISHED", None, None))
     assert old.scores == {} and old.majority_share is None and old.score_metric == "score" and not old.logged
 
 
 def test_winner_per_method_is_chosen_on_validation_and_numbers_are_the_t_interval(store):
-    from melora_tune.report import collect
+    from melora_tune.records import read
     from melora_tune.report.confirmed import confirmed_table
 
     uri, client, parent, _ = store
-    table = confirmed_table(collect.confirmations_frame(client, _search(client, parent))).set_index("config")
+    table = confirmed_table(read.confirmations_frame(client, _search(client, parent))).set_index("config")
     # melora: cfg-a validates 0.82 > cfg-b 0.8033, though cfg-b tests 0.86 > 0.79
     assert table.loc["cfg-b", "test_mean"] > table.loc["cfg-a", "test_mean"]
     assert table.loc["cfg-a", "winner"] and not table.loc["cfg-b", "winner"]
@@ -121,11 +121,11 @@ def test_winner_per_method_is_chosen_on_validation_and_numbers_are_the_t_interva
 
 
 def test_one_seed_has_no_interval_and_a_method_with_no_completed_seed_no_winner(store):
-    from melora_tune.report import collect
+    from melora_tune.records import read
     from melora_tune.report.confirmed import confirmed_table
 
     uri, client, parent, _ = store
-    conf = collect.confirmations_frame(client, _search(client, parent))
+    conf = read.confirmations_frame(client, _search(client, parent))
     few = conf[((conf["config"] == "cfg-a") & (conf["seed"] == 0)) | (conf["config"] == "cfg-c") & (conf["status"] == "failed")]
     table = confirmed_table(few).set_index("config")
     a = table.loc["cfg-a"]
@@ -219,11 +219,12 @@ def test_imbalance_warning(tmp_path, share, metric, warned):
 
 
 def test_learning_curves_data_and_plot(store, tmp_path):
-    from melora_tune.report import collect, plots
+    from melora_tune.records import read
+    from melora_tune.report import plots
 
     uri, client, parent, trial_runs = store
-    trials = collect.trials_frame(client, _search(client, parent))
-    curves = collect.curves_frame(client, trials)
+    trials = read.trials_frame(client, _search(client, parent))
+    curves = read.curves_frame(client, trials)
     points = curves.groupby("run_id").size()
     assert points[trial_runs["a"]] == 2 and points[trial_runs["slow"]] == 1  # stopped early: shorter
     assert trial_runs["nan"] not in points.index  # diverged before its first evaluation

@@ -188,7 +188,7 @@ def test_glue_spaces_validate_offline(path):
     from transformers import RobertaConfig
 
     from melora_tune.adapters.accounting import ModelSpec
-    from melora_tune.search.runner import dry_run
+    from melora_tune.search.experiment import dry_run
 
     spec = ModelSpec.from_config(RobertaConfig(max_position_embeddings=514, type_vocab_size=1), task="seq_cls", name="roberta-base")
     space, feasible = dry_run(path, spec=spec)
@@ -441,7 +441,7 @@ def test_finite_asha_ignores_diverged_scores():
 def test_one_worker_trials_hold_the_workers_resources_in_tune():
     """A one-worker trial trains in its Tune trial process, so that process must hold the worker's CPUs and
     GPU share (two 0.5-GPU trials pack on one GPU); with more workers it only holds a driver's share."""
-    from melora_tune.search.runner import trial_resources
+    from melora_tune.search.resources import trial_resources
     from melora_tune.search.schema import parse_space
 
     def resources(**res):
@@ -495,7 +495,7 @@ def grid_space(tiny_model_dir, **extra):
 
 
 def test_grid_covers_the_feasible_space_exactly_once_with_concurrent_trials(tmp_path, tiny_model_dir, capsys):
-    from melora_tune.search.runner import dry_run
+    from melora_tune.search.experiment import dry_run
     from melora_tune.search.searcher import BudgetOptunaSearch
 
     space, fs = grid_space(tiny_model_dir, space={"seeds": [0, 3]})

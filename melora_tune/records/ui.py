@@ -24,6 +24,8 @@ import time
 from pathlib import Path
 
 from melora_tune.errors import UsageError
+from melora_tune.records import read
+from melora_tune.records.store import absolute_sqlite, check_database_url, mlflow_server_command
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 5000
@@ -43,8 +45,6 @@ def _executable(name: str) -> str:
 
 def mlflow_command(tracking_uri: str, host: str, port: int) -> tuple[list[str], dict[str, str]]:
     """The ``mlflow server`` command line and environment for a tracking store."""
-    from melora_tune.records.store import mlflow_server_command
-
     # where runs logged with MLflow's default artifact root would go; searches set their own (mlartifacts/ too)
     artifacts = (str(Path(tracking_uri.removeprefix("sqlite:///")).parent / "mlartifacts")
                  if tracking_uri.startswith("sqlite:///") else None)
@@ -54,16 +54,14 @@ def mlflow_command(tracking_uri: str, host: str, port: int) -> tuple[list[str], 
 def default_optuna_storage(tracking_uri: str | None) -> str:
     """The Optuna storage of the newest search in the tracking store, else ./melora_runs/optuna.db."""
     try:
-        from melora_tune.report import collect
-
-        mlf = collect.client(collect.tracking_uri(tracking_uri))
+        mlf = read.client(read.tracking_uri(tracking_uri))
         newest = None
-        for dataset in collect.searched_datasets(mlf):
-            info = collect.resolve_search(mlf, dataset)
+        for dataset in read.searched_datasets(mlf):
+            info = read.resolve_search(mlf, dataset)
             if newest is None or (info.start_time or 0) > (newest.start_time or 0):
                 newest = info
         if newest is not None:
-            location = collect.study_location(newest, collect.trials_frame(mlf, newest))
+            location = read.study_location(newest, read.trials_frame(mlf, newest))
             if location:
                 return location["optuna_storage"]
     except UsageError:
@@ -81,8 +79,6 @@ def optuna_command(storage: str, host: str, port: int) -> tuple[list[str], dict[
         if not db.is_file():
             raise UsageError(f"no Optuna database at {db}")
     elif "://" in storage:
-        from melora_tune.search.preflight import check_database_url
-
         check_database_url(storage, "Optuna storage")  # optuna-dashboard would die on it with a traceback
     else:
         path = Path(storage)
@@ -222,14 +218,10 @@ def ui_command(args) -> int:
     if not 0 < args.port < 65536:
         raise UsageError(f"--port must be 1..65535, got {args.port}")
     if args.optuna is not None:
-        from melora_tune.records.store import absolute_sqlite
-
         storage = absolute_sqlite(args.optuna or default_optuna_storage(args.tracking_uri))
         cmd, env = optuna_command(storage, args.host, args.port)
         return serve(cmd, env, f"Optuna dashboard ({storage})", url_for(args.host, args.port), args.host)
-    from melora_tune.report.collect import tracking_uri
-
-    uri = tracking_uri(args.tracking_uri)
+    uri = read.tracking_uri(args.tracking_uri)
     if not uri.startswith("sqlite:///"):
         raise UsageError(f"{uri} is already a tracking server: open it in a browser (melora-tune ui serves a local sqlite:/// store)")
     cmd, env = mlflow_command(uri, args.host, args.port)
@@ -241,11 +233,9 @@ def experiment_links(uri: str, url: str) -> list[str]:
     """'dataset: URL' of the runs table of every experiment holding a search (MLflow 3 opens on its GenAI view
     otherwise; each search is a parent run there: expand it for its trials)."""
     try:
-        from melora_tune.report import collect
-
-        mlf = collect.client(uri)
+        mlf = read.client(uri)
         out = []
-        for name in collect.searched_datasets(mlf):
+        for name in read.searched_datasets(mlf):
             exp = mlf.get_experiment_by_name(name)
             out.append(f"{name}: {url}/#/experiments/{exp.experiment_id}/runs?workflowType=machine_learning")
         return out

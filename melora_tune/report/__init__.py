@@ -3,8 +3,8 @@
 ``import melora_tune.report`` stays light: MLflow, pandas, matplotlib and Optuna load inside the
 functions that need them.
 
-* ``collect``: the searches, trials and confirmations an MLflow store holds, as pandas DataFrames; the best
-  trial per method; the baselines on the parent run.
+* ``melora_tune.records.read`` (below this layer) reads the searches, trials and confirmations an MLflow store
+  holds as pandas DataFrames, the best trial per method and the baselines on the parent run.
 * ``stats``: mean and Student-t interval over seeds, paired differences, a verdict in words.
 * ``confirmed``: the confirmed configurations, each method's winner (chosen on validation), their comparisons.
 * ``importance``: Optuna's parameter importance on the search's study.

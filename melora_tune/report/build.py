@@ -31,7 +31,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from melora_tune.errors import UsageError
-from melora_tune.report import collect, confirmed
+from melora_tune.records import read
+from melora_tune.report import confirmed
 from melora_tune.report.render import Figure, ReportData, render_html, render_index_html, render_index_markdown, render_markdown
 
 log = logging.getLogger("melora_tune.report")
@@ -62,7 +63,7 @@ def safe_folder_name(name: str) -> str:
     return slug
 
 
-def _settings(search: collect.SearchInfo) -> dict[str, str]:
+def _settings(search: read.SearchInfo) -> dict[str, str]:
     p = search.params
     out = {label: p[key] for key, label in SETTINGS if p.get(key) not in (None, "")}
     if p.get("lr_low") and p.get("lr_high"):
@@ -76,7 +77,7 @@ def _settings(search: collect.SearchInfo) -> dict[str, str]:
     return out
 
 
-def imbalance_note(baselines: collect.Baselines) -> str | None:
+def imbalance_note(baselines: read.Baselines) -> str | None:
     """A warning when the score is accuracy on a split where one class holds >= IMBALANCED_SHARE of the examples."""
     share = baselines.majority_share
     if share is None or share < IMBALANCED_SHARE or baselines.score_metric != "accuracy":
@@ -88,21 +89,21 @@ def imbalance_note(baselines: collect.Baselines) -> str | None:
             "(or `matthews_correlation`) in the space file and search again.")
 
 
-def cross_dataset_rows(mlf, current: dict[str, tuple[collect.SearchInfo, object]] | None = None, only: list[str] | None = None):
+def cross_dataset_rows(mlf, current: dict[str, tuple[read.SearchInfo, object]] | None = None, only: list[str] | None = None):
     """Best trial per method of the newest search of every dataset with a search (or of ``only``);
     ``current`` gives the search and trials to use for some datasets."""
     import pandas as pd
 
     current = current or {}
-    datasets = set(only) if only is not None else set(collect.searched_datasets(mlf)) | set(current)
+    datasets = set(only) if only is not None else set(read.searched_datasets(mlf)) | set(current)
     rows = []
     for dataset in sorted(datasets):
         if dataset in current:
             search, trials = current[dataset]
         else:
-            search = collect.resolve_search(mlf, dataset)
-            trials = collect.trials_frame(mlf, search)
-        for _, row in collect.best_per_method(trials).iterrows():
+            search = read.resolve_search(mlf, dataset)
+            trials = read.trials_frame(mlf, search)
+        for _, row in read.best_per_method(trials).iterrows():
             rows.append({
                 "dataset": dataset, "search": search.name, "method": row["method"], "score": row["score"], "n": row["n"],
                 "r": row["r"], "u": row["u"], "m": row["m"], "lr": row["lr"], "adapter_params": row["adapter_params"],
@@ -111,7 +112,7 @@ def cross_dataset_rows(mlf, current: dict[str, tuple[collect.SearchInfo, object]
     frame = pd.DataFrame(rows)
     if frame.empty:
         return frame
-    return collect.normalize_frame(frame).sort_values(["method", "dataset"], kind="mergesort").reset_index(drop=True)
+    return read.normalize_frame(frame).sort_values(["method", "dataset"], kind="mergesort").reset_index(drop=True)
 
 
 def build_report(
@@ -131,12 +132,12 @@ def build_report(
 
     if top_k < 1:
         raise UsageError(f"--top-k must be >= 1, got {top_k}")
-    uri = collect.tracking_uri(tracking_uri)
-    mlf = mlf or collect.client(uri)
-    info = collect.resolve_search(mlf, dataset, search)
-    trials = collect.trials_frame(mlf, info)
-    confirmations = collect.confirmations_frame(mlf, info)
-    baselines = collect.baselines_of(info)
+    uri = read.tracking_uri(tracking_uri)
+    mlf = mlf or read.client(uri)
+    info = read.resolve_search(mlf, dataset, search)
+    trials = read.trials_frame(mlf, info)
+    confirmations = read.confirmations_frame(mlf, info)
+    baselines = read.baselines_of(info)
     confirmed_results = confirmed.confirmed_results(confirmations, baselines)
     out = Path(out_dir) if out_dir is not None else Path("reports") / safe_folder_name(dataset)
     if out.exists() and not out.is_dir():
@@ -145,8 +146,8 @@ def build_report(
     for name in (*FIGURE_FILES, "confirmations.csv"):  # a file not written this time must not linger from an earlier report
         (out / name).unlink(missing_ok=True)
 
-    ranked = collect.rank_trials(trials)
-    best = collect.best_per_method(trials)
+    ranked = read.rank_trials(trials)
+    best = read.best_per_method(trials)
     notes = []
     if info.status == "running":
         notes.append("This search is still running (or was killed without closing its run): the report shows the trials so far.")
@@ -176,12 +177,12 @@ def build_report(
                           "" if heat else "No scored MELoRA trial in this search, so there is no n x r heatmap."))
     lr_fig = plots.lr_sensitivity(trials, out / "lr_sensitivity.png", baselines=lines)
     figures.append(Figure("lr", "Learning-rate sensitivity", lr_fig, on_plot.strip() if lr_fig else "No scored trial to plot."))
-    curves_fig = plots.learning_curves(collect.curves_frame(mlf, trials), out / "learning_curves.png", baselines=lines)
+    curves_fig = plots.learning_curves(read.curves_frame(mlf, trials), out / "learning_curves.png", baselines=lines)
     figures.append(Figure("curves", "Learning curves", curves_fig,
                           "Validation score at every evaluation of every search trial, one colour per method. Dashed lines "
                           "ending in a hollow marker: trials ASHA stopped early; dotted: failed, diverged or interrupted."
                           + on_plot if curves_fig else "No trial logged a score with its epoch."))
-    perplexity = collect.curves_frame(mlf, trials, metric="eval_perplexity")
+    perplexity = read.curves_frame(mlf, trials, metric="eval_perplexity")
     if not perplexity.empty:  # a causal LM: how well each trial predicts the response tokens
         ppl_fig = plots.learning_curves(perplexity, out / "perplexity.png", ylabel="perplexity of the response (validation)",
                                         title="Validation perplexity at every evaluation",
@@ -189,7 +190,7 @@ def build_report(
         figures.append(Figure("perplexity", "Response perplexity", ppl_fig,
                               "exp(mean cross-entropy) over the validation responses' tokens (prompt tokens masked), "
                               "at every evaluation of every search trial; lower is better. Line styles as above."))
-    location = collect.study_location(info, trials)
+    location = read.study_location(info, trials)
     importance = imp.search_importance(location)
     imp_fig = plots.importance_bars(importance.scopes, out / "importance.png")
     where = f" Optuna study {location['study_name']} in {location['optuna_storage']}." if location else ""
@@ -246,12 +247,12 @@ def build_reports(
     log_artifacts: bool = True,
 ) -> tuple[list[ReportResult], list[Path]]:
     """Reports of one or several datasets ('all': every experiment with a search); returns (reports, index files)."""
-    uri = collect.tracking_uri(tracking_uri)
-    mlf = collect.client(uri)
+    uri = read.tracking_uri(tracking_uri)
+    mlf = read.client(uri)
     names: list[str] = []
     for d in datasets:
         if d == "all":
-            found = collect.searched_datasets(mlf)
+            found = read.searched_datasets(mlf)
             if not found:
                 raise UsageError("--dataset all: this tracking store holds no search yet")
             names += found
@@ -271,7 +272,7 @@ def build_reports(
         build_report(name, tracking_uri=uri, out_dir=root / folder, top_k=top_k, log_artifacts=log_artifacts, mlf=mlf)
         for name, folder in zip(names, folders)
     ]
-    cross = cross_dataset_rows(mlf, {r.dataset: (collect.SearchInfo(**_info_kwargs(r)), r.data.trials) for r in results}, only=names)
+    cross = cross_dataset_rows(mlf, {r.dataset: (read.SearchInfo(**_info_kwargs(r)), r.data.trials) for r in results}, only=names)
     generated = time.strftime("%Y-%m-%d %H:%M:%S")
     links = list(zip(names, folders))
     (root / "index.md").write_text(render_index_markdown(cross, links, generated))

@@ -1,6 +1,6 @@
 """Confirmed results: the search's best configurations retrained on several seeds and scored once on test.
 
-From the confirmation runs (``collect.confirmations_frame``), per configuration (the ``melora.config``
+From the confirmation runs (``read.confirmations_frame``), per configuration (the ``melora.config``
 key its seeds share) over its completed seeds s = 1..k:
 
     validation  mean_ci(val_score_s)    test  mean_ci(test_score_s)      (``stats.mean_ci``: x̄ ± t·s/√k)
@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from itertools import combinations
 from typing import Any
 
-from melora_tune.report.collect import DEFAULT_SCORE_METRIC, HP_COLUMNS, Baselines
+from melora_tune.records.read import DEFAULT_SCORE_METRIC, HP_COLUMNS, Baselines
 from melora_tune.report.stats import PairedDifference, mean_ci, paired_difference, verdict
 
 COMPLETED = "completed"  # only a confirmation that trained every epoch counts as a seed

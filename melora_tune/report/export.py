@@ -139,18 +139,6 @@ def download_adapter(mlf, row, dest: Path) -> Path:
     return target
 
 
-def _exact_params(row) -> dict[str, Any]:
-    """The trial's sampled values as Ray saved them (params.json next to its checkpoints), when local.
-    MLflow keeps params as 6-significant-digit strings; this keeps the learning rate exact."""
-    ckpt = row.get("best_checkpoint")
-    if not isinstance(ckpt, str) or "://" in ckpt:
-        return {}
-    try:
-        return json.loads((Path(ckpt).parent / "params.json").read_text())
-    except (OSError, ValueError):
-        return {}
-
-
 def confirmed_choice(confirmations, method: str | None):
     """(the confirmation run to export, its configuration's row of the confirmed table), or None.
 
@@ -178,11 +166,11 @@ def confirmed_choice(confirmations, method: str | None):
 
 def trial_dict(mlf, search, row, adapter_cfg, seed: int | None = None) -> dict[str, Any]:
     """The TrialConfig dict of the trial: the search's base config (from its space file) + the trial's values."""
-    from melora_tune.report.collect import space_artifact
+    from melora_tune.records.read import space_artifact
     from melora_tune.search.schema import parse_space
     from melora_tune.search.trainable import BASE_KEY, trial_config
 
-    exact = _exact_params(row)
+    exact = read.exact_params(row)
     found = space_artifact(mlf, search.run_id)
     if found is not None:
         filename, text = found
@@ -346,20 +334,20 @@ def export_best(
     force: bool = False,
 ) -> ExportResult:
     from melora_tune.adapters import AdapterConfig
-    from melora_tune.report import collect
+    from melora_tune.records import read
 
     method = check_method(method)
     out = check_out_dir(out, force)
-    uri = collect.tracking_uri(tracking_uri)
-    mlf = collect.client(uri)
-    info = collect.resolve_search(mlf, dataset, search)
-    trials = collect.trials_frame(mlf, info)
-    chosen = confirmed_choice(collect.confirmations_frame(mlf, info), method)
+    uri = read.tracking_uri(tracking_uri)
+    mlf = read.client(uri)
+    info = read.resolve_search(mlf, dataset, search)
+    trials = read.trials_frame(mlf, info)
+    chosen = confirmed_choice(read.confirmations_frame(mlf, info), method)
     confirmed = None
     if chosen is not None:
         row, confirmed = chosen
     else:
-        best = collect.best_run(trials, method)
+        best = read.best_run(trials, method)
         if best is None:
             what = f"{method} trial" if method else "trial"
             have = sorted(set(trials["method"])) if not trials.empty else []

@@ -1,7 +1,7 @@
 """The report's figures as PNG files (matplotlib, Agg backend: no display needed).
 
-Every function takes the trials DataFrame of ``collect.trials_frame`` (the learning curves: the evaluations
-of ``collect.curves_frame``) and returns the path it wrote, or None when the data has nothing to draw (the
+Every function takes the trials DataFrame of ``read.trials_frame`` (the learning curves: the evaluations
+of ``read.curves_frame``) and returns the path it wrote, or None when the data has nothing to draw (the
 report then says why). ``baselines`` ({name: validation score}, names of ``records.BASELINES``) draws each
 baseline as a labelled horizontal line: the trials' scores are validation scores, so are these.
 """
@@ -34,7 +34,7 @@ def _plt():
 def _scored(df):
     import numpy as np
 
-    from melora_tune.report.collect import SCORED
+    from melora_tune.records.read import SCORED
 
     return df[df["status"].isin(SCORED) & np.isfinite(df["score"].astype(float))]
 

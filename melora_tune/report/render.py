@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import base64
 import html
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
+
 from melora_tune.records import BASELINE_LABELS
-from melora_tune.report.collect import fmt, fmt_lr
 
 # (column, header) of the best-per-method table; method-specific columns are dropped when no row has them.
 BEST_COLUMNS = [
@@ -27,6 +29,30 @@ CROSS_COLUMNS = [
     ("trials", "trials"),
 ]
 OPTIONAL = ("n", "u", "m", "best_score", "optuna_trial")
+
+
+def fmt(value: Any, digits: int = 4) -> str:
+    """A table cell: '' for missing, compact floats, learning rates in scientific notation."""
+    if value is None:
+        return ""
+    try:
+        if pd.isna(value):
+            return ""
+    except (TypeError, ValueError):
+        pass
+    if isinstance(value, float):
+        if value.is_integer() and abs(value) < 1e9:
+            return str(int(value))
+        return f"{value:.{digits}g}"
+    return str(value)
+
+
+def fmt_lr(value: Any) -> str:
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        return ""
+    return f"{v:.2e}" if math.isfinite(v) else ""
 
 
 @dataclass
@@ -48,9 +74,9 @@ class ReportData:
     tracking_uri: str
     search_status: str
     generated: str
-    trials: Any  # DataFrame (collect.trials_frame)
-    best: Any  # DataFrame (collect.best_per_method)
-    top: Any  # DataFrame (collect.rank_trials().head(k))
+    trials: Any  # DataFrame (read.trials_frame)
+    best: Any  # DataFrame (read.best_per_method)
+    top: Any  # DataFrame (read.rank_trials().head(k))
     top_k: int
     figures: list[Figure] = field(default_factory=list)
     importance: Any = None  # importance.Importance
@@ -58,7 +84,7 @@ class ReportData:
     cross: Any = None  # DataFrame of cross_dataset_rows, or None
     notes: list[str] = field(default_factory=list)
     confirmed: Any = None  # confirmed.ConfirmedResults, or None: no confirmation ran
-    baselines: Any = None  # collect.Baselines, or None
+    baselines: Any = None  # read.Baselines, or None
 
 
 CONFIRM_COMMAND = "melora-tune confirm SPACE.yaml"

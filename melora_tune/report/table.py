@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from melora_tune.errors import UsageError
-from melora_tune.report import collect
+from melora_tune.records import read
 
 # name -> meaning (written into the JSON next to the CSV)
 COLUMNS: dict[str, str] = {
@@ -58,12 +58,12 @@ COLUMNS: dict[str, str] = {
     "search": "the search's name",
     "run_id": "the trial's MLflow run id",
 }
-PARAMS = ("method", *collect.HP_COLUMNS, "lr", "alpha", "dropout", "adapter_params", "equivalent_rank")
+PARAMS = ("method", *read.HP_COLUMNS, "lr", "alpha", "dropout", "adapter_params", "equivalent_rank")
 METRICS = {"val_score": "score", "test_score": "test_score", "val_loss": "eval_loss", "train_loss": "train_loss",
            "train_time_s": "train_time_s", "eval_time_s": "eval_time_s"}
 
 
-def _recorded(search: collect.SearchInfo) -> None:
+def _recorded(search: read.SearchInfo) -> None:
     p = search.params
     if str(p.get("record_test")).lower() != "true" or p.get("sampler") != "grid" or str(p.get("asha")).lower() == "true":
         raise UsageError(
@@ -77,23 +77,23 @@ def _hyperparams(params: dict[str, str]) -> dict[str, int]:
     defaults for those it does not use (LoRA's n is 1), m_b = m when tied. One key per configuration."""
     from melora_tune.adapters import AdapterConfig
 
-    given = {k: int(float(params[k])) for k in collect.HP_COLUMNS if params.get(k) not in (None, "", "None")}
+    given = {k: int(float(params[k])) for k in read.HP_COLUMNS if params.get(k) not in (None, "", "None")}
     cfg = AdapterConfig(method=params.get("method", "lora"), **given)
-    out = {k: getattr(cfg, k) for k in collect.HP_COLUMNS}
+    out = {k: getattr(cfg, k) for k in read.HP_COLUMNS}
     if out["m_b"] is None:
         out["m_b"] = out["m"]
     return out
 
 
-def table_frame(mlf, search: collect.SearchInfo):
+def table_frame(mlf, search: read.SearchInfo):
     """The rows of one recorded search (columns ``COLUMNS``), sorted by method, configuration, seed, epoch."""
     import pandas as pd
 
     _recorded(search)
     budget = int(float(search.params.get("budget", "nan")))
     rows = []
-    for run in collect._children(mlf, search):
-        if collect.is_confirmation(run):
+    for run in read.child_runs(mlf, search):
+        if read.is_confirmation(run):
             continue
         p, t = run.data.params, run.data.tags
         histories = {col: {m.step: m.value for m in mlf.get_metric_history(run.info.run_id, name)}
@@ -105,14 +105,14 @@ def table_frame(mlf, search: collect.SearchInfo):
                 "budget": budget, **fixed, "config": run.info.run_name, "seed": p.get("training.seed"),
                 "epoch": histories["epoch"][step], "step": step,
                 **{col: histories[col].get(step, math.nan) for col in METRICS},
-                "status": t.get(collect.STATUS_TAG, "?"), "search": search.name, "run_id": run.info.run_id,
+                "status": t.get(read.STATUS_TAG, "?"), "search": search.name, "run_id": run.info.run_id,
             })
     df = pd.DataFrame(rows, columns=list(COLUMNS))
-    for col in (*collect.HP_COLUMNS, "seed", "step", "adapter_params", "equivalent_rank", "budget"):
+    for col in (*read.HP_COLUMNS, "seed", "step", "adapter_params", "equivalent_rank", "budget"):
         df[col] = pd.to_numeric(df[col]).astype("Int64")
     for col in ("lr", "alpha", "dropout", "epoch", *METRICS):
         df[col] = pd.to_numeric(df[col]).astype(float)
-    order = ["method", *collect.HP_COLUMNS, "lr", "seed", "epoch"]
+    order = ["method", *read.HP_COLUMNS, "lr", "seed", "epoch"]
     return df.sort_values(order, kind="stable").reset_index(drop=True)
 
 
@@ -145,18 +145,18 @@ def export_table(dataset: str, searches: list[str], out: str | os.PathLike, *, t
         raise UsageError(f"--out {out}: give a .csv file name, e.g. benchmarks/tables/{dataset}.csv")
     if not out.parent.is_dir():
         raise UsageError(f"--out {out}: folder {out.parent} does not exist")
-    uri = collect.tracking_uri(tracking_uri)
-    mlf = collect.client(uri)
+    uri = read.tracking_uri(tracking_uri)
+    mlf = read.client(uri)
     frames, info = [], []
     for name in searches:
-        search = collect.resolve_search(mlf, dataset, name)
+        search = read.resolve_search(mlf, dataset, name)
         df = table_frame(mlf, search)
         if df.empty:
             raise UsageError(f"search {search.name} has no recorded evaluation yet")
         budget = int(df["budget"].iloc[0])
         if any(i["budget"] == budget for i in info):
             raise UsageError(f"two searches at budget {budget}: give one search per budget level")
-        artifact = collect.space_artifact(mlf, search.run_id)
+        artifact = read.space_artifact(mlf, search.run_id)
         info.append({"name": search.name, "parent_run_id": search.run_id, "status": search.status, "budget": budget,
                      "space_file": artifact[0] if artifact else None, "trials": int(df["run_id"].nunique())})
         frames.append(df)

@@ -43,7 +43,7 @@ def search_command(args) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if args.dry_run:
         return _dry_run(args)
-    from melora_tune.search.runner import run_search
+    from melora_tune.search.runner import run_search  # heavy (Ray Tune, MLflow, torch): not for --help
 
     result = run_search(
         args.space,
@@ -79,7 +79,7 @@ def search_command(args) -> int:
 
 
 def _dry_run(args) -> int:
-    from melora_tune.search.runner import dry_run
+    from melora_tune.search.experiment import dry_run  # heavy (torch, transformers): not for --help
 
     space, feasible = dry_run(args.space, num_samples=args.num_samples, storage_path=args.storage_path,
                               tracking_uri=args.tracking_uri, name=args.name, resume=args.resume, address=args.address)
@@ -142,7 +142,7 @@ def add_confirm_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def _print_confirm(result) -> None:
-    from melora_tune.search.confirm import summary_lines
+    from melora_tune.search.confirm import summary_lines  # heavy (Ray Tune, MLflow): not for --help
 
     print(f"\nconfirmation of {result.search}: {result.status} in {result.wall_s:.0f} s; "
           f"{len(result.planned)} planned, {sum(1 for r in result.rows if r['status'] == 'completed')} completed")
@@ -153,7 +153,7 @@ def _print_confirm(result) -> None:
 
 def confirm_command(args) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from melora_tune.search.confirm import run_confirm
+    from melora_tune.search.confirm import run_confirm  # heavy (Ray Tune, MLflow): not for --help
 
     result = run_confirm(args.space, storage_path=args.storage_path, name=args.name, tracking_uri=args.tracking_uri,
                          address=args.address, top_k=args.top_k, seeds=args.seeds)

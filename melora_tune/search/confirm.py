@@ -31,18 +31,33 @@ from __future__ import annotations
 import logging
 import math
 import os
+import statistics
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+import ray
+from mlflow.entities import Metric, Param
+from ray import tune
+from ray.tune import Callback
+
+from melora_tune.adapters import describe, get_method
 from melora_tune.errors import UsageError
+from melora_tune.records import read
+from melora_tune.records import DEFAULT_STORAGE_PATH
 from melora_tune.records import (
     CONFIG_TAG, CONFIRM_DIR, CONFIRM_KIND, CONFIRMS_TAG, CONFIRMS_TRIAL_TAG, KIND_TAG, PARENT_TAG, SEARCH_TAG, SEED_TAG,
     SCORE_METRIC_PARAM, STATUS_TAG, TEST_SCORE, TRIAL_TAG, VAL_SCORE, baseline_metric,
 )
-from melora_tune.search.tracking import MlflowTrialCallback
-from ray.tune import Callback
+from melora_tune.search.experiment import find_latest, plan_paths, read_meta, resolve_space
+from melora_tune.search.resources import reuse_actors, trial_resources
+from melora_tune.search.space import build_space
+from melora_tune.search.tracking import MlflowTrialCallback, log_params_once, trial_params
+from melora_tune.search.trainable import BASE_KEY
+from melora_tune.trial import ray_env, tune_trial
+from melora_tune.trial.baselines import compute_baselines
+from melora_tune.trial.config import TrialConfig
 
 log = logging.getLogger("melora_tune.search")
 
@@ -91,9 +106,7 @@ def seeds_for(space) -> list[int]:
 
 def sampled_values(row, method) -> dict[str, Any]:
     """A search trial's sampled values from its MLflow row: what ``TrialConfig.from_sampled`` takes."""
-    from melora_tune.report.export import _exact_params
-
-    exact = _exact_params(row)  # Ray's params.json: the exact float lr when the checkpoint is local
+    exact = read.exact_params(row)  # Ray's params.json: the exact float lr when the checkpoint is local
     out: dict[str, Any] = {"method": method.name}
     for key in method.hyperparams:
         value = row.get(key)
@@ -115,12 +128,9 @@ def _isna(value) -> bool:
 
 def plan(space, trials, *, top_k: int | None = None, seeds: list[int] | None = None) -> list[Planned]:
     """The confirmations of a search: its top-k scored trials per method (the search's ranking) x the seeds."""
-    from melora_tune.adapters import describe, get_method
-    from melora_tune.report.collect import rank_trials
-
     top_k = top_k or space.confirm.top_k
     seeds = seeds or seeds_for(space)
-    ranked = rank_trials(trials)
+    ranked = read.rank_trials(trials)
     out: list[Planned] = []
     for method_name in space.methods:
         mine = ranked[ranked["method"] == method_name]
@@ -143,10 +153,8 @@ def plan(space, trials, *, top_k: int | None = None, seeds: list[int] | None = N
 
 
 def confirmation_runs(mlf, search) -> list:
-    """The confirmation runs among the search's child runs (``report.collect``'s own reading of them)."""
-    from melora_tune.report.collect import _children, is_confirmation
-
-    return [r for r in _children(mlf, search) if is_confirmation(r)]
+    """The confirmation runs among the search's child runs (``records.read``'s own reading of them)."""
+    return [r for r in read.child_runs(mlf, search) if read.is_confirmation(r)]
 
 
 def done_keys(mlf, search) -> set[tuple[str, int]]:
@@ -162,10 +170,6 @@ def done_keys(mlf, search) -> set[tuple[str, int]]:
 
 def confirm_trial(config: dict[str, Any]) -> None:
     """Ray Tune function trainable: a search trial's configuration with a new seed, scored on test at the end."""
-    from melora_tune.search.trainable import BASE_KEY
-    from melora_tune.trial import tune_trial
-    from melora_tune.trial.config import TrialConfig
-
     item = config[CONFIRM_KEY]
     base = dict(config[BASE_KEY])
     base["training"] = {**base["training"], "seed": int(item["seed"]), "score_test": True}
@@ -181,17 +185,12 @@ class ConfirmTrackingCallback(MlflowTrialCallback):
     by those tags on resume; the parent's best-score metrics stay the search's."""
 
     def _flat(self, trial) -> dict[str, Any]:
-        from melora_tune.search.trainable import BASE_KEY
-
         item = trial.config.get(CONFIRM_KEY) or {}
         base = dict(trial.config.get(BASE_KEY) or {})
         base["training"] = {**(base.get("training") or {}), "seed": item.get("seed")}
         return {**item.get("sampled", {}), "adapter_params": item.get("adapter_params"), BASE_KEY: base}
 
     def run_id(self, trial) -> str:
-        from melora_tune.adapters import describe
-        from melora_tune.search.tracking import log_params_once, trial_params
-
         tid = trial.trial_id
         if tid in self._runs:
             return self._runs[tid]
@@ -224,8 +223,6 @@ class ConfirmTrackingCallback(MlflowTrialCallback):
         super()._finish(trials, trial, status, reason)
 
     def _update_parent(self, trials) -> None:
-        from mlflow.entities import Metric
-
         done = sum(1 for t in trials if str(t.status) in ("TERMINATED", "ERROR"))
         self.mlf.log_batch(self.parent_run_id, metrics=[Metric("confirmations_done", float(done), int(time.time() * 1000), done)])
 
@@ -277,10 +274,6 @@ def _confirm_dirs(exp_dir: Path) -> list[Path]:
 
 
 def _tuner(space, trainable, param_space, storage: str, name: str, callbacks, restore: bool, concurrent: int):
-    from ray import tune
-
-    from melora_tune.search.runner import reuse_actors
-
     if restore:
         tuner = tune.Tuner.restore(storage.rstrip("/") + "/" + name, trainable=trainable, resume_errored=True)
         internal = getattr(tuner, "_local_tuner", None)
@@ -303,14 +296,9 @@ def _tuner(space, trainable, param_space, storage: str, name: str, callbacks, re
 
 def log_baselines(mlf, parent_run_id: str, space, base_trial: dict[str, Any], write) -> dict[str, Any]:
     """Compute the baselines on the search's splits once and log them on the parent run (kept on resume)."""
-    from mlflow.entities import Metric, Param
-
     have = mlf.get_run(parent_run_id).data.metrics
     if baseline_metric("probe", "val") in have:
         return {k: v for k, v in have.items() if k.startswith("baseline.") or k == "majority_share"}
-    from melora_tune.trial.baselines import compute_baselines
-    from melora_tune.trial.config import TrialConfig
-
     cfg = TrialConfig.from_dict(base_trial, source=f"space {space.name}")
     result = compute_baselines(cfg)
     metrics = result.to_metrics()
@@ -336,12 +324,6 @@ def run_confirm(
 ) -> ConfirmResult:
     """Confirm a finished (or interrupted) search of ``space``: the newest of this space under the storage
     path, or ``name``. Safe to run again: completed confirmations are kept, interrupted ones resume."""
-    from melora_tune.report import collect
-    from melora_tune.records import DEFAULT_STORAGE_PATH
-    from melora_tune.search.runner import _find_latest, _read_meta, _start_ray, plan_paths, resolve_space, trial_resources
-    from melora_tune.search.space import build_space
-    from melora_tune.search.trainable import BASE_KEY
-
     t0 = time.time()
     space, _, _ = resolve_space(space)
     if top_k is not None or seeds is not None:
@@ -357,18 +339,18 @@ def run_confirm(
         )
     feasible = build_space(space, spec=spec)
     root = storage_path or space.storage_path or DEFAULT_STORAGE_PATH
-    if name is None and "://" not in root and _find_latest(Path(root).expanduser().resolve(), space.name) is None:
+    if name is None and "://" not in root and find_latest(Path(root).expanduser().resolve(), space.name) is None:
         raise UsageError(f"nothing to confirm: no search of {space.name!r} under {Path(root).expanduser().resolve()}: "
                          "run melora-tune search with this space first (or give --storage-path / --name)")
     storage, exp_name, exp_dir = plan_paths(space, storage_path=storage_path, name=name, resume=True)
-    meta = _read_meta(exp_dir)
+    meta = read_meta(exp_dir)
     if not meta.get("parent_run_id"):
         raise UsageError(f"{exp_dir} holds no search record ({exp_dir and exp_dir.name}): run the search first")
-    uri = collect.tracking_uri(tracking_uri or space.tracking_uri or meta.get("tracking_uri"))
-    mlf = collect.client(uri)
+    uri = read.tracking_uri(tracking_uri or space.tracking_uri or meta.get("tracking_uri"))
+    mlf = read.client(uri)
     experiment_id, parent = meta["mlflow_experiment_id"], meta["parent_run_id"]
-    search = collect.SearchInfo.from_run(mlf.get_run(parent), space.task.name)
-    planned = plan(space, collect.trials_frame(mlf, search))  # trials only: trials_frame leaves confirmations out
+    search = read.SearchInfo.from_run(mlf.get_run(parent), space.task.name)
+    planned = plan(space, read.trials_frame(mlf, search))  # trials only: trials_frame leaves confirmations out
     if not planned:
         raise UsageError(f"search {exp_name} has no scored trial to confirm (completed or stopped early)")
     base = space.base_trial_dict(feasible.target_modules, feasible.modules_to_save)
@@ -376,10 +358,8 @@ def run_confirm(
     result = ConfirmResult(search=exp_name, experiments=[], planned=planned)
 
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
-    started = _start_ray(address, False)
+    started = ray_env.start_ray(address, verbose=False)
     try:
-        from ray import tune
-
         result.baselines = log_baselines(mlf, parent, space, base, write)
         trainable = tune.with_resources(confirm_trial, trial_resources(space))
 
@@ -410,8 +390,6 @@ def run_confirm(
         return _finish(result, mlf, search, t0)
     finally:
         if started:
-            import ray
-
             ray.shutdown()
 
 
@@ -437,8 +415,6 @@ def _finish(result: ConfirmResult, mlf, search, t0: float) -> ConfirmResult:
 
 def summary_lines(result: ConfirmResult) -> list[str]:
     """Per configuration: seeds, validation and test mean ± std (the report adds the intervals)."""
-    import statistics
-
     groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for row in result.rows:
         if row["status"] == "completed":

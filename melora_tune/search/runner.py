@@ -1,18 +1,9 @@
-"""``run_search``: a budget-constrained search on Ray Tune (Optuna TPE + ASHA), tracked in MLflow.
-
-Layout of one search under the storage path::
-
-    <storage_path>/optuna.db                   the Optuna studies (one per search, named after it)
-    <storage_path>/<name>/                      the Ray Tune experiment (state, trials, checkpoints)
-    <storage_path>/<name>/melora_search.json    study name, Optuna storage, MLflow ids: what --resume reuses
-
-``name`` is ``<space name>-<timestamp>`` unless given; ``resume=True`` without a
-name continues the newest search of the same space under the storage path.
+"""``run_search``: a budget-constrained search on Ray Tune (Optuna + ASHA), tracked in MLflow, then its
+confirmation. Where a search lives on disk and what is checked before it starts: ``search.experiment``.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -21,20 +12,28 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-import yaml
+import ray
+from ray import tune
+from ray.tune.schedulers import AsyncHyperBandScheduler, FIFOScheduler
 
-from melora_tune.errors import UsageError, first_line
-from melora_tune.search.schema import DEFAULT_STORAGE_PATH, DEFAULT_TRACKING_URI, Asha, SearchSpace, load_space, parse_space
-from melora_tune.search.memcheck import search_memory
-from melora_tune.search.space import FeasibleSpace, build_space
+from melora_tune.records import META_NAME, rank_key
+from melora_tune.search import tracking as trk
+from melora_tune.search.confirm import run_confirm
+from melora_tune.search.experiment import comparable, is_remote, prepare_search, write_meta
+from melora_tune.search.progress import ProgressCallback, TrialRow, summary_table
+from melora_tune.search.reaper import PlacementGroupReaper
+from melora_tune.search.resources import check_resources, reuse_actors, trial_resources
+from melora_tune.search.schema import Asha, SearchSpace
+from melora_tune.search.searcher import BudgetOptunaSearch, outcome
+from melora_tune.search.space import FeasibleSpace
+from melora_tune.search.tracking import MlflowTrialCallback, best_checkpoint
+from melora_tune.search.trainable import BASE_KEY, search_trial, trial_dirname
+from melora_tune.trial import ray_env
+from melora_tune.trial.driver import GAVE_UP_NAME
 
 log = logging.getLogger("melora_tune.search")
 
-from melora_tune.records import META_NAME, SCORED, rank_key  # noqa: E402
-from melora_tune.records.store import absolute_sqlite  # noqa: E402
 METRIC, MODE = "score", "max"
-# Keys of a space that may differ between a search and its --resume.
-RESUME_MAY_CHANGE = {"storage_path", "optuna_storage", "tracking_uri"}
 
 
 @dataclass
@@ -62,8 +61,6 @@ class SearchResult:
         return max(rows, key=lambda r: rank_key(r.status, r.score))
 
     def table(self) -> str:
-        from melora_tune.search.progress import summary_table
-
         return summary_table(self.trials)
 
     def to_dict(self) -> dict[str, Any]:
@@ -82,238 +79,6 @@ class SearchResult:
         }
 
 
-# ---- inputs -------------------------------------------------------------------------------------
-
-def resolve_space(space: SearchSpace | dict | str | os.PathLike) -> tuple[SearchSpace, str, str]:
-    """(validated space, its YAML text, a file name for the artifact)."""
-    if isinstance(space, SearchSpace):
-        return space, yaml.safe_dump(space.model_dump(mode="json"), sort_keys=False), f"{space.name}.yaml"
-    if isinstance(space, dict):
-        parsed = parse_space(space)
-        return parsed, yaml.safe_dump(space, sort_keys=False), f"{parsed.name}.yaml"
-    parsed, text = load_space(space)
-    return parsed, text, Path(space).name
-
-
-def with_num_samples(space: SearchSpace, num_samples: int | None) -> SearchSpace:
-    """The space with ``--num-samples`` applied (None keeps the space's own)."""
-    if num_samples is None:
-        return space
-    if num_samples < 1:
-        raise UsageError(f"--num-samples must be >= 1, got {num_samples}")
-    return space.model_copy(update={"num_samples": num_samples})
-
-
-def with_grid_size(space: SearchSpace, feasible: FeasibleSpace) -> SearchSpace:
-    """A grid's num_samples: the grid's size unless given (fewer runs part of it; more cannot be distinct)."""
-    if space.sampler != "grid":
-        return space
-    size = feasible.grid_size()
-    if "num_samples" not in space.model_fields_set:
-        return space.model_copy(update={"num_samples": size})
-    if space.num_samples > size:
-        raise UsageError(
-            f"num_samples={space.num_samples} exceeds the grid's {size} points (sampler grid runs each once): "
-            f"leave num_samples out to run the whole grid"
-        )
-    return space
-
-
-def _is_remote(path: str) -> bool:
-    return "://" in path
-
-
-def _comparable(space: SearchSpace) -> dict[str, Any]:
-    data = space.model_dump(mode="json")
-    for key in RESUME_MAY_CHANGE:
-        data.pop(key, None)
-    return data
-
-
-def _find_latest(storage: Path, space_name: str) -> Path | None:
-    found = [p.parent for p in storage.glob(f"{space_name}-*/{META_NAME}")]
-    found += [p.parent for p in storage.glob(f"{space_name}/{META_NAME}")]
-    return max(found, key=lambda p: (p / META_NAME).stat().st_mtime) if found else None
-
-
-def _has_snapshot(exp_dir: Path) -> bool:
-    return any(exp_dir.glob("experiment_state*.json"))
-
-
-def plan_paths(space: SearchSpace, *, storage_path: str | None, name: str | None, resume: bool) -> tuple[str, str, Path | None]:
-    """(storage path, experiment name, experiment dir when local)."""
-    storage = storage_path or space.storage_path or DEFAULT_STORAGE_PATH
-    if name is not None:
-        from melora_tune.search.preflight import check_run_name
-
-        check_run_name(name)
-    if _is_remote(storage):
-        if resume and not name:
-            raise UsageError("--resume on remote storage needs --name (the search's experiment name)")
-        name = name or f"{space.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-        return storage, name, None
-    root = Path(storage).expanduser().resolve()
-    if resume:
-        if name:
-            exp_dir = root / name
-            if not exp_dir.is_dir():
-                raise UsageError(f"nothing to resume: {exp_dir} does not exist")
-        else:
-            found = _find_latest(root, space.name)
-            if found is None:
-                raise UsageError(f"nothing to resume: no search of {space.name!r} under {root} (start one without --resume)")
-            exp_dir = found
-        if not _has_snapshot(exp_dir):
-            raise UsageError(
-                f"cannot resume {exp_dir}: the search was interrupted before Ray wrote its first snapshot "
-                f"(no experiment_state file); start it again with --name {exp_dir.name} and without --resume "
-                "(its Optuna trials and MLflow runs are reused)"
-            )
-        return str(root), exp_dir.name, exp_dir
-    name = name or f"{space.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    exp_dir = root / name
-    if exp_dir.is_dir() and _has_snapshot(exp_dir):
-        raise UsageError(f"search {exp_dir} already exists: continue it with --resume, or give another --name")
-    return str(root), name, exp_dir
-
-
-def _read_meta(exp_dir: Path | None) -> dict[str, Any]:
-    if exp_dir is None or not (exp_dir / META_NAME).is_file():
-        return {}
-    try:
-        meta = json.loads((exp_dir / META_NAME).read_text())
-    except (OSError, ValueError) as err:
-        raise UsageError(f"cannot read {exp_dir / META_NAME} ({err}): restore it, or start a new search with another --name") from None
-    if not isinstance(meta, dict):
-        raise UsageError(f"{exp_dir / META_NAME} is not a search record: restore it, or start a new search with another --name")
-    return meta
-
-
-def _write_meta(exp_dir: Path | None, meta: dict[str, Any]) -> None:
-    if exp_dir is None:
-        return
-    created = not exp_dir.exists()
-    tmp = exp_dir / (META_NAME + ".tmp")
-    try:
-        exp_dir.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
-        tmp.replace(exp_dir / META_NAME)
-    except OSError as err:
-        if exp_dir.is_dir():
-            tmp.unlink(missing_ok=True)
-            if created and not any(exp_dir.iterdir()):
-                exp_dir.rmdir()
-        raise UsageError(f"cannot write the search record {exp_dir / META_NAME} ({err.strerror or err}): "
-                         "give a writable --storage-path") from None
-
-
-def default_optuna_storage(storage: str) -> str:
-    if _is_remote(storage):
-        return "sqlite:///" + str(Path("optuna.db").resolve())
-    return "sqlite:///" + str(Path(storage) / "optuna.db")
-
-
-@dataclass
-class StartPlan:
-    """Where a search goes, resolved and checked before anything is created."""
-
-    storage: str
-    exp_name: str
-    exp_dir: Path | None
-    meta: dict[str, Any]
-    tracking: str
-    optuna_storage: str
-    study_name: str
-
-
-def plan_start(space: SearchSpace, *, storage_path: str | None, name: str | None, resume: bool,
-               tracking_uri: str | None, address: str | None = None) -> StartPlan:
-    """Resolve where the search goes and run every start check that needs no Ray (``preflight.check_start``):
-    ``--dry-run`` and the real start both call this, before any MLflow run, experiment folder or Ray."""
-    from melora_tune.search.preflight import check_start
-
-    storage, exp_name, exp_dir = plan_paths(space, storage_path=storage_path, name=name, resume=resume)
-    meta = _read_meta(exp_dir)
-    if resume and meta.get("space") is not None and meta["space"] != _comparable(space):
-        changed = sorted(k for k in set(meta["space"]) | set(_comparable(space)) if meta["space"].get(k) != _comparable(space).get(k))
-        raise UsageError(
-            f"cannot resume {exp_name}: the space changed since it started ({', '.join(changed)}); "
-            "a resumed search must keep its space (start a new search instead)"
-        )
-    tracking = tracking_uri or space.tracking_uri or meta.get("tracking_uri") or DEFAULT_TRACKING_URI
-    optuna_storage = space.optuna_storage or meta.get("optuna_storage") or default_optuna_storage(storage)
-    optuna_storage = absolute_sqlite(optuna_storage)
-    tracking = check_start(space, storage=storage, tracking=tracking, optuna_storage=optuna_storage, address=address)
-    return StartPlan(storage, exp_name, exp_dir, meta, tracking, optuna_storage, meta.get("study_name") or exp_name)
-
-
-# ---- Ray ------------------------------------------------------------------------------------
-
-def _start_ray(address: str | None, verbose: bool) -> bool:
-    import ray
-
-    from melora_tune.trial.driver import worker_env
-
-    if ray.is_initialized():
-        return False
-    kwargs: dict[str, Any] = dict(
-        include_dashboard=False,
-        log_to_driver=verbose,
-        logging_level=logging.WARNING,
-        runtime_env={"env_vars": worker_env()},
-    )
-    if address:
-        kwargs["address"] = address
-    try:
-        ray.init(**kwargs)
-    except ConnectionError as err:
-        raise UsageError(f"cannot join the Ray cluster at {address}: {first_line(err)}") from None
-    return True
-
-
-def _check_resources(space: SearchSpace) -> None:
-    """Fail fast (instead of pending forever) when one trial can never fit the cluster."""
-    import ray
-
-    total = ray.cluster_resources()
-    res = space.resources
-    need_cpu = trial_resources(space).get("CPU", 0) + (0 if res.num_workers == 1 else res.num_workers * res.cpus_per_worker)
-    need_gpu = res.num_workers * res.gpus_per_worker
-    if total.get("CPU", 0) + 1e-9 < need_cpu:
-        how = (f"1 worker, trained in the trial: {res.cpus_per_worker:g}" if res.num_workers == 1 else
-               f"driver {res.driver_cpus:g} + {res.num_workers} worker(s) x {res.cpus_per_worker:g}")
-        raise UsageError(
-            f"one trial needs {need_cpu:g} CPUs ({how}) but the Ray cluster has {total.get('CPU', 0):g}: "
-            "lower resources.cpus_per_worker or num_workers"
-        )
-    if need_gpu and total.get("GPU", 0) + 1e-9 < need_gpu:
-        raise UsageError(
-            f"one trial needs {need_gpu:g} GPUs but the Ray cluster has {total.get('GPU', 0):g}: "
-            "set resources.gpus_per_worker: 0 to train on CPU, or join a GPU cluster with --address"
-        )
-
-
-def trial_resources(space: SearchSpace) -> dict[str, float]:
-    """What the Tune trial itself holds: the one worker's CPUs (+ GPU) when it trains in the trial
-    (``trial.inprocess``), else a driver's share while its TorchTrainer's workers hold their own."""
-    res = space.resources
-    if res.num_workers == 1:
-        return {"CPU": res.cpus_per_worker, **({"GPU": res.gpus_per_worker} if res.gpus_per_worker > 0 else {})}
-    return {"CPU": res.driver_cpus}
-
-
-def reuse_actors(space: SearchSpace) -> bool:
-    """Whether Tune runs consecutive trials in the same trial process (``TuneConfig(reuse_actors=...)``).
-
-    One worker: the trial trains in its Tune process (``trial.inprocess``), so a reused process keeps
-    the imports, the tokenizer, the tokenized splits and the base weights (``trial.warm``) and the next
-    trial skips loading them; each trial still builds its own model, adapter, optimizer and process
-    group, from its own seed (tests/test_warm_trials.py checks it matches a fresh process). More
-    workers: the work happens in Ray Train's own worker processes, which a reused Tune process would
-    not keep, so there is nothing to gain and Tune's actor reuse stays off.
-    """
-    return space.resources.num_workers == 1
-
 
 def make_scheduler(space: SearchSpace):
     """The search's trial scheduler: ``asha_scheduler`` of its asha section, up to its max fidelity."""
@@ -322,8 +87,6 @@ def make_scheduler(space: SearchSpace):
 
 def asha_scheduler(asha: Asha, max_t: int):
     """FiniteASHA for an enabled asha section, else FIFO (also what the replay benchmark schedules with)."""
-    from ray.tune.schedulers import AsyncHyperBandScheduler, FIFOScheduler
-
     if not asha.enabled:
         return FIFOScheduler()
 
@@ -416,17 +179,12 @@ def run_search(
     ``ModelSpec``) skips loading the model config for the budget (tests).
     """
     t0 = time.time()
-    space, text, filename = resolve_space(space)
-    space = with_num_samples(space, num_samples)
-    feasible = build_space(space, spec=spec)
-    space = with_grid_size(space, feasible)
-    base_trial = space.base_trial_dict(feasible.target_modules, feasible.modules_to_save)
-    feasible.memory = search_memory(space, feasible, base_trial)  # a trial that cannot fit its GPU is refused here
-    plan = plan_start(space, storage_path=storage_path, name=name, resume=resume, tracking_uri=tracking_uri, address=address)
+    prep = prepare_search(space, spec=spec, num_samples=num_samples, storage_path=storage_path,
+                          tracking_uri=tracking_uri, name=name, resume=resume, address=address)
+    space, text, filename, feasible, base_trial, plan = (prep.space, prep.text, prep.filename, prep.feasible,
+                                                          prep.base_trial, prep.plan)
     storage, exp_name, exp_dir, meta = plan.storage, plan.exp_name, plan.exp_dir, plan.meta
     tracking, optuna_storage, study_name = plan.tracking, plan.optuna_storage, plan.study_name
-    from melora_tune.search import tracking as trk
-
     # Ray Tune: our progress lines instead of its tables; forced snapshots after checkpoints are wanted
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
@@ -439,8 +197,8 @@ def run_search(
     fitting = False
     try:
         # Ray first: a cluster that cannot be joined or is too small leaves no MLflow run and no experiment folder
-        started_ray = _start_ray(address, verbose)
-        _check_resources(space)
+        started_ray = ray_env.start_ray(address, verbose=verbose)
+        check_resources(space)
 
         # ---- MLflow: experiment per task, parent run per search
         mlf = trk.client(tracking)
@@ -452,10 +210,10 @@ def run_search(
         )
         meta.update(
             name=exp_name, study_name=study_name, optuna_storage=optuna_storage, tracking_uri=tracking,
-            mlflow_experiment_id=experiment_id, parent_run_id=parent, space=_comparable(space),
+            mlflow_experiment_id=experiment_id, parent_run_id=parent, space=comparable(space),
             num_samples=space.num_samples, created=meta.get("created") or time.strftime("%Y-%m-%dT%H:%M:%S"),
         )
-        _write_meta(exp_dir, meta)
+        write_meta(exp_dir, meta)
         tuner = _build_tuner(space, feasible, base_trial, storage, exp_name, optuna_storage, study_name, tracking,
                              experiment_id, parent, resume, write)
         fitting = True
@@ -463,8 +221,6 @@ def run_search(
         result = collect(grid, space, feasible, exp_name, storage, parent, study_name, optuna_storage, tracking, experiment_id)
         status = result.status
         if status == "finished" and space.confirm.enabled:
-            from melora_tune.search.confirm import run_confirm
-
             (write or print)(f"confirming the best {space.confirm.top_k} configuration(s) per method with "
                              f"{space.confirm.seeds} new seed(s) each, scored on the test split")
             confirmed = run_confirm(space, storage_path=storage, name=exp_name, tracking_uri=tracking, write=write, spec=spec)
@@ -496,21 +252,11 @@ def run_search(
         if result is not None:
             result.wall_s = time.time() - t0
         if started_ray:
-            import ray
-
             ray.shutdown()
 
 
 def _build_tuner(space, feasible, base_trial, storage, exp_name, optuna_storage, study_name, tracking, experiment_id,
                  parent, resume, write):
-    from ray import tune
-
-    from melora_tune.search.progress import ProgressCallback
-    from melora_tune.search.reaper import PlacementGroupReaper
-    from melora_tune.search.searcher import BudgetOptunaSearch
-    from melora_tune.search.tracking import MlflowTrialCallback
-    from melora_tune.search.trainable import BASE_KEY, search_trial, trial_dirname
-
     trainable = tune.with_resources(search_trial, trial_resources(space))
     callbacks = [
         MlflowTrialCallback(tracking, experiment_id, parent, budget=feasible.budget, min_fraction=feasible.min_fraction,
@@ -568,18 +314,12 @@ def _build_tuner(space, feasible, base_trial, storage, exp_name, optuna_storage,
 
 def _forget_given_up(exp_path: str) -> None:
     """An explicit --resume retries failed trials (resume_errored) with a fresh set of Train restarts."""
-    from melora_tune.trial.driver import GAVE_UP_NAME
-
-    if not _is_remote(exp_path):
+    if not is_remote(exp_path):
         for marker in Path(exp_path).glob(f"trial_*/{GAVE_UP_NAME}"):
             marker.unlink(missing_ok=True)
 
 
 def collect(grid, space, feasible, exp_name, storage, parent, study_name, optuna_storage, tracking, experiment_id) -> SearchResult:
-    from melora_tune.search.progress import TrialRow
-    from melora_tune.search.searcher import outcome
-    from melora_tune.search.tracking import best_checkpoint
-
     statuses: dict[str, str] = {}
     try:  # Tune's own view: a trial stopped by an interrupt is neither TERMINATED nor ERROR
         statuses = {t.trial_id: str(t.status) for t in grid._experiment_analysis.trials}
@@ -630,17 +370,3 @@ def collect(grid, space, feasible, exp_name, storage, parent, study_name, optuna
     )
 
 
-def dry_run(space: SearchSpace | dict | str | os.PathLike, *, spec=None, num_samples: int | None = None,
-            storage_path: str | None = None, tracking_uri: str | None = None, name: str | None = None,
-            resume: bool = False, address: str | None = None) -> tuple[SearchSpace, FeasibleSpace]:
-    """Validate a space, enumerate its feasible configurations and run the start checks a real start runs
-    (each method's largest trial fits its GPU, then ``plan_start``: storage, tracking URI, Optuna storage, Ray
-    address, local data); nothing starts or is written. ``feasible.memory`` holds the memory estimates."""
-    space, _, _ = resolve_space(space)
-    space = with_num_samples(space, num_samples)
-    feasible = build_space(space, spec=spec)
-    space = with_grid_size(space, feasible)
-    base_trial = space.base_trial_dict(feasible.target_modules, feasible.modules_to_save)
-    feasible.memory = search_memory(space, feasible, base_trial)
-    plan_start(space, storage_path=storage_path, name=name, resume=resume, tracking_uri=tracking_uri, address=address)
-    return space, feasible

@@ -24,6 +24,7 @@ from ray.tune import Callback
 
 from melora_tune.search.searcher import outcome
 from melora_tune.records.store import artifact_location, normalize_tracking_uri  # noqa: F401  (re-exported)
+from melora_tune.errors import innermost_error_line
 from melora_tune.adapters import describe, get_method
 
 log = logging.getLogger("melora_tune.search")
@@ -287,13 +288,7 @@ def _error_line(trial) -> str:
             text = Path(path).read_text()
         except OSError:
             text = ""
-    text = text or str(getattr(trial, "error_msg", "") or "")
-    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-    for ln in reversed(lines):
-        head = ln.split(":")[0]
-        if "Error" in head or "Exception" in head:
-            return ln[:500]
-    return (lines[-1] if lines else "the trial raised")[:500]
+    return innermost_error_line(text or str(getattr(trial, "error_msg", "") or ""))
 
 
 # ---- the parent run ----------------------------------------------------------------------

@@ -52,6 +52,21 @@ def read_state(directory: str | Path) -> dict[str, Any] | None:
     return json.loads(path.read_text())
 
 
+def checkpoint_dirs(run_path: str | Path) -> list[Path]:
+    """A run's checkpoint folders that hold a trial state, newest first (by step, then by time)."""
+    run_path = Path(run_path)
+    if not run_path.is_dir():
+        return []
+    found = [p for p in run_path.glob("checkpoint_*") if (p / STATE_NAME).is_file()]
+    return sorted(found, key=lambda p: ((read_state(p) or {}).get("step", -1), p.stat().st_mtime), reverse=True)
+
+
+def latest_checkpoint_dir(run_path: str | Path) -> Path | None:
+    """The newest checkpoint folder with a trial state (by step, then by time)."""
+    found = checkpoint_dirs(run_path)
+    return found[0] if found else None
+
+
 def _json_default(obj: Any) -> Any:
     if isinstance(obj, (np.integer,)):
         return int(obj)

@@ -18,6 +18,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from melora_tune.errors import UsageError
+from melora_tune.trial.ray_env import check_ray_address, check_run_name, check_storage
+
 DEFAULT_STORAGE = "melora_runs"
 
 
@@ -105,7 +108,6 @@ def format_table(result) -> str:
 
 
 def train_command(args: argparse.Namespace) -> int:
-    from melora_tune.errors import UsageError
     from melora_tune.trial.config import load_trial_config
     from melora_tune.trial.driver import run_trial
     from melora_tune.trial.prepare import prepare_trial
@@ -119,8 +121,6 @@ def train_command(args: argparse.Namespace) -> int:
         gpu_bytes, _ = gpu_memory(prepared.cfg)
         if gpu_bytes is not None:
             check_fits(prepared.cfg, estimate(prepared.cfg), gpu_bytes)
-    from melora_tune.search.preflight import check_ray_address, check_run_name, check_storage
-
     if args.name is not None:
         check_run_name(args.name, "--name")
     check_storage(str(args.storage_path), "give a folder you can write with --storage-path")

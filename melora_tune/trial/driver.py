@@ -20,8 +20,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from melora_tune.errors import UsageError
+from melora_tune.errors import UsageError, innermost_error_line
 from melora_tune.trial import checkpoint as ckpt_io
+from melora_tune.trial import ray_env
 from melora_tune.trial.config import TrialConfig, apply_overrides
 from melora_tune.trial.inprocess import in_process
 from melora_tune.trial.prepare import PreparedTrial, prepare_trial
@@ -36,18 +37,6 @@ GAVE_UP_NAME = "train_gave_up.txt"
 class TrialGaveUpError(RuntimeError):
     """A restarted Tune trial whose training already failed after every Train restart."""
 
-
-# Environment the workers must see (Ray workers on other nodes do not inherit the driver's).
-PROPAGATED_ENV = (
-    "HF_HUB_OFFLINE",
-    "HF_DATASETS_OFFLINE",
-    "TRANSFORMERS_OFFLINE",
-    "HF_HOME",
-    "TOKENIZERS_PARALLELISM",
-    "MELORA_DS_SHM_COMM",
-    "DS_ACCELERATOR",
-    "TORCH_EXTENSIONS_DIR",
-)
 
 
 @dataclass
@@ -77,14 +66,6 @@ class TrialResult:
 
 
 # ---- building the trainer -------------------------------------------------------
-
-def worker_env() -> dict[str, str]:
-    env = {k: os.environ[k] for k in PROPAGATED_ENV if k in os.environ}
-    env.setdefault("TOKENIZERS_PARALLELISM", "false")
-    # Train V2 logs every print() of a worker, even output a library captures by swapping
-    # sys.stdout (datasets' hashing through dill disassembles functions that way).
-    env.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
-    return env
 
 
 def build_trainer(
@@ -116,7 +97,7 @@ def build_trainer(
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.training.keep_checkpoints),
             failure_config=FailureConfig(max_failures=res.max_failures),
             callbacks=callbacks or [],
-            worker_runtime_env={"env_vars": worker_env()},
+            worker_runtime_env={"env_vars": ray_env.worker_env()},
         ),
     )
 
@@ -127,41 +108,13 @@ def _train_loop(config: dict[str, Any]) -> dict[str, Any]:
     return train_loop_per_worker(config)
 
 
-def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> bool:
-    """Start (or join) Ray if this process has not; True if this call started it."""
-    import ray
-
-    if ray.is_initialized():
-        return False
-    kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": True, "configure_logging": True, "logging_level": logging.WARNING}
-    if address:
-        kwargs["address"] = address
-    elif num_cpus is not None:
-        kwargs["num_cpus"] = num_cpus
-    ray.init(**kwargs)
-    return True
-
 
 # ---- results -------------------------------------------------------------------
-
-def _latest_checkpoint_dir(run_path: Path) -> Path | None:
-    """The newest checkpoint folder with a trial_state.json (by step, then by time)."""
-    if not run_path.is_dir():
-        return None
-    found = [p for p in run_path.glob("checkpoint_*") if (p / ckpt_io.STATE_NAME).is_file()]
-    if not found:
-        return None
-
-    def key(p: Path):
-        state = ckpt_io.read_state(p) or {}
-        return (state.get("step", -1), p.stat().st_mtime)
-
-    return max(found, key=key)
 
 
 def result_from_run(run_path: str | Path, name: str, summary: dict[str, Any] | None = None, error: str | None = None) -> TrialResult:
     run_path = Path(run_path)
-    latest = _latest_checkpoint_dir(run_path)
+    latest = ckpt_io.latest_checkpoint_dir(run_path)
     state = ckpt_io.read_state(latest) if latest else None
     summary = summary or {}
     if state is None:
@@ -198,14 +151,6 @@ def result_from_run(run_path: str | Path, name: str, summary: dict[str, Any] | N
     )
 
 
-def _one_line(err: BaseException) -> str:
-    text = str(err).strip()
-    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-    # Ray wraps worker errors in long tracebacks: keep the innermost "SomeError: message" line.
-    for ln in reversed(lines):
-        if "Error" in ln.split(":")[0] or "Exception" in ln.split(":")[0]:
-            return ln[:500]
-    return (lines[-1] if lines else type(err).__name__)[:500]
 
 
 # ---- standalone ------------------------------------------------------------------
@@ -238,14 +183,14 @@ def run_trial(
 
     from ray.train import TrainingFailedError
 
-    started = ensure_ray(ray_address, num_cpus)
+    started = ray_env.start_ray(ray_address, num_cpus=num_cpus)
     try:
         trainer = build_trainer(prepared.cfg, storage_path, name)
         t_fit = time.time()
         try:
             result = trainer.fit()
         except TrainingFailedError as err:
-            return result_from_run(run_path, name, error=_one_line(err))
+            return result_from_run(run_path, name, error=innermost_error_line(err))
         t_done = time.time()
         summary = result.return_value if isinstance(result.return_value, dict) else None
         out = result_from_run(result.path or run_path, name, summary)
@@ -270,12 +215,12 @@ def _run_in_process(cfg: TrialConfig, run_path: Path, name: str, ray_address: st
     if ray_address:
         import ray
 
-        started = ensure_ray(ray_address)
+        started = ray_env.start_ray(ray_address)
         res = cfg.resources
         try:
             task = ray.remote(run_local).options(
                 num_cpus=res.cpus_per_worker, num_gpus=res.gpus_per_worker if res.use_gpu else 0, max_retries=0,
-                runtime_env={"env_vars": worker_env()},
+                runtime_env={"env_vars": ray_env.worker_env()},
             )
             outcome = ray.get(task.remote(cfg, run_path, name))
         finally:
@@ -426,7 +371,7 @@ def tune_trial(config: TrialConfig | dict[str, Any]) -> None:
         err = outcome["error"]
         if isinstance(err, TrainingFailedError):
             try:
-                gave_up.write_text(_one_line(err) + "\n")
+                gave_up.write_text(innermost_error_line(err) + "\n")
             except OSError:  # remote storage: Tune may then repeat the Train restarts
                 pass
         raise err

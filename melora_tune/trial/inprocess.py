@@ -16,6 +16,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+from melora_tune.errors import innermost_error_line
 from melora_tune.trial.config import TrialConfig
 
 log = logging.getLogger("melora_tune.trial")
@@ -132,7 +133,6 @@ def run_local(cfg: TrialConfig, run_path: str | Path, name: str) -> dict[str, An
     Returns ``{"summary": ...}`` or ``{"error": one line}``; a diverged trial is a
     summary, never retried.
     """
-    from melora_tune.trial.driver import _one_line
     from melora_tune.trial.reporting import LocalReporter
 
     error = None
@@ -141,6 +141,6 @@ def run_local(cfg: TrialConfig, run_path: str | Path, name: str) -> dict[str, An
         try:
             return {"summary": run_with_reporter(cfg, name, reporter)}
         except Exception as err:  # noqa: BLE001  (restarted from the last checkpoint, as Train would)
-            error = _one_line(err)
+            error = innermost_error_line(err)
             log.warning("trial %s failed (attempt %d of %d): %s", name, attempt + 1, cfg.resources.max_failures + 1, error)
     return {"error": error}

@@ -129,9 +129,7 @@ class LocalReporter:
     def latest_checkpoint(self):
         from ray.train import Checkpoint
 
-        from melora_tune.trial.driver import _latest_checkpoint_dir
-
-        latest = _latest_checkpoint_dir(self.run_path)
+        latest = ckpt_io.latest_checkpoint_dir(self.run_path)
         return Checkpoint.from_directory(str(latest)) if latest is not None else None
 
     def report(self, metrics, checkpoint_dir, dir_name) -> None:
@@ -150,8 +148,6 @@ class LocalReporter:
 
     def _prune(self, newest: Path) -> None:
         """Keep the ``keep`` latest checkpoints (by step), as Train's CheckpointConfig(num_to_keep) does."""
-        found = [p for p in self.run_path.glob("checkpoint_*") if (p / ckpt_io.STATE_NAME).is_file()]
-        found.sort(key=lambda p: ((ckpt_io.read_state(p) or {}).get("step", -1), p.stat().st_mtime), reverse=True)
-        for old in found[self.keep :]:
+        for old in ckpt_io.checkpoint_dirs(self.run_path)[self.keep :]:
             if old != newest:
                 shutil.rmtree(old, ignore_errors=True)

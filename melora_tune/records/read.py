@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from melora_tune.errors import UsageError
+from melora_tune.records.store import check_server, normalize_tracking_uri, tracking_scheme
 
 from melora_tune.records import (  # noqa: F401  (re-exported for callers of the report API)
     BASELINES, CHECKPOINT_TAG, CONFIG_TAG, CONFIRM_KIND, CONFIRMS_TAG, CONFIRMS_TRIAL_TAG, DEFAULT_TRACKING_URI, KIND_TAG,
@@ -59,10 +60,6 @@ CONFIRM_COLUMNS = (
 def tracking_uri(uri: str | None) -> str:
     """The user's URI (default ``sqlite:///mlflow.db``) made absolute; a missing SQLite file is a usage error
     (MLflow would silently create an empty store)."""
-    from melora_tune.records.store import normalize_tracking_uri
-
-    from melora_tune.search.preflight import check_server, tracking_scheme
-
     uri = normalize_tracking_uri(uri or DEFAULT_TRACKING_URI)
     kind = tracking_scheme(uri)  # an unknown scheme would reach MlflowClient and fail there with a traceback
     if uri.startswith("sqlite:///"):
@@ -193,7 +190,7 @@ def is_confirmation(run) -> bool:
     return run.data.tags.get(KIND_TAG) == CONFIRM_KIND
 
 
-def _children(mlf, search: SearchInfo) -> list:
+def child_runs(mlf, search: SearchInfo) -> list:
     """Every child run of the search's parent: its trials and its confirmations."""
     return _all_runs(mlf, [search.experiment_id], f"tags.`{PARENT_TAG}` = '{search.run_id}'")
 
@@ -204,7 +201,7 @@ def trials_frame(mlf, search: SearchInfo):
 
     # Filtered here, not in the query: MLflow's `tags.x != 'y'` also drops runs that lack the tag, which
     # every trial does.
-    runs = [run for run in _children(mlf, search) if not is_confirmation(run)]
+    runs = [run for run in child_runs(mlf, search) if not is_confirmation(run)]
     rows = []
     for run in runs:
         p, m, t = run.data.params, run.data.metrics, run.data.tags
@@ -239,7 +236,7 @@ def confirmations_frame(mlf, search: SearchInfo):
     import pandas as pd
 
     rows = []
-    for run in (r for r in _children(mlf, search) if is_confirmation(r)):
+    for run in (r for r in child_runs(mlf, search) if is_confirmation(r)):
         p, m, t = run.data.params, run.data.metrics, run.data.tags
         start, end = run.info.start_time, run.info.end_time
         rows.append({
@@ -401,27 +398,13 @@ def space_artifact(mlf, run_id: str) -> tuple[str, str] | None:
         return Path(files[0].path).name, Path(local).read_text()
 
 
-def fmt(value: Any, digits: int = 4) -> str:
-    """A table cell: '' for missing, compact floats, learning rates in scientific notation."""
-    if value is None:
-        return ""
+def exact_params(row) -> dict[str, Any]:
+    """The trial's sampled values as Ray saved them (params.json next to its checkpoints), when local.
+    MLflow keeps params as 6-significant-digit strings; this keeps the learning rate exact."""
+    ckpt = row.get("best_checkpoint")
+    if not isinstance(ckpt, str) or "://" in ckpt:
+        return {}
     try:
-        import pandas as pd
-
-        if pd.isna(value):
-            return ""
-    except (TypeError, ValueError):
-        pass
-    if isinstance(value, float):
-        if value.is_integer() and abs(value) < 1e9:
-            return str(int(value))
-        return f"{value:.{digits}g}"
-    return str(value)
-
-
-def fmt_lr(value: Any) -> str:
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        return ""
-    return f"{v:.2e}" if math.isfinite(v) else ""
+        return json.loads((Path(ckpt).parent / "params.json").read_text())
+    except (OSError, ValueError):
+        return {}
