@@ -7,7 +7,15 @@ import os
 import sys
 
 from melora_tune import __version__
+from melora_tune.adapters.cli import add_budget_parser
+from melora_tune.cluster import add_cluster_parser
 from melora_tune.errors import UsageError
+from melora_tune.records.ui import add_ui_parser
+from melora_tune.report.cli import add_report_parser
+from melora_tune.report.export import add_export_parser
+from melora_tune.report.table import add_table_parser
+from melora_tune.search.cli import add_confirm_parser, add_search_parser
+from melora_tune.trial.cli import add_train_parser
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -21,14 +29,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="melora-tune", description=__doc__)
     parser.add_argument("--version", action="version", version=f"melora-tune {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
-    from melora_tune.adapters.cli import add_budget_parser
-    from melora_tune.cluster import add_cluster_parser
-    from melora_tune.report.export import add_export_parser
-    from melora_tune.report.cli import add_report_parser
-    from melora_tune.report.table import add_table_parser
-    from melora_tune.search.cli import add_confirm_parser, add_search_parser
-    from melora_tune.trial.cli import add_train_parser
-    from melora_tune.records.ui import add_ui_parser
 
     # in the order a user meets them: size a budget, debug one trial, search, read, export, browse, scale out
     for add in (add_budget_parser, add_train_parser, add_search_parser, add_confirm_parser, add_report_parser, add_export_parser,

@@ -23,22 +23,44 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from melora_tune.errors import UsageError
-from melora_tune.records.store import check_server, normalize_tracking_uri, tracking_scheme
-
-from melora_tune.records import (  # noqa: F401  (re-exported for callers of the report API)
-    BASELINES, CHECKPOINT_TAG, CONFIG_TAG, CONFIRM_KIND, CONFIRMS_TAG, CONFIRMS_TRIAL_TAG, DEFAULT_TRACKING_URI, KIND_TAG,
-    META_NAME, OPTUNA_TAG, PARENT_TAG, REASON_TAG, SCORED, SEARCH_KIND, SEARCH_TAG, SEED_TAG, STATUS_TAG, TRIAL_TAG,
-    baseline_metric, finite,
-)
 
 # Metric and param names of confirmations and of the parent run (records.schema).
-from melora_tune.records import MAJORITY_SHARE, SCORE_METRIC_PARAM, SEED_PARAM, TEST_SCORE, VAL_SCORE  # noqa: E402
+from melora_tune.records import (  # noqa: F401  (re-exported for callers of the report API)  # noqa: E402
+    BASELINES,
+    CHECKPOINT_TAG,
+    CONFIG_TAG,
+    CONFIRM_KIND,
+    CONFIRMS_TAG,
+    CONFIRMS_TRIAL_TAG,
+    DEFAULT_TRACKING_URI,
+    KIND_TAG,
+    MAJORITY_SHARE,
+    META_NAME,
+    OPTUNA_TAG,
+    PARENT_TAG,
+    REASON_TAG,
+    SCORE_METRIC_PARAM,
+    SCORED,
+    SEARCH_KIND,
+    SEARCH_TAG,
+    SEED_PARAM,
+    SEED_TAG,
+    STATUS_TAG,
+    TEST_SCORE,
+    TRIAL_TAG,
+    VAL_SCORE,
+    baseline_metric,
+    finite,
+)
+from melora_tune.records.store import check_server, normalize_tracking_uri, tracking_scheme
+
 DEFAULT_SCORE_METRIC = "score"  # a search that logged no score_metric (older searches)
 SPLITS = ("val", "test")
 
@@ -72,10 +94,8 @@ def tracking_uri(uri: str | None) -> str:
 
 
 def client(uri: str):
-    import os
-
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # downloads here are a few small files
-    from mlflow import MlflowClient
+    from mlflow import MlflowClient  # heavy: MLflow (~2 s), loaded where records are read or written
 
     return MlflowClient(tracking_uri=uri)
 
@@ -126,7 +146,7 @@ def _all_runs(mlf, experiment_ids: list[str], filter_string: str, order_by: list
 
 def searched_datasets(mlf) -> list[str]:
     """Names of the experiments (datasets) that hold at least one search, sorted."""
-    from mlflow.entities import ViewType
+    from mlflow.entities import ViewType  # heavy: MLflow (~2 s), loaded where records are read or written
 
     names = []
     for exp in mlf.search_experiments(view_type=ViewType.ACTIVE_ONLY):
@@ -197,7 +217,7 @@ def child_runs(mlf, search: SearchInfo) -> list:
 
 def trials_frame(mlf, search: SearchInfo):
     """One row per trial (child run that is not a confirmation) of the search; columns ``COLUMNS``."""
-    import pandas as pd
+    import pandas as pd  # heavy: pandas, loaded where tables are built
 
     # Filtered here, not in the query: MLflow's `tags.x != 'y'` also drops runs that lack the tag, which
     # every trial does.
@@ -233,7 +253,7 @@ def confirmations_frame(mlf, search: SearchInfo):
     ``confirms`` is the MLflow run id of the search trial it retrains, ``config`` the key its seeds share;
     ``val_score`` / ``test_score`` are the final scores on validation and test (NaN until it finished).
     """
-    import pandas as pd
+    import pandas as pd  # heavy: pandas, loaded where tables are built
 
     rows = []
     for run in (r for r in child_runs(mlf, search) if is_confirmation(r)):
@@ -298,7 +318,7 @@ def curves_frame(mlf, trials, metric: str = "score"):
     ``epoch`` metric at the same step; an evaluation whose step has no epoch is left out (it has no x).
     Ordered by trial (as ``trials``) then step.
     """
-    import pandas as pd
+    import pandas as pd  # heavy: pandas, loaded where tables are built
 
     columns = ["run_id", "method", "status", "step", "epoch", "score"]
     rows = []
@@ -312,7 +332,7 @@ def curves_frame(mlf, trials, metric: str = "score"):
 
 def normalize_frame(df):
     """Numeric dtypes for the parameter and metric columns (params come back from MLflow as strings)."""
-    import pandas as pd
+    import pandas as pd  # heavy: pandas, loaded where tables are built
 
     df = df.copy()
     for col in INT_COLUMNS:
@@ -326,7 +346,7 @@ def normalize_frame(df):
 
 def rank_trials(df):
     """Scored trials (completed / stopped early, finite score) best first, with a 1-based ``rank`` column."""
-    import numpy as np
+    import numpy as np  # heavy: numpy, loaded where arrays are used
 
     scored = df[df["status"].isin(SCORED) & np.isfinite(df["score"].astype(float))].copy()
     scored["_full"] = scored["status"] == "completed"

@@ -122,8 +122,8 @@ def check_server(uri: str) -> None:
 
 def check_database_url(url: str, what: str):
     """A database URL SQLAlchemy can parse, of a dialect whose driver is installed; returns the parsed URL."""
-    import sqlalchemy
-    from sqlalchemy.engine import make_url
+    import sqlalchemy  # heavy: SQLAlchemy, loaded where a database URL is checked
+    from sqlalchemy.engine import make_url  # heavy: SQLAlchemy, loaded where a database URL is checked
 
     try:
         parsed = make_url(url)

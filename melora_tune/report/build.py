@@ -32,8 +32,16 @@ from pathlib import Path
 
 from melora_tune.errors import UsageError
 from melora_tune.records import read
-from melora_tune.report import confirmed
-from melora_tune.report.render import Figure, ReportData, render_html, render_index_html, render_index_markdown, render_markdown
+from melora_tune.report import confirmed, plots
+from melora_tune.report import importance as imp
+from melora_tune.report.render import (
+    Figure,
+    ReportData,
+    render_html,
+    render_index_html,
+    render_index_markdown,
+    render_markdown,
+)
 
 log = logging.getLogger("melora_tune.report")
 
@@ -92,7 +100,7 @@ def imbalance_note(baselines: read.Baselines) -> str | None:
 def cross_dataset_rows(mlf, current: dict[str, tuple[read.SearchInfo, object]] | None = None, only: list[str] | None = None):
     """Best trial per method of the newest search of every dataset with a search (or of ``only``);
     ``current`` gives the search and trials to use for some datasets."""
-    import pandas as pd
+    import pandas as pd  # heavy: pandas, loaded where tables are built
 
     current = current or {}
     datasets = set(only) if only is not None else set(read.searched_datasets(mlf)) | set(current)
@@ -127,9 +135,6 @@ def build_report(
     mlf=None,
 ) -> ReportResult:
     """Write one dataset's report (see the module docstring) and log it on the search's parent run."""
-    from melora_tune.report import importance as imp
-    from melora_tune.report import plots
-
     if top_k < 1:
         raise UsageError(f"--top-k must be >= 1, got {top_k}")
     uri = read.tracking_uri(tracking_uri)

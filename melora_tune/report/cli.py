@@ -18,6 +18,10 @@ holds searches of other datasets.
 from __future__ import annotations
 
 import argparse
+import sys
+
+from melora_tune.report.build import build_reports
+from melora_tune.report.render import mean_std
 
 
 def add_report_parser(subparsers) -> argparse.ArgumentParser:
@@ -44,7 +48,6 @@ def _confirmed_lines(confirmed) -> list[str]:
     """'confirmed melora: melora n=4 r=2 lr=1.0e-3 test 0.7900 ± 0.0100 (3 seeds)' per method, then the verdicts."""
     if confirmed is None:
         return ["not confirmed yet: melora-tune confirm SPACE.yaml retrains the best configurations on several seeds"]
-    from melora_tune.report.render import mean_std
 
     out = [f"confirmed {w['method']}: {w['configuration']} test {mean_std(w['test_mean'], w['test_std'], w['test_n']) or 'n/a'} "
            f"({w['seeds']} seed{'s' if w['seeds'] != 1 else ''})" for _, w in confirmed.winners.iterrows()]
@@ -52,10 +55,6 @@ def _confirmed_lines(confirmed) -> list[str]:
 
 
 def report_command(args) -> int:
-    import sys
-
-    from melora_tune.report.build import build_reports
-
     results, index = build_reports(
         args.dataset, search=args.search, tracking_uri=args.tracking_uri, out_dir=args.out, top_k=args.top_k,
         log_artifacts=not args.no_log,

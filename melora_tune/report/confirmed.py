@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from itertools import combinations
 from typing import Any
 
+from melora_tune.adapters.registry import describe, get_method
+from melora_tune.errors import UsageError
 from melora_tune.records.read import DEFAULT_SCORE_METRIC, HP_COLUMNS, Baselines
 from melora_tune.report.stats import PairedDifference, mean_ci, paired_difference, verdict
 
@@ -55,9 +57,6 @@ class ConfirmedResults:
 
 def method_label(name: str) -> str:
     """The method's label from the registry ("MELoRA"), its name when it is not registered."""
-    from melora_tune.adapters.registry import get_method
-    from melora_tune.errors import UsageError
-
     try:
         return get_method(name).label
     except UsageError:
@@ -66,7 +65,7 @@ def method_label(name: str) -> str:
 
 def _plain(value: Any) -> Any:
     """A pandas cell as a Python value: None for missing, int for whole numbers (describe prints them)."""
-    import pandas as pd
+    import pandas as pd  # heavy: pandas, loaded where tables are built
 
     if value is None or (not isinstance(value, str) and pd.isna(value)):
         return None
@@ -77,8 +76,6 @@ def _plain(value: Any) -> Any:
 
 def configuration_text(row) -> str:
     """'melora n=4 r=2 lr=1.0e-3': the method's hyperparameters and lr, as run names and the trial tables write them."""
-    from melora_tune.adapters.registry import describe
-
     hp = {key: _plain(row.get(key)) for key in ("method", *HP_COLUMNS, "lr")}
     return describe(hp)
 
@@ -86,7 +83,7 @@ def configuration_text(row) -> str:
 def completed_seeds(confirmations):
     """The confirmation runs that count as seeds: completed, with a finite validation score; a seed confirmed
     twice for one configuration (a retried run) counts once, its latest run (the frame is oldest first)."""
-    import numpy as np
+    import numpy as np  # heavy: numpy, loaded where arrays are used
 
     confirmations = confirmations.assign(config=_config_keys(confirmations))
     ok = (confirmations["status"] == COMPLETED) & np.isfinite(confirmations["val_score"].astype(float))
@@ -109,7 +106,7 @@ def confirmed_table(confirmations, level: float = 0.95):
     validation score). Ordered by method (the method whose winner validates best first), then mean
     validation score, best first.
     """
-    import pandas as pd
+    import pandas as pd  # heavy: pandas, loaded where tables are built
 
     runs = confirmations.assign(config=_config_keys(confirmations))
     seeds = completed_seeds(runs)
@@ -151,7 +148,7 @@ def _ordered(table):
 
 def seed_scores(confirmations, config: str, column: str = "test_score") -> dict[int, float]:
     """{seed: score} of a configuration's completed seeds (the last run of a seed when one was retried)."""
-    import numpy as np
+    import numpy as np  # heavy: numpy, loaded where arrays are used
 
     runs = completed_seeds(confirmations)
     runs = runs[(runs["config"] == config) & runs["seed"].notna() & np.isfinite(runs[column].astype(float))]

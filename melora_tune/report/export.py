@@ -30,13 +30,24 @@ import re
 import shutil
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from melora_tune.adapters import AdapterConfig, method_names
+from melora_tune.adapters.config import CONFIG_NAME, WEIGHTS_NAME
+from melora_tune.adapters.export import export_peft_lora
+from melora_tune.adapters.models import auto_class, causal_lm_overrides, load_config, resolve_model
 from melora_tune.errors import UsageError, first_line
+from melora_tune.records import read
+from melora_tune.records.read import space_artifact
+from melora_tune.report.confirmed import completed_seeds, confirmed_table
+from melora_tune.search.schema import parse_space
+from melora_tune.search.trainable import BASE_KEY, trial_config
+from melora_tune.trial.config import TrialConfig, load_trial_config
 
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
 
@@ -61,7 +72,6 @@ def check_method(method: str | None) -> str | None:
     """A method name, or a one-line refusal (a name with '/', '..' or the like would reach outside DIR)."""
     if method is None:
         return None
-    from melora_tune.adapters import method_names
 
     METHODS = method_names()
     if not NAME_RE.fullmatch(method):
@@ -114,8 +124,6 @@ def _check_tree(root: Path) -> None:
 
 def download_adapter(mlf, row, dest: Path) -> Path:
     """The trial's ``adapter`` artifact into dest/adapter (falls back to its local best checkpoint)."""
-    from melora_tune.adapters.config import CONFIG_NAME, WEIGHTS_NAME
-
     target = safe_path(dest, "adapter")
     try:
         names = {a.path for a in mlf.list_artifacts(row["run_id"], "adapter")}
@@ -144,8 +152,6 @@ def confirmed_choice(confirmations, method: str | None):
 
     The winner is chosen on validation only: the configuration with the highest mean validation score over
     its seeds (``report.confirmed``), then that configuration's seed with the best validation score."""
-    from melora_tune.report.confirmed import completed_seeds, confirmed_table
-
     if confirmations is None or confirmations.empty:
         return None
     table = confirmed_table(confirmations)
@@ -166,10 +172,6 @@ def confirmed_choice(confirmations, method: str | None):
 
 def trial_dict(mlf, search, row, adapter_cfg, seed: int | None = None) -> dict[str, Any]:
     """The TrialConfig dict of the trial: the search's base config (from its space file) + the trial's values."""
-    from melora_tune.records.read import space_artifact
-    from melora_tune.search.schema import parse_space
-    from melora_tune.search.trainable import BASE_KEY, trial_config
-
     exact = read.exact_params(row)
     found = space_artifact(mlf, search.run_id)
     if found is not None:
@@ -192,8 +194,6 @@ def trial_dict(mlf, search, row, adapter_cfg, seed: int | None = None) -> dict[s
 
 
 def write_trial_yaml(path: Path, data: dict[str, Any], header: list[str]):
-    from melora_tune.trial.config import TrialConfig, load_trial_config
-
     cfg = TrialConfig.from_dict(data, source="exported trial")
     path.write_text("".join(f"# {line}\n" for line in header) + cfg.to_yaml())
     loaded = load_trial_config(path)
@@ -204,9 +204,7 @@ def write_trial_yaml(path: Path, data: dict[str, Any], header: list[str]):
 
 def load_base_model(cfg, num_labels: int | None):
     """The trial's base model (fp32, eval mode), as the trial's workers load it."""
-    import torch
-
-    from melora_tune.adapters.models import auto_class, causal_lm_overrides, load_config, resolve_model
+    import torch  # heavy: torch, loaded where a model is built
 
     path = resolve_model(cfg.model)
     kwargs = {"num_labels": int(num_labels)} if cfg.task_type == "seq_cls" and num_labels else {}
@@ -225,7 +223,7 @@ def quiet_transformers():
     """transformers' load report ("classifier.weight | MISSING ... Consider training on your downstream task") and
     progress bars: expected when the export rebuilds the base model under a fresh head, noise to the user. Errors still
     raise (transformers raises them, it does not log them)."""
-    from transformers.utils import logging as hf_logging
+    from transformers.utils import logging as hf_logging  # heavy: transformers, loaded where a model is built
 
     verbosity = hf_logging.get_verbosity()
     bars = hf_logging.is_progress_bar_enabled()
@@ -241,11 +239,6 @@ def quiet_transformers():
 
 def write_peft(cfg, adapter_dir: Path, out: Path) -> str:
     """Base model + native adapter -> the lossless PEFT LoRA folder; returns the base model's path or id."""
-    from melora_tune.adapters.export import export_peft_lora
-    from melora_tune.adapters.inject import load_adapter
-
-    import warnings
-
     meta = json.loads((adapter_dir / "adapter_config.json").read_text()).get("melora_tune") or {}
     with warnings.catch_warnings(), quiet_transformers():
         warnings.simplefilter("ignore", FutureWarning)  # transformers' deprecation notes, not the user's business
@@ -313,7 +306,6 @@ def decoder_override(cfg) -> bool:
     """Whether the trial's causal LM is an encoder loaded with is_decoder=True (what its users must pass too)."""
     if cfg.task_type != "causal_lm":
         return False
-    from melora_tune.adapters.models import causal_lm_overrides, load_config
 
     return bool(causal_lm_overrides(load_config(cfg.model)))
 
@@ -333,9 +325,6 @@ def export_best(
     tracking_uri: str | None = None,
     force: bool = False,
 ) -> ExportResult:
-    from melora_tune.adapters import AdapterConfig
-    from melora_tune.records import read
-
     method = check_method(method)
     out = check_out_dir(out, force)
     uri = read.tracking_uri(tracking_uri)
@@ -444,7 +433,7 @@ def _peft_pooling(pooling: str) -> str:
 def _plain(value: Any) -> Any:
     """numpy / pandas scalars -> JSON-able Python values (NA -> None)."""
     try:
-        import pandas as pd
+        import pandas as pd  # heavy: pandas, loaded where tables are built
 
         if pd.isna(value):
             return None

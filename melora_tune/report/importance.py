@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import math
+import warnings
 from dataclasses import dataclass, field
 
 from melora_tune.errors import first_line
@@ -44,7 +45,11 @@ def canonical_name(name: str) -> str:
 
 def _merge(a, b):
     """Union of two distributions of one canonical parameter (categorical choices merged)."""
-    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+    from optuna.distributions import (  # heavy: Optuna, loaded where a study is used
+        CategoricalDistribution,
+        FloatDistribution,
+        IntDistribution,
+    )
 
     if a is None:
         return b
@@ -64,8 +69,8 @@ def _merge(a, b):
 
 def canonical_trials(trials) -> list:
     """COMPLETE trials with folded parameter names (FrozenTrials ready for an in-memory study)."""
-    import optuna
-    from optuna.trial import TrialState
+    import optuna  # heavy: Optuna, loaded where a study is used
+    from optuna.trial import TrialState  # heavy: Optuna, loaded where a study is used
 
     complete = [t for t in trials if t.state == TrialState.COMPLETE and t.value is not None and math.isfinite(t.value)]
     dists: dict[str, object] = {}
@@ -86,8 +91,8 @@ def canonical_trials(trials) -> list:
 
 
 def _importances(trials, direction, params: list[str]) -> dict[str, float]:
-    import optuna
-    from optuna.importance import FanovaImportanceEvaluator
+    import optuna  # heavy: Optuna, loaded where a study is used
+    from optuna.importance import FanovaImportanceEvaluator  # heavy: Optuna, loaded where a study is used
 
     study = optuna.create_study(direction=direction)
     study.add_trials(trials)
@@ -97,8 +102,6 @@ def _importances(trials, direction, params: list[str]) -> dict[str, float]:
 
 def study_importance(study) -> Importance:
     """Importances of a loaded Optuna study: overall and per method."""
-    import warnings
-
     out = Importance(study_name=study.study_name)
     trials = canonical_trials(study.get_trials(deepcopy=False))
     direction = study.direction
@@ -138,7 +141,7 @@ def search_importance(location: dict[str, str] | None) -> Importance:
     if location is None:
         return Importance(error="the search's Optuna study was not found (its storage path is not recorded in MLflow "
                                 "and melora_search.json is not next to the trials' checkpoints)")
-    import optuna
+    import optuna  # heavy: Optuna, loaded where a study is used
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     name, storage = location["study_name"], location["optuna_storage"]

@@ -10,31 +10,31 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from melora_tune.adapters.registry import all_methods, get_method
+from melora_tune.records import BASELINE_LABELS
+from melora_tune.records.read import SCORED
+
 DPI = 110
 BASELINE_STYLES = {"majority": ":", "probe": "-."}  # line style per baseline; all grey, apart from the methods' colours
 
 
 def _style(method: str) -> tuple[str | None, str]:
     """(colour, marker) of a method's series, as the method declares them (unknown names: defaults)."""
-    from melora_tune.adapters.registry import all_methods
-
     spec = next((m for m in all_methods() if m.name == method), None)
     return (spec.color, spec.marker) if spec else (None, "o")
 
 
 def _plt():
-    import matplotlib
+    import matplotlib  # heavy: matplotlib, loaded where plots are drawn
 
     matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # heavy: matplotlib, loaded where plots are drawn
 
     return plt
 
 
 def _scored(df):
-    import numpy as np
-
-    from melora_tune.records.read import SCORED
+    import numpy as np  # heavy: numpy, loaded where arrays are used
 
     return df[df["status"].isin(SCORED) & np.isfinite(df["score"].astype(float))]
 
@@ -60,8 +60,6 @@ def _series(ax, data, x: str, method: str) -> None:
 
 def _baseline_lines(ax, baselines: dict[str, float] | None) -> None:
     """One labelled horizontal line per baseline score."""
-    from melora_tune.records import BASELINE_LABELS
-
     for name, score in (baselines or {}).items():
         ax.axhline(float(score), color="#555555", ls=BASELINE_STYLES.get(name, "--"), lw=1.2, zorder=2,
                    label=f"{BASELINE_LABELS.get(name, name)} {float(score):.3f}")
@@ -91,9 +89,7 @@ def frontier(df, path: str | Path, budget: float | None = None, baselines: dict[
 
 def heatmap_n_r(df, path: str | Path, method: str | None = None) -> Path | None:
     """Best score over n x r of a method searched over both (MELoRA), one cell per (n, r) tried; untried blank."""
-    import numpy as np
-
-    from melora_tune.adapters.registry import all_methods
+    import numpy as np  # heavy: numpy, loaded where arrays are used
 
     if method is None:  # the first searched method with both an n and an r
         method = next((m.name for m in all_methods() if {"n", "r"} <= set(m.hyperparams)
@@ -128,7 +124,6 @@ def heatmap_n_r(df, path: str | Path, method: str | None = None) -> Path | None:
     ax.set_yticks(range(len(ns)), [str(n) for n in ns])
     ax.set_xlabel("r (rank of each mini-LoRA)")
     ax.set_ylabel("n (number of mini-LoRAs)")
-    from melora_tune.adapters.registry import get_method
 
     ax.set_title(f"{get_method(method).label}: best score over n x r")
     fig.colorbar(im, ax=ax, label="best score")
@@ -163,7 +158,7 @@ def learning_curves(curves, path: str | Path, baselines: dict[str, float] | None
     Trials that trained every epoch are solid; trials ASHA stopped early are dashed and end in a hollow marker
     where they stopped (their lines are shorter); failed, diverged and interrupted trials are dotted and faint.
     """
-    from matplotlib.lines import Line2D
+    from matplotlib.lines import Line2D  # heavy: matplotlib, loaded where plots are drawn
 
     if curves is None or curves.empty:
         return None

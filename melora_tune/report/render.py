@@ -9,9 +9,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
-
-from melora_tune.records import BASELINE_LABELS
+from melora_tune.records import BASELINE_LABELS, finite
+from melora_tune.report.confirmed import method_label
 
 # (column, header) of the best-per-method table; method-specific columns are dropped when no row has them.
 BEST_COLUMNS = [
@@ -36,6 +35,8 @@ def fmt(value: Any, digits: int = 4) -> str:
     if value is None:
         return ""
     try:
+        import pandas as pd  # heavy: pandas; keeps `melora-tune --help` from loading it
+
         if pd.isna(value):
             return ""
     except (TypeError, ValueError):
@@ -203,8 +204,6 @@ def interval(lo: Any, hi: Any, n: Any) -> str:
 
 
 def _finite(x: Any) -> bool:
-    from melora_tune.records import finite
-
     return finite(x)
 
 
@@ -213,8 +212,6 @@ def _seeds(row) -> str:
 
 
 def _method_cell(row) -> str:
-    from melora_tune.report.confirmed import method_label
-
     return method_label(row["method"])
 
 

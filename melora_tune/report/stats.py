@@ -69,7 +69,7 @@ def mean_ci(values: Iterable[float], level: float = 0.95) -> Interval:
     NaNs (a seed that has no score) are dropped; n counts what is left. n = 0: everything NaN;
     n = 1: the mean, with std and interval NaN (one value says nothing about the spread).
     """
-    from scipy import stats
+    from scipy import stats  # heavy: SciPy
 
     if not 0 < level < 1:
         raise ValueError(f"level must be in (0, 1), got {level}")

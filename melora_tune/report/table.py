@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from melora_tune.adapters import AdapterConfig
 from melora_tune.errors import UsageError
 from melora_tune.records import read
 
@@ -75,8 +76,6 @@ def _recorded(search: read.SearchInfo) -> None:
 def _hyperparams(params: dict[str, str]) -> dict[str, int]:
     """Every hyperparameter column filled as ``adapters.budget.Candidate`` reads it: the method's own values,
     defaults for those it does not use (LoRA's n is 1), m_b = m when tied. One key per configuration."""
-    from melora_tune.adapters import AdapterConfig
-
     given = {k: int(float(params[k])) for k in read.HP_COLUMNS if params.get(k) not in (None, "", "None")}
     cfg = AdapterConfig(method=params.get("method", "lora"), **given)
     out = {k: getattr(cfg, k) for k in read.HP_COLUMNS}
@@ -87,7 +86,7 @@ def _hyperparams(params: dict[str, str]) -> dict[str, int]:
 
 def table_frame(mlf, search: read.SearchInfo):
     """The rows of one recorded search (columns ``COLUMNS``), sorted by method, configuration, seed, epoch."""
-    import pandas as pd
+    import pandas as pd  # heavy: pandas, loaded where tables are built
 
     _recorded(search)
     budget = int(float(search.params.get("budget", "nan")))
@@ -138,7 +137,7 @@ def export_table(dataset: str, searches: list[str], out: str | os.PathLike, *, t
                  command: str | None = None):
     """Write ``out`` (.csv) and its ``.json`` from the recorded searches; returns (DataFrame, json path, the JSON's
     content)."""
-    import pandas as pd
+    import pandas as pd  # heavy: pandas, loaded where tables are built
 
     out = Path(out)
     if out.suffix != ".csv":

@@ -9,7 +9,7 @@ from melora_tune.search.schema import SearchSpace
 
 def check_resources(space: SearchSpace) -> None:
     """Fail fast (instead of pending forever) when one trial can never fit the cluster."""
-    import ray
+    import ray  # heavy: Ray (~1-2 s), loaded where a cluster is used
 
     total = ray.cluster_resources()
     res = space.resources
