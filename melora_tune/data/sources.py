@@ -96,6 +96,11 @@ def _file_kind(path: Path) -> str:
     return kind
 
 
+def file_label(path: str) -> str:
+    """The task name a local file gets when the spec names none: its file name up to the first dot."""
+    return Path(path).name.split(".")[0] or "local"
+
+
 def read_local(path_str: str) -> pd.DataFrame:
     """One local table, read whole into memory (the datasets here are small)."""
     import pandas as pd
