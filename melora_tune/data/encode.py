@@ -10,6 +10,8 @@ from __future__ import annotations
 import string
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from melora_tune.errors import UsageError
 
 from .registry import GENERIC_PROMPTS
@@ -36,8 +38,6 @@ def encode_classification(
     truncated longest-first. Labels are int64 class ids, or float32 for regression
     (what ``*ForSequenceClassification`` expects for MSE loss).
     """
-    import numpy as np
-
     check_max_length(max_length)
     if pad_to_max_length and getattr(tokenizer, "pad_token_id", None) is None:
         # Not patched here: a sequence classifier must also know the pad id to find the last token.
@@ -106,8 +106,6 @@ def encode_causal_lm(
     Needs a fast tokenizer: the prompt/answer boundary comes from character offsets,
     which avoids the mismatch of tokenizing the two halves separately.
     """
-    import numpy as np
-
     check_max_length(max_length)
     if not getattr(tokenizer, "is_fast", False):
         raise UsageError(

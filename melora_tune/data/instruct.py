@@ -56,7 +56,7 @@ def is_instruction(spec: TaskSpec) -> bool:
 
 
 def load_instruction_task(spec: TaskSpec) -> TaskData:
-    import pandas as pd
+    import pandas as pd  # heavy: keeps `import melora_tune.data` light
 
     key = spec.name.strip().lower()
     validation = None
@@ -91,7 +91,7 @@ def load_instruction_task(spec: TaskSpec) -> TaskData:
 
 
 def _read_hub(spec: TaskSpec) -> pd.DataFrame:
-    import datasets
+    import datasets  # heavy: keeps `import melora_tune.data` light
 
     try:
         rows = datasets.load_dataset(spec.hub_dataset, spec.hub_config, split=spec.hub_split)
@@ -105,7 +105,7 @@ def _read_hub(spec: TaskSpec) -> pd.DataFrame:
 
 def _rows(frame: pd.DataFrame, spec: TaskSpec, where: str) -> pd.DataFrame:
     """instruction/input/output as strings; a missing input column or empty cell is no input."""
-    import pandas as pd
+    import pandas as pd  # heavy: keeps `import melora_tune.data` light
 
     missing = [c for c in (spec.instruction_column, spec.output_column) if c not in frame.columns]
     if missing:
@@ -135,7 +135,7 @@ def _choices(frames: list[pd.DataFrame]) -> list[str] | None:
 
 
 def _finish(spec: TaskSpec, name: str, frame: pd.DataFrame, validation: pd.DataFrame | None, source: str) -> TaskData:
-    import datasets
+    import datasets  # heavy: keeps `import melora_tune.data` light
 
     key = spec.name.strip().lower()
     if key in INSTRUCT_TASKS and spec.path is None and spec.hub_dataset is None:

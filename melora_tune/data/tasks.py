@@ -92,7 +92,7 @@ def _looks_like_file(name: str) -> bool:
 
 
 def _load_local(spec: TaskSpec) -> TaskData:
-    import pandas as pd
+    import pandas as pd  # heavy: keeps `import melora_tune.data` light
 
     frames = [read_local(spec.path)]
     if spec.validation_path is not None:
@@ -163,7 +163,7 @@ def _convert_labels(
     are class names, numbered in sorted order over all files so the mapping is
     the same on every run and for both files of a pair.
     """
-    import pandas as pd
+    import pandas as pd  # heavy: keeps `import melora_tune.data` light
 
     for column, file in zip(columns, files):
         if column.isna().any():
@@ -230,14 +230,14 @@ def _generic_info(columns: tuple[str, ...], label_names: list[str] | None) -> Ta
 
 
 def _features(columns: tuple[str, ...], label_names: list[str] | None) -> datasets.Features:
-    import datasets
+    import datasets  # heavy: keeps `import melora_tune.data` light
 
     label = datasets.Value("float32") if label_names is None else datasets.ClassLabel(names=list(label_names))
     return datasets.Features({**{c: datasets.Value("string") for c in columns}, "label": label})
 
 
 def _to_dataset(frame: pd.DataFrame, columns: tuple[str, ...], features: datasets.Features) -> datasets.Dataset:
-    import datasets
+    import datasets  # heavy: keeps `import melora_tune.data` light
 
     return datasets.Dataset.from_pandas(frame[[*columns, "label"]], features=features, preserve_index=False)
 
@@ -250,7 +250,7 @@ def _finish(
     validation: datasets.Dataset | None,
     source: str,
 ) -> TaskData:
-    import datasets
+    import datasets  # heavy: keeps `import melora_tune.data` light
 
     columns = tuple(spec.text_columns) if spec.text_columns else info.text_columns
     missing = [c for c in columns if c not in full.column_names]
