@@ -133,7 +133,7 @@ def test_head_lr_is_its_own_optimizer_group():
 
 def test_the_score_metric_is_selectable_per_task():
     from melora_tune.data import load_task
-    from melora_tune.data.tasks import TaskSpec
+    from melora_tune.data.spec import TaskSpec
 
     task = load_task(TaskSpec(name="rotten_tomatoes", metric="matthews_correlation", max_train_samples=50, max_eval_samples=20))
     assert task.main_metric == "matthews_correlation" and "accuracy" in task.metrics

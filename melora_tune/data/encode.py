@@ -10,19 +10,21 @@ from __future__ import annotations
 import string
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from melora_tune.errors import UsageError
 
 from .registry import GENERIC_PROMPTS
+from .spec import TaskData
 
 if TYPE_CHECKING:
     import datasets
 
-    from .tasks import TaskData
-
 IGNORE_INDEX = -100  # what torch's cross-entropy skips
 
 
-def _check_length(max_length: int) -> None:
+def check_max_length(max_length: int) -> None:
+    """Refuse a ``max_length`` that is not an integer >= 4 (room for BOS, a token of prompt and answer, EOS)."""
     if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 4:
         raise UsageError(f"max_length must be an integer >= 4, got {max_length!r}")
 
@@ -36,9 +38,7 @@ def encode_classification(
     truncated longest-first. Labels are int64 class ids, or float32 for regression
     (what ``*ForSequenceClassification`` expects for MSE loss).
     """
-    import numpy as np
-
-    _check_length(max_length)
+    check_max_length(max_length)
     if pad_to_max_length and getattr(tokenizer, "pad_token_id", None) is None:
         # Not patched here: a sequence classifier must also know the pad id to find the last token.
         raise UsageError(
@@ -106,9 +106,7 @@ def encode_causal_lm(
     Needs a fast tokenizer: the prompt/answer boundary comes from character offsets,
     which avoids the mismatch of tokenizing the two halves separately.
     """
-    import numpy as np
-
-    _check_length(max_length)
+    check_max_length(max_length)
     if not getattr(tokenizer, "is_fast", False):
         raise UsageError(
             "encode_causal_lm needs a fast (Rust) tokenizer for character offsets; load it with use_fast=True"

@@ -18,34 +18,24 @@ stratified by answer and its default metric is exact match of greedy generation.
 
 from __future__ import annotations
 
-import string
 from typing import TYPE_CHECKING, Any
 
 from melora_tune.errors import UsageError, first_line
 
-from .registry import ALPACA_PROMPT, ALPACA_PROMPT_NO_INPUT, BUILTIN_TASKS, INSTRUCT_TASKS, INSTRUCTION_METRICS
+from .encode import IGNORE_INDEX, check_max_length
+from .registry import ALPACA_PROMPT, ALPACA_PROMPT_NO_INPUT, BUILTIN_TASKS, INSTRUCT_TASKS, INSTRUCTION_METRICS, suggest
+from .sources import file_label, read_builtin, read_local
+from .spec import TaskData, TaskSpec
+from .splits import split_rows
 
 if TYPE_CHECKING:
     import datasets
     import pandas as pd
 
-    from .tasks import TaskData, TaskSpec
-
 COLUMNS = ("instruction", "input", "output")  # what every instruction split holds (+ label for short answers)
 MAX_CHOICES = 32
 MAX_CHOICE_WORDS = 4
 PROMPT_TAIL_TOKENS = 16  # a prompt cut to fit keeps its last tokens: the response cue ("### Response:")
-
-
-def check_template(template: str, what: str) -> None:
-    """A prompt template may use {instruction} and {input}, nothing else (literal braces are doubled)."""
-    try:
-        fields = {field for _, field, _, _ in string.Formatter().parse(template) if field is not None}
-    except ValueError as err:
-        raise ValueError(f"{what} {template!r} is not a valid template ({err}); write literal braces as {{{{ }}}}") from None
-    unknown = sorted(fields - {"instruction", "input"})
-    if unknown:
-        raise ValueError(f"{what} uses {{{unknown[0]}}}: only {{instruction}} and {{input}} are filled in")
 
 
 def is_instruction(spec: TaskSpec) -> bool:
@@ -58,8 +48,6 @@ def is_instruction(spec: TaskSpec) -> bool:
         return True
     if spec.path is None:
         return spec.name.strip().lower() in INSTRUCT_TASKS
-    from .sources import read_local
-
     columns = set(map(str, read_local(spec.path).columns))
     return {spec.instruction_column, spec.output_column} <= columns
 
@@ -68,10 +56,7 @@ def is_instruction(spec: TaskSpec) -> bool:
 
 
 def load_instruction_task(spec: TaskSpec) -> TaskData:
-    import pandas as pd
-
-    from .sources import read_builtin, read_local
-    from .tasks import _file_label
+    import pandas as pd  # heavy: keeps `import melora_tune.data` light
 
     key = spec.name.strip().lower()
     validation = None
@@ -87,7 +72,7 @@ def load_instruction_task(spec: TaskSpec) -> TaskData:
         if spec.validation_path is not None:
             validation = _rows(read_local(spec.validation_path), spec, spec.validation_path)
         source = spec.path + (f" + {spec.validation_path}" if spec.validation_path else "")
-        name = spec.name if spec.name and key not in BUILTIN_TASKS and key not in INSTRUCT_TASKS else _file_label(spec.path)
+        name = spec.name if spec.name and key not in BUILTIN_TASKS and key not in INSTRUCT_TASKS else file_label(spec.path)
     elif key in INSTRUCT_TASKS:
         info = INSTRUCT_TASKS[key]
         base, source = read_builtin(info.base)
@@ -99,8 +84,6 @@ def load_instruction_task(spec: TaskSpec) -> TaskData:
         })
         name = key
     else:
-        from .registry import suggest
-
         known = [*INSTRUCT_TASKS]
         raise UsageError(f"unknown instruction task {spec.name!r}{suggest(spec.name, known)} "
                          "(or set task.path to a local file, or task.hub_dataset to a Hub dataset id)")
@@ -108,7 +91,7 @@ def load_instruction_task(spec: TaskSpec) -> TaskData:
 
 
 def _read_hub(spec: TaskSpec) -> pd.DataFrame:
-    import datasets
+    import datasets  # heavy: keeps `import melora_tune.data` light
 
     try:
         rows = datasets.load_dataset(spec.hub_dataset, spec.hub_config, split=spec.hub_split)
@@ -122,7 +105,7 @@ def _read_hub(spec: TaskSpec) -> pd.DataFrame:
 
 def _rows(frame: pd.DataFrame, spec: TaskSpec, where: str) -> pd.DataFrame:
     """instruction/input/output as strings; a missing input column or empty cell is no input."""
-    import pandas as pd
+    import pandas as pd  # heavy: keeps `import melora_tune.data` light
 
     missing = [c for c in (spec.instruction_column, spec.output_column) if c not in frame.columns]
     if missing:
@@ -152,9 +135,7 @@ def _choices(frames: list[pd.DataFrame]) -> list[str] | None:
 
 
 def _finish(spec: TaskSpec, name: str, frame: pd.DataFrame, validation: pd.DataFrame | None, source: str) -> TaskData:
-    import datasets
-
-    from .tasks import TaskData, _split
+    import datasets  # heavy: keeps `import melora_tune.data` light
 
     key = spec.name.strip().lower()
     if key in INSTRUCT_TASKS and spec.path is None and spec.hub_dataset is None:
@@ -170,7 +151,7 @@ def _finish(spec: TaskSpec, name: str, frame: pd.DataFrame, validation: pd.DataF
     else:
         features = datasets.Features({c: datasets.Value("string") for c in COLUMNS})
     full, *rest = [datasets.Dataset.from_pandas(f, features=features, preserve_index=False) for f in frames]
-    splits = _split(full, rest[0] if rest else None, spec, stratify=choices is not None, name=name)
+    splits = split_rows(full, rest[0] if rest else None, spec, stratify=choices is not None, name=name)
     splits = datasets.DatasetDict({k: v for k, v in splits.items() if v is not None})
 
     main = spec.metric or ("exact_match" if choices else "loss")
@@ -239,9 +220,7 @@ def encode_instruction(
     split: where the reference answer is) for exact match; training rows too with ``train_prompt_columns``
     (not for training: the loop feeds every column to the model).
     """
-    from .encode import IGNORE_INDEX, _check_length
-
-    _check_length(max_length)
+    check_max_length(max_length)
     fmt = prompt_format(task, tokenizer)
     bos = [tokenizer.bos_token_id] if fmt == "template" and tokenizer.bos_token_id is not None else []
     end = end_token(tokenizer)

@@ -60,7 +60,7 @@ def _accuracy(pred: np.ndarray, gold: np.ndarray) -> float:
 
 
 def _f1_binary(pred: np.ndarray, gold: np.ndarray) -> float:
-    from sklearn.metrics import f1_score
+    from sklearn.metrics import f1_score  # heavy: scikit-learn takes ~1 s to import
 
     classes = np.union1d(np.unique(gold), np.unique(pred))
     if not np.isin(classes, [0, 1]).all():
@@ -69,21 +69,21 @@ def _f1_binary(pred: np.ndarray, gold: np.ndarray) -> float:
 
 
 def _f1_macro(pred: np.ndarray, gold: np.ndarray) -> float:
-    from sklearn.metrics import f1_score
+    from sklearn.metrics import f1_score  # heavy: scikit-learn takes ~1 s to import
 
     # Averaged over the classes present in the gold labels or the predictions.
     return float(f1_score(gold, pred, average="macro", zero_division=0))
 
 
 def _mcc(pred: np.ndarray, gold: np.ndarray) -> float:
-    from sklearn.metrics import matthews_corrcoef
+    from sklearn.metrics import matthews_corrcoef  # heavy: scikit-learn takes ~1 s to import
 
     return float(matthews_corrcoef(gold, pred))
 
 
 def _correlation(kind: str) -> Callable[[np.ndarray, np.ndarray], float]:
     def compute(pred: np.ndarray, gold: np.ndarray) -> float:
-        from scipy import stats
+        from scipy import stats  # heavy: only the regression metrics need scipy
 
         if len(pred) < 2 or not np.all(np.isfinite(pred)) or np.ptp(pred) == 0 or np.ptp(gold) == 0:
             return 0.0

@@ -23,7 +23,7 @@ COMPRESSIONS = (".gz", ".bz2", ".xz", ".zip", ".zst")
 
 def package_dir(package: str) -> Path | None:
     """The folder of an installed package (``adapters.models.package_dir``, imported here: adapters load torch)."""
-    from melora_tune.adapters.models import package_dir as find
+    from melora_tune.adapters.models import package_dir as find  # heavy: melora_tune.adapters loads torch
 
     return find(package)
 
@@ -45,7 +45,7 @@ def read_rotten_tomatoes(path: Path) -> pd.DataFrame:
     reviews, and some snippets quoted under several movies: both go, so no
     sentence can sit in two splits.
     """
-    import pandas as pd
+    import pandas as pd  # heavy: keeps `import melora_tune.data` light
 
     frame = pd.read_csv(path, usecols=["category", "text"])
     frame = frame[frame["category"].isin(["fresh", "rotten"])].dropna(subset=["text"])
@@ -62,7 +62,7 @@ def read_trec(path: Path) -> pd.DataFrame:
     4,000/5,500-question training sets, which nest, so most questions repeat:
     keep the first row of each unique (question, coarse label) pair.
     """
-    import pandas as pd
+    import pandas as pd  # heavy: keeps `import melora_tune.data` light
 
     names = BUILTIN_TASKS["trec"].label_names
     ids = {name: i for i, name in enumerate(names)}
@@ -96,9 +96,14 @@ def _file_kind(path: Path) -> str:
     return kind
 
 
+def file_label(path: str) -> str:
+    """The task name a local file gets when the spec names none: its file name up to the first dot."""
+    return Path(path).name.split(".")[0] or "local"
+
+
 def read_local(path_str: str) -> pd.DataFrame:
     """One local table, read whole into memory (the datasets here are small)."""
-    import pandas as pd
+    import pandas as pd  # heavy: keeps `import melora_tune.data` light
 
     path = Path(path_str).expanduser()
     if not path.is_file():
@@ -131,7 +136,7 @@ def read_local(path_str: str) -> pd.DataFrame:
 
 def load_glue_from_hub(task: str) -> tuple[datasets.Dataset, datasets.Dataset, str]:
     """GLUE's train and validation splits (the official test split has no labels)."""
-    import datasets
+    import datasets  # heavy: keeps `import melora_tune.data` light
 
     info = GLUE_TASKS[task]
     # "nyu-mll/glue" is the Hub repository that the old "glue" name redirects to.

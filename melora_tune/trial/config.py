@@ -16,7 +16,7 @@ import yaml
 from pydantic import model_validator, BaseModel, Field, ValidationError
 
 from melora_tune.adapters.config import AdapterConfig
-from melora_tune.data.tasks import TaskSpec
+from melora_tune.data.spec import TaskSpec
 from melora_tune.errors import Schema, UsageError, describe_validation_error, did_you_mean
 
 
