@@ -40,6 +40,7 @@ import yaml
 from melora_tune.adapters import AdapterConfig, method_names
 from melora_tune.adapters.config import CONFIG_NAME, WEIGHTS_NAME
 from melora_tune.adapters.export import export_peft_lora
+from melora_tune.adapters.inject import load_adapter
 from melora_tune.adapters.models import auto_class, causal_lm_overrides, load_config, resolve_model
 from melora_tune.errors import UsageError, first_line
 from melora_tune.records import read
