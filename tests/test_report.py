@@ -230,7 +230,7 @@ def test_report_across_datasets_from_a_synthetic_store(tmp_path, capsys):
 
 def test_export_refuses_non_empty_out_and_escaping_names(tmp_path, capsys):
     from melora_tune.errors import UsageError
-    from melora_tune.report.export import check_out_dir, safe_path
+    from melora_tune.report.export_paths import check_out_dir, safe_path
 
     out = tmp_path / "out"
     out.mkdir()

@@ -25,7 +25,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 from melora_tune.adapters import AdapterConfig
 from melora_tune.errors import UsageError
