@@ -1,7 +1,14 @@
 """How much compute each search strategy needs to find a good configuration, replayed on a recorded table.
 
     python benchmarks/search_efficiency.py --table benchmarks/tables/trec.csv --seeds 20 --concurrency 4 \
-        --out benchmarks/tables/
+        --out benchmarks/tables/ > benchmarks/tables/search_efficiency.txt
+    python benchmarks/search_efficiency.py --table benchmarks/tables/trec.csv --seeds 20 --concurrency 1 \
+        --out benchmarks/tables/concurrency1/ > benchmarks/tables/search_efficiency_c1.txt
+
+stdout is the result text (deterministic: the committed files above regenerate byte for byte, checked by
+tests/test_reproducible.py); the plot's path and the wall time go to stderr. Byte for byte needs the locked
+versions (.ci/requirements.lock) and numpy's AVX-512 (X86_V4) float64 log/exp: TPE meets exact ties between
+candidates, and numpy's AVX2 kernels differ from those in the last bit, so there TPE breaks some ties otherwise.
 
 Per budget level and strategy: the normalised regret at 10/25/50/100 % of the grid's compute (mean +- standard
 error over replay seeds) and the compute needed to come within 0.5 point of y* (median over all replay
@@ -15,6 +22,7 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -115,7 +123,9 @@ def main() -> None:
           "beats y*. compute to 0.5pt: median over all replay seeds (a seed that never got within 0.005 of y* counts as "
           "infinite), and how many seeds got there.")
     plot(curves, Path(args.out))
-    print(f"wall time {time.perf_counter() - t0:.1f} s")
+    # stderr: stdout is the committed text (benchmarks/tables/*.txt, compared byte for byte by
+    # tests/test_reproducible.py), so it holds nothing that changes from run to run or with --out
+    print(f"wall time {time.perf_counter() - t0:.1f} s", file=sys.stderr)
 
 
 def plot(curves: dict[int, dict[str, list]], out: Path) -> None:
@@ -146,7 +156,7 @@ def plot(curves: dict[int, dict[str, list]], out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     path = out / "search_efficiency.png"
     fig.savefig(path, dpi=120)
-    print(f"plot: {path}")
+    print(f"plot: {path}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -21,13 +21,13 @@ __all__ = ["build_report", "build_reports"]
 
 def build_report(*args, **kwargs):
     """See ``melora_tune.report.build.build_report``."""
-    from melora_tune.report.build import build_report as _build
+    from melora_tune.report.build import build_report as _build  # heavy: MLflow, pandas, matplotlib on first use
 
     return _build(*args, **kwargs)
 
 
 def build_reports(*args, **kwargs):
     """See ``melora_tune.report.build.build_reports``."""
-    from melora_tune.report.build import build_reports as _build
+    from melora_tune.report.build import build_reports as _build  # heavy: MLflow, pandas, matplotlib on first use
 
     return _build(*args, **kwargs)

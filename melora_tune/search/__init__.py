@@ -15,7 +15,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 def run_search(space, *, num_samples=None, address=None, tracking_uri=None, storage_path=None, resume=False, **kwargs: Any) -> "SearchResult":
     """Run or resume a search (see ``melora_tune.search.runner.run_search``)."""
-    from melora_tune.search.runner import run_search as _run
+    from melora_tune.search.runner import run_search as _run  # heavy: Ray Tune, MLflow on first use
 
     return _run(space, num_samples=num_samples, address=address, tracking_uri=tracking_uri, storage_path=storage_path,
                 resume=resume, **kwargs)
@@ -23,11 +23,11 @@ def run_search(space, *, num_samples=None, address=None, tracking_uri=None, stor
 
 def __getattr__(name: str):
     if name == "SearchResult":
-        from melora_tune.search.runner import SearchResult
+        from melora_tune.search.runner import SearchResult  # heavy: Ray Tune, MLflow on first use
 
         return SearchResult
     if name in ("FeasibleSpace", "build_space"):
-        from melora_tune.search import space as _space
+        from melora_tune.search import space as _space  # heavy: torch (the adapters) on first use
 
         return getattr(_space, name)
     raise AttributeError(name)
