@@ -80,7 +80,9 @@ def main() -> None:
     ap.add_argument("--concurrency", type=int, default=4)
     ap.add_argument("--reduction-factor", type=float, default=3)
     ap.add_argument("--n-startup-trials", type=int, default=6)
-    ap.add_argument("--strategies", default=None, help="comma-separated subset (default: all)")
+    ap.add_argument("--strategies", default=None,
+                    help="comma-separated strategies (default: the six rows of replay.STRATEGIES); any registered "
+                         "SAMPLER[+SCHEDULER][-stock] also works, e.g. random+fifo")
     ap.add_argument("--out", default="benchmarks/tables/")
     ap.add_argument("--synthetic", metavar="PATH", help="write a synthetic table of the real size there and exit")
     args = ap.parse_args()

@@ -74,6 +74,8 @@ SPACES = {
     "gpu_too_small": ("resources", {"gpus_per_worker": 1, "gpu_memory_gb": 0.5}),
     "offload_params_zero2": ("training", {"epochs": 2, "offload_params": True}),
     "instruct_metric": ("task", {"name": "trec_instruct", "metric": "f1"}),
+    "bad_sampler": ("sampler", "tpee"),
+    "bad_scheduler": ("scheduler", "hyperband"),
 }
 
 
@@ -289,6 +291,11 @@ ROWS = [
     ("dry-gpu-too-small", "search {A}/sp_gpu_too_small.yaml --dry-run", "the GPUs have 0.50 GiB, and no change tried fits"),
     ("dry-offload-params-zero2", "search {A}/sp_offload_params_zero2.yaml --dry-run", "offload_params needs ZeRO-3"),
     ("dry-instruct-metric", "search {A}/sp_instruct_metric.yaml --dry-run", "metric 'f1' does not apply"),
+    ("dry-bad-sampler", "search {A}/sp_bad_sampler.yaml --dry-run",
+     "sampler: unknown sampler 'tpee' (did you mean 'tpe'?): choose from tpe, random, grid"),
+    ("dry-bad-scheduler", "search {A}/sp_bad_scheduler.yaml --dry-run", "scheduler: unknown scheduler 'hyperband'"
+     ": choose from asha, fifo"),
+    ("search-bad-scheduler", "search {A}/sp_bad_scheduler.yaml", "unknown scheduler 'hyperband'"),
     ("dry-address-dead", "search {A}/space.yaml --dry-run --address 127.0.0.1:1", "nothing answers there"),
     ("dry-address-garbage", "search {A}/space.yaml --dry-run --address host:notaport", "is not HOST:PORT"),
     ("dry-name-escapes", "search {A}/space.yaml --dry-run --name ../evil", "--name '../evil'"),

@@ -284,7 +284,7 @@ def test_reachable_configs_equal_enumerate_feasible(case):
 def test_sampled_trials_are_always_feasible_and_cover_the_space(case):
     from melora_tune.adapters import AdapterConfig
     from melora_tune.adapters.accounting import adapter_params
-    from melora_tune.search.searcher import make_sampler
+    from melora_tune.search.samplers import make_sampler
 
     cfg, targets, task_type, budget, frac, methods, choices = CASES[case]
     _, spec, fs = feasible_space(cfg, targets, task_type, budget, frac, methods, **choices)
@@ -423,7 +423,7 @@ def test_orphans_from_a_killed_driver_are_reused_not_duplicated(tmp_path, tiny_m
 def test_finite_asha_ignores_diverged_scores():
     from types import SimpleNamespace
 
-    from melora_tune.search.runner import make_scheduler
+    from melora_tune.search.schedulers import make_scheduler
     from melora_tune.search.schema import parse_space
 
     space = parse_space({"name": "t", "budget": {"max_params": 10}, "training": {"epochs": 4},
@@ -455,7 +455,7 @@ def test_one_worker_trials_hold_the_workers_resources_in_tune():
 # ---- samplers to compare against: tpe | random | grid, tell_policy fidelity | stock ---------
 
 SAMPLER_BAD = [
-    ({"sampler": "grd"}, "sampler: Input should be 'tpe', 'random' or 'grid'"),
+    ({"sampler": "grd"}, "sampler: unknown sampler 'grd' (did you mean 'grid'?): choose from tpe, random, grid"),
     ({"tell_policy": "ray"}, "tell_policy: Input should be 'fidelity' or 'stock'"),
     ({"sampler": "grid"}, "sampler grid needs a list of learning rates: space.lr_choices"),
     ({"space.lr_choices": [1e-3]}, "give space.lr (a range) or space.lr_choices (a list), not both"),
@@ -533,7 +533,7 @@ def test_record_test_scores_test_at_every_evaluation_of_a_grid(tiny_model_dir):
 
 
 def test_random_and_tpe_with_lr_choices_stay_feasible_and_on_the_list(tiny_model_dir):
-    from melora_tune.search.searcher import make_sampler
+    from melora_tune.search.samplers import make_sampler
     from melora_tune.search.schema import parse_space
     from melora_tune.search.space import build_space
 
@@ -561,7 +561,7 @@ def test_stock_tell_policy_tells_what_rays_optuna_search_tells(tmp_path, tiny_mo
     from optuna.trial import TrialState
 
     from melora_tune.search.schema import parse_space
-    from melora_tune.search.searcher import make_sampler
+    from melora_tune.search.samplers import make_sampler
     from melora_tune.search.space import build_space
 
     fs = build_space(parse_space(base_space(tiny_model_dir)))

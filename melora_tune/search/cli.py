@@ -17,12 +17,26 @@ import json
 import os
 import sys
 
+from melora_tune.search.samplers import all_samplers, get_sampler
+from melora_tune.search.schedulers import all_schedulers, get_scheduler
+
+
+def strategies_help() -> str:
+    """The registered samplers and schedulers, one line each (search --help)."""
+    width = max(len(s.name) for s in [*all_samplers(), *all_schedulers()]) + 2
+    lines = ["samplers (the space's sampler: key, default tpe):"]
+    lines += [f"  {s.name:<{width}}{s.summary}" for s in all_samplers()]
+    lines.append("schedulers (the space's scheduler: key, default asha):")
+    lines += [f"  {s.name:<{width}}{s.summary}" for s in all_schedulers()]
+    return "\n".join(lines)
+
 
 def add_search_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "search",
         help="search adapter hyperparameters under a parameter budget (Ray Tune + Optuna + ASHA + MLflow)",
         description=__doc__,
+        epilog=strategies_help(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("space", help="search space YAML (see search_spaces/demo.yaml)")
@@ -84,17 +98,15 @@ def _dry_run(args) -> int:
     space, feasible = dry_run(args.space, num_samples=args.num_samples, storage_path=args.storage_path,
                               tracking_uri=args.tracking_uri, name=args.name, resume=args.resume, address=args.address)
     total = sum(feasible.size(m) for m in feasible.methods)
-    asha = (
-        f"ASHA on {space.asha.time_attr} (grace {space.asha.grace_period}, reduction {space.asha.reduction_factor:g}, max {space.max_t})"
-        if space.asha.enabled else "no early stopping"
-    )
+    scheduler = get_scheduler(space.scheduler_name)
+    asha = scheduler.phrase(space.asha, space.max_t)
     res = space.resources
     print(f"{space.name}: {space.model} on {space.task.name}, {feasible.shapes_summary}")
     print(f"budget {space.budget.max_params:,} adapter params (min fraction {space.budget.min_fraction:g}): {total} feasible configurations")
     for line in feasible.summary_lines():
         print(line)
-    sampler = {"tpe": "Optuna TPE", "random": "random search", "grid": f"the full grid ({feasible.grid_size()} points)"}[space.sampler]
-    policy = ", stopped trials told as COMPLETE (stock)" if space.tell_policy == "stock" and space.asha.enabled else ""
+    sampler = get_sampler(space.sampler).phrase(feasible)
+    policy = ", stopped trials told as COMPLETE (stock)" if space.tell_policy == "stock" and scheduler.stops_early else ""
     print(f"{space.num_samples} trials by {sampler}, at most {space.max_concurrent_trials} at once, {asha}{policy}"
           + ("; test scored at every evaluation (record_test)" if space.record_test else ""))
     where = "trained in the Tune trial process" if res.num_workers == 1 else f"{res.num_workers} Ray Train workers"

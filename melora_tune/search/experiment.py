@@ -27,8 +27,10 @@ from melora_tune.errors import UsageError
 from melora_tune.records import META_NAME
 from melora_tune.records.store import absolute_sqlite
 from melora_tune.search.preflight import check_start
+from melora_tune.search.samplers import get_sampler
 from melora_tune.search.schema import DEFAULT_STORAGE_PATH, DEFAULT_TRACKING_URI, SearchSpace, load_space, parse_space
 from melora_tune.search.memcheck import search_memory
+from melora_tune.search.schedulers import DEFAULT as DEFAULT_SCHEDULER
 from melora_tune.search.space import FeasibleSpace, build_space
 from melora_tune.trial.ray_env import check_run_name
 
@@ -59,14 +61,14 @@ def with_num_samples(space: SearchSpace, num_samples: int | None) -> SearchSpace
 
 def with_grid_size(space: SearchSpace, feasible: FeasibleSpace) -> SearchSpace:
     """A grid's num_samples: the grid's size unless given (fewer runs part of it; more cannot be distinct)."""
-    if space.sampler != "grid":
+    if not get_sampler(space.sampler).enumerates:
         return space
     size = feasible.grid_size()
     if "num_samples" not in space.model_fields_set:
         return space.model_copy(update={"num_samples": size})
     if space.num_samples > size:
         raise UsageError(
-            f"num_samples={space.num_samples} exceeds the grid's {size} points (sampler grid runs each once): "
+            f"num_samples={space.num_samples} exceeds the grid's {size} points (sampler {space.sampler} runs each once): "
             f"leave num_samples out to run the whole grid"
         )
     return space
@@ -80,6 +82,8 @@ def comparable(space: SearchSpace) -> dict[str, Any]:
     data = space.model_dump(mode="json")
     for key in RESUME_MAY_CHANGE:
         data.pop(key, None)
+    if data.get("scheduler") == DEFAULT_SCHEDULER:
+        data.pop("scheduler")  # the key came later: a search recorded before it compares equal on --resume
     return data
 
 

@@ -5,8 +5,9 @@ The method
 A table (``melora-tune table``, e.g. ``benchmarks/tables/trec.csv``) holds, for every configuration of a
 small grid, every seed's full learning curve: one row per (configuration, seed, epoch) with the validation
 and test scores and the cumulative train + eval seconds. Replaying a strategy on it means running the
-project's real searcher (``BudgetOptunaSearch``) and Ray's real schedulers (the project's ``FiniteASHA``
-from ``asha_scheduler``, or ``FIFOScheduler``) exactly as Ray Tune would call them, but answering each
+project's real searcher (``BudgetOptunaSearch`` with a registered sampler, ``search.samplers``) and the
+registered scheduler (``search.schedulers``: the project's ``FiniteASHA``, ``FIFOScheduler``, or any other)
+exactly as Ray Tune would call them, but answering each
 trial's epoch with the recorded row instead of training, and advancing a simulated clock by the recorded
 cost of that epoch (as Syne Tune's simulator backend does). ``concurrency`` trials run at once; the next
 event is the earliest epoch to finish.
@@ -59,10 +60,18 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from optuna.storages import InMemoryStorage
+from ray.tune.experiment import Trial
+from ray.tune.schedulers import TrialScheduler
 
 from melora_tune.adapters import HYPERPARAMS, get_method
 from melora_tune.adapters.budget import Candidate
+from melora_tune.errors import UsageError
 from melora_tune.records.schema import rank_key
+from melora_tune.search.samplers import get_sampler, sampler_names
+from melora_tune.search.schedulers import get_scheduler, scheduler_names
+from melora_tune.search.schema import Asha
+from melora_tune.search.searcher import BudgetOptunaSearch
 from melora_tune.search.space import FeasibleSpace
 
 METRIC = "score"
@@ -70,15 +79,31 @@ KEY_COLUMNS = ("method", *HYPERPARAMS, "lr", "alpha", "dropout")
 COLUMNS = (*KEY_COLUMNS, "budget", "seed", "epoch", "step", "val_score", "test_score", "train_time_s",
            "eval_time_s", "adapter_params", "equivalent_rank")
 
-# name -> (sampler, tell_policy, ASHA): random ignores what it is told, so its policy does not matter
-STRATEGIES: dict[str, tuple[str, str, bool]] = {
-    "random": ("random", "fidelity", False),
-    "grid": ("grid", "fidelity", False),
-    "tpe": ("tpe", "fidelity", False),
-    "random+asha": ("random", "fidelity", True),
-    "tpe+asha-stock": ("tpe", "stock", True),
-    "tpe+asha": ("tpe", "fidelity", True),
+# The benchmark's default rows: name -> (sampler, tell_policy, scheduler); random ignores what it is told, so
+# its policy does not matter. Any other "SAMPLER[+SCHEDULER][-stock]" of registered names replays too
+# (``parse_strategy``).
+STRATEGIES: dict[str, tuple[str, str, str]] = {
+    "random": ("random", "fidelity", "fifo"),
+    "grid": ("grid", "fidelity", "fifo"),
+    "tpe": ("tpe", "fidelity", "fifo"),
+    "random+asha": ("random", "fidelity", "asha"),
+    "tpe+asha-stock": ("tpe", "stock", "asha"),
+    "tpe+asha": ("tpe", "fidelity", "asha"),
 }
+
+
+def parse_strategy(name: str) -> tuple[str, str, str]:
+    """(sampler, tell_policy, scheduler) of a strategy name: a ``STRATEGIES`` row, or ``SAMPLER[+SCHEDULER][-stock]``
+    of registered names (no scheduler: fifo; ``-stock``: Ray's tell policy). UsageError naming the known ones."""
+    if name in STRATEGIES:
+        return STRATEGIES[name]
+    rest, stock = (name[:-len("-stock")], True) if name.endswith("-stock") else (name, False)
+    sampler, _, scheduler = rest.partition("+")
+    if sampler not in sampler_names() or (scheduler and scheduler not in scheduler_names()):
+        raise UsageError(f"unknown strategy {name!r}: give one of {', '.join(STRATEGIES)}, or SAMPLER[+SCHEDULER][-stock] "
+                         f"with a sampler from {', '.join(sampler_names())} and a scheduler from "
+                         f"{', '.join(scheduler_names())}")
+    return get_sampler(sampler).name, "stock" if stock else "fidelity", get_scheduler(scheduler or "fifo").name
 
 
 @dataclass
@@ -251,11 +276,7 @@ class ReplayRun:
 def make_searcher(level: Level, strategy: str, seed: int, n_startup_trials: int = 6,
                   points: list[dict[str, Any]] | None = None):
     """The project's ``BudgetOptunaSearch`` over the level's space (``points``: {method, r, ..., lr} tried first)."""
-    from optuna.storages import InMemoryStorage
-
-    from melora_tune.search.searcher import BudgetOptunaSearch
-
-    sampler, policy, _ = STRATEGIES[strategy]
+    sampler, policy, _ = parse_strategy(strategy)
     space = level.space()
     return BudgetOptunaSearch(
         space, storage=InMemoryStorage(), study_name=f"replay-{level.budget}-{strategy}-{seed}",
@@ -265,13 +286,10 @@ def make_searcher(level: Level, strategy: str, seed: int, n_startup_trials: int 
     )
 
 
-def make_replay_scheduler(level: Level, asha: bool, reduction_factor: float = 3):
-    """The project's scheduler (``runner.asha_scheduler``: FiniteASHA, stop_last_trials=False, or FIFO)."""
-    from melora_tune.search.runner import asha_scheduler
-    from melora_tune.search.schema import Asha
-
-    section = Asha(enabled=asha, time_attr="epoch", grace_period=1, reduction_factor=reduction_factor, brackets=1)
-    scheduler = asha_scheduler(section, level.epochs)
+def make_replay_scheduler(level: Level, scheduler: str, reduction_factor: float = 3):
+    """The registered scheduler as a search builds it (asha: FiniteASHA, stop_last_trials=False; fifo: FIFO)."""
+    section = Asha(time_attr="epoch", grace_period=1, reduction_factor=reduction_factor, brackets=1)
+    scheduler = get_scheduler(scheduler).make(section, level.epochs)
     scheduler.set_search_properties(METRIC, "max")  # what tune.run does with TuneConfig(metric, mode)
     return scheduler
 
@@ -284,17 +302,13 @@ def replay(level: Level, strategy: str, seed: int, *, concurrency: int = 4, max_
     ``num_samples``: most trials to start (Ray's; default: the grid's size for ``grid``, else unbounded).
     ``points``: configurations the searcher tries first (``points_to_evaluate``), in order.
     """
-    from ray.tune.experiment import Trial
-    from ray.tune.schedulers import TrialScheduler
-
-    if strategy not in STRATEGIES:
-        raise ValueError(f"unknown strategy {strategy!r}: choose from {', '.join(STRATEGIES)}")
+    sampler, _, scheduler_name = parse_strategy(strategy)
     run = ReplayRun(level, strategy)
     searcher = run.searcher = make_searcher(level, strategy, seed, n_startup_trials, points)
-    scheduler = make_replay_scheduler(level, STRATEGIES[strategy][2], reduction_factor)
+    scheduler = make_replay_scheduler(level, scheduler_name, reduction_factor)
     rng = np.random.default_rng(seed)
     if num_samples is None:
-        num_samples = len(level.configs) if STRATEGIES[strategy][0] == "grid" else math.inf
+        num_samples = len(level.configs) if get_sampler(sampler).enumerates else math.inf
     target = max_fraction * level.grid_compute
     E = level.epochs
 

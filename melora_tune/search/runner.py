@@ -14,16 +14,17 @@ from typing import Any, Callable
 
 import ray
 from ray import tune
-from ray.tune.schedulers import AsyncHyperBandScheduler, FIFOScheduler
 
-from melora_tune.records import META_NAME, rank_key
+from melora_tune.records import META_NAME, SCORED, rank_key
 from melora_tune.search import tracking as trk
 from melora_tune.search.confirm import run_confirm
 from melora_tune.search.experiment import comparable, is_remote, prepare_search, write_meta
 from melora_tune.search.progress import ProgressCallback, TrialRow, summary_table
 from melora_tune.search.reaper import PlacementGroupReaper
 from melora_tune.search.resources import check_resources, reuse_actors, trial_resources
-from melora_tune.search.schema import Asha, SearchSpace
+from melora_tune.search.schedulers import DEFAULT as DEFAULT_SCHEDULER
+from melora_tune.search.schedulers import make_scheduler
+from melora_tune.search.schema import SearchSpace
 from melora_tune.search.searcher import BudgetOptunaSearch, outcome
 from melora_tune.search.space import FeasibleSpace
 from melora_tune.search.tracking import MlflowTrialCallback, best_checkpoint
@@ -80,41 +81,6 @@ class SearchResult:
 
 
 
-def make_scheduler(space: SearchSpace):
-    """The search's trial scheduler: ``asha_scheduler`` of its asha section, up to its max fidelity."""
-    return asha_scheduler(space.asha, space.max_t)
-
-
-def asha_scheduler(asha: Asha, max_t: int):
-    """FiniteASHA for an enabled asha section, else FIFO (also what the replay benchmark schedules with)."""
-    if not asha.enabled:
-        return FIFOScheduler()
-
-    class FiniteASHA(AsyncHyperBandScheduler):
-        """ASHA that ignores non-finite scores (a diverged trial's -inf would turn a rung's cutoff into NaN)."""
-
-        def on_trial_result(self, tune_controller, trial, result):
-            if not math.isfinite(result.get(METRIC, math.nan)):
-                return self.CONTINUE
-            return super().on_trial_result(tune_controller, trial, result)
-
-        def on_trial_complete(self, tune_controller, trial, result):
-            if not math.isfinite((result or {}).get(METRIC, math.nan)):
-                self._trial_info.pop(trial.trial_id, None)
-                return
-            return super().on_trial_complete(tune_controller, trial, result)
-
-    return FiniteASHA(
-        time_attr=asha.time_attr,
-        max_t=max_t,
-        grace_period=asha.grace_period,
-        reduction_factor=asha.reduction_factor,
-        brackets=asha.brackets,
-        # a trial at max_t ends by itself: stopping it would kill its Train run before it shuts down cleanly
-        stop_last_trials=False,
-    )
-
-
 # ---- the search ------------------------------------------------------------------------------
 
 def search_params(space: SearchSpace, feasible: FeasibleSpace, num_samples: int, *, storage_path: str | None = None,
@@ -137,7 +103,7 @@ def search_params(space: SearchSpace, feasible: FeasibleSpace, num_samples: int,
         "sampler": space.sampler,
         "tell_policy": space.tell_policy,
         "record_test": space.record_test,
-        "asha": space.asha.enabled,
+        "asha": space.scheduler_name == DEFAULT_SCHEDULER,
         "asha_grace_period": space.asha.grace_period,
         "asha_reduction_factor": space.asha.reduction_factor,
         "target_modules": feasible.target_modules,
@@ -154,6 +120,8 @@ def search_params(space: SearchSpace, feasible: FeasibleSpace, num_samples: int,
         value = getattr(s, key)
         if value is not None:
             out[f"space.{key}"] = value
+    if space.scheduler != DEFAULT_SCHEDULER:
+        out["scheduler"] = space.scheduler  # only when the space names another: older records stay as they were
     for method in feasible.methods:
         out[f"feasible_{method}"] = feasible.size(method)
     return out

@@ -22,6 +22,9 @@ from melora_tune.adapters import HYPERPARAMS, method_names
 from melora_tune.adapters.config import check_alpha, check_dropout, check_targets, split_list
 from melora_tune.adapters.registry import owners
 from melora_tune.errors import Schema, UsageError, closest, describe_validation_error, did_you_mean
+from melora_tune.search.samplers import get_sampler, sampler_names
+from melora_tune.search.schedulers import DEFAULT as DEFAULT_SCHEDULER
+from melora_tune.search.schedulers import effective_name, get_scheduler
 from melora_tune.trial.config import ResourcesSection, TaskSection, TrainingSection
 
 from melora_tune.records import DEFAULT_STORAGE_PATH, DEFAULT_TRACKING_URI  # noqa: E402,F401  (re-exported)
@@ -240,8 +243,12 @@ class SearchSpace(Schema):
     n_startup_trials: int | None = Field(None, ge=0)  # random trials before TPE (None: about a third, 2..10)
     # Which Optuna sampler proposes configurations, always over the feasible-only space: tpe (multivariate
     # TPE), random, or grid (Optuna's BruteForceSampler: every feasible configuration x space.lr_choices
-    # [x space.seeds] exactly once; num_samples defaults to the grid's size).
-    sampler: Literal["tpe", "random", "grid"] = "tpe"
+    # [x space.seeds] exactly once; num_samples defaults to the grid's size). Any registered sampler
+    # (melora_tune/search/samplers/).
+    sampler: str = "tpe"
+    # What stops trials early: asha (the asha section's settings) or fifo (none, as asha.enabled: false).
+    # Any registered scheduler (melora_tune/search/schedulers/).
+    scheduler: str = DEFAULT_SCHEDULER
     # What a trial ASHA stopped tells the sampler: fidelity (PRUNED, see search/searcher.py) or stock
     # (what Ray's OptunaSearch does: COMPLETE with its partial-fidelity score). For comparisons.
     tell_policy: Literal["fidelity", "stock"] = "fidelity"
@@ -281,6 +288,16 @@ class SearchSpace(Schema):
                 out.append(key)
         return out
 
+    @field_validator("sampler")
+    @classmethod
+    def _sampler(cls, value: str) -> str:
+        return get_sampler(value).name  # UsageError: unknown, with the closest and the known ones
+
+    @field_validator("scheduler")
+    @classmethod
+    def _scheduler(cls, value: str) -> str:
+        return get_scheduler(value).name
+
     @field_validator("points_to_evaluate")
     @classmethod
     def _points(cls, value: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -311,25 +328,35 @@ class SearchSpace(Schema):
                 "confirm scores the test split, and task.test_fraction is 0 (no test split): "
                 "set task.test_fraction (e.g. 0.1), or confirm.enabled: false"
             )
-        if self.sampler == "grid" and self.space.lr_choices is None:
-            raise ValueError("sampler grid needs a list of learning rates: space.lr_choices: [1.0e-3, 3.0e-3, 1.0e-2]")
-        if self.space.seeds is not None and self.sampler != "grid":
-            raise ValueError("space.seeds repeats every grid point per seed: use sampler: grid, or drop space.seeds")
+        sampler = get_sampler(self.sampler)
+        grids = " or ".join(s for s in sampler_names() if get_sampler(s).enumerates)
+        if sampler.enumerates and self.space.lr_choices is None:
+            raise ValueError(f"sampler {self.sampler} needs a list of learning rates: space.lr_choices: [1.0e-3, 3.0e-3, 1.0e-2]")
+        if self.space.seeds is not None and not sampler.enumerates:
+            raise ValueError(f"space.seeds repeats every grid point per seed: use sampler: {grids}, or drop space.seeds")
+        if self.scheduler != DEFAULT_SCHEDULER and not self.asha.enabled and get_scheduler(self.scheduler).stops_early:
+            raise ValueError(f"asha.enabled: false means no early stopping, and scheduler is {self.scheduler}: "
+                             "drop one of them")
         if self.record_test:
-            if self.sampler != "grid" or self.asha.enabled:
+            if not sampler.enumerates or get_scheduler(self.scheduler_name).stops_early:
                 raise ValueError(
                     "record_test scores the test split at every evaluation, which only a full grid without early "
-                    "stopping may do: set sampler: grid and asha.enabled: false, or record_test: false"
+                    f"stopping may do: set sampler: {grids} and asha.enabled: false, or record_test: false"
                 )
             if self.task.test_fraction == 0:
                 raise ValueError("record_test needs a test split, and task.test_fraction is 0: set it (e.g. 0.1)")
-        if self.asha.enabled and self.asha.grace_period > self.training.epochs:
+        if self.scheduler_name == DEFAULT_SCHEDULER and self.asha.grace_period > self.training.epochs:
             raise ValueError(
                 f"asha.grace_period={self.asha.grace_period} exceeds training.epochs={self.training.epochs} (the max fidelity)"
             )
         return self
 
     # ---- derived ------------------------------------------------------------------
+    @property
+    def scheduler_name(self) -> str:
+        """The scheduler this space runs (``asha.enabled: false`` with the default asha: fifo)."""
+        return effective_name(self.scheduler, self.asha.enabled)
+
     @property
     def max_t(self) -> int:
         """ASHA's max fidelity: epochs (a report per epoch when time_attr is training_iteration)."""

@@ -54,6 +54,10 @@ import optuna
 from optuna.trial import TrialState
 from ray.tune.search.optuna import OptunaSearch
 
+from melora_tune.search.samplers import make_sampler
+# GridSampler stays importable from here: searcher snapshots of grid searches started before it moved name this path
+from melora_tune.search.samplers.brute_force import GridSampler  # noqa: F401
+
 log = logging.getLogger("melora_tune.search")
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
@@ -83,42 +87,13 @@ def outcome(result: dict[str, Any] | None, error: bool, max_t: float, time_attr:
 
 from melora_tune.records import finite as _finite  # noqa: E402
 
-
-class GridSampler(optuna.samplers.BruteForceSampler):
-    """Optuna's exhaustive sampler over the conditional space, each leaf once (running trials count as taken).
-
-    Its ``after_trial`` calls ``study.stop()`` once the tree is covered, which only works inside
-    ``study.optimize``; under Ray the search ends at ``num_samples`` = the grid's size instead.
-    """
-
-    def after_trial(self, study, trial, state, values) -> None:  # noqa: D102
-        return None
-
-
-SAMPLERS = ("tpe", "random", "grid")
 TELL_POLICIES = ("fidelity", "stock")
-
-
-def make_sampler(seed: int, n_startup_trials: int, kind: str = "tpe") -> optuna.samplers.BaseSampler:
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-    if kind == "random":
-        return optuna.samplers.RandomSampler(seed=seed)
-    if kind == "grid":
-        return GridSampler(seed=seed)
-    if kind != "tpe":
-        raise ValueError(f"unknown sampler {kind!r}: choose from {', '.join(SAMPLERS)}")
-    # multivariate + group: TPE models the parameters that occur together (one method's subtree)
-    # jointly, which is what a conditional space needs; constant_liar keeps concurrent trials apart.
-    return optuna.samplers.TPESampler(
-        seed=seed, n_startup_trials=n_startup_trials, multivariate=True, group=True, constant_liar=True
-    )
 
 
 class BudgetOptunaSearch(OptunaSearch):
     """``OptunaSearch`` over a ``FeasibleSpace`` with the fidelity-aware tell policy above.
 
-    ``sampler``: tpe | random | grid (``make_sampler``). ``tell_policy="stock"`` tells exactly what Ray's
+    ``sampler``: a registered sampler's name (``search.samplers``: tpe, random, grid, ...). ``tell_policy="stock"`` tells exactly what Ray's
     ``OptunaSearch`` does (intermediate values at ``training_iteration``; an ended trial COMPLETE with its
     last score, whatever its fidelity): the baseline the fidelity policy is measured against
     (``benchmarks/search_efficiency.py``). Restart handling (orphans) is the same for both.
@@ -150,7 +125,7 @@ class BudgetOptunaSearch(OptunaSearch):
             space=space,
             metric=metric,
             mode=mode,
-            sampler=make_sampler(seed, n_startup_trials, sampler),
+            sampler=make_sampler(seed, n_startup_trials, sampler, space),
             study_name=study_name,
             storage=storage,
         )
