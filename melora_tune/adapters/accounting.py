@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from melora_tune.adapters import AdapterConfig
+from melora_tune.adapters.config import AdapterConfig
 from melora_tune.adapters.inject import find_modules_to_save, find_targets
 from melora_tune.adapters.models import auto_class, load_config
 
