@@ -12,7 +12,8 @@ from typing import Any
 import pandas as pd
 
 from melora_tune.adapters.registry import optional_hyperparams, table_hyperparams
-from melora_tune.records import BASELINE_LABELS
+from melora_tune.records import BASELINE_LABELS, finite
+from melora_tune.report.confirmed import method_label
 
 
 # (column, header) of the best-per-method table; method-specific columns are dropped when no row has them.
@@ -217,8 +218,6 @@ def interval(lo: Any, hi: Any, n: Any) -> str:
 
 
 def _finite(x: Any) -> bool:
-    from melora_tune.records import finite
-
     return finite(x)
 
 
@@ -227,8 +226,6 @@ def _seeds(row) -> str:
 
 
 def _method_cell(row) -> str:
-    from melora_tune.report.confirmed import method_label
-
     return method_label(row["method"])
 
 
