@@ -21,6 +21,11 @@ class Schema(BaseModel):
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
+    @classmethod
+    def schema_keys(cls) -> list[str]:
+        """The keys this section accepts, in order (a schema with keys beyond its fields says so here)."""
+        return list(cls.model_fields)
+
 
 class StandaloneSchema(Schema):
     """A schema also built directly in code (``AdapterConfig(r=2)``): a bad value is a one-line ``UsageError``.
@@ -50,6 +55,12 @@ def _model_at(root: type[BaseModel], loc: tuple) -> type[BaseModel] | None:
     return model
 
 
+def schema_keys(model: type[BaseModel]) -> list[str]:
+    """The keys a schema accepts: ``Schema.schema_keys``, else its fields."""
+    keys = getattr(model, "schema_keys", None)
+    return keys() if keys is not None else list(model.model_fields)
+
+
 def _sections(root: type[BaseModel]) -> dict[str, type[BaseModel]]:
     return {name: nested for name in root.model_fields if (nested := _model_at(root, (name,))) is not None}
 
@@ -68,17 +79,17 @@ def describe_validation_error(err: ValidationError, root: type[BaseModel], what:
     if kind == "extra_forbidden":
         parent, key = loc[:-1], str(loc[-1])
         model = _model_at(root, parent)
-        known = list(model.model_fields) if model else []
+        known = schema_keys(model) if model else []
         close = closest(key, known)
         prefix = ".".join(map(str, parent))
         if close:
             hint = f" (did you mean {'.'.join(filter(None, [prefix, close]))!r}?)"
         else:
             sections = _sections(root)
-            elsewhere = [f"{s}.{key}" for s, m in sections.items() if key in m.model_fields and (s,) != parent]
+            elsewhere = [f"{s}.{key}" for s, m in sections.items() if key in schema_keys(m) and (s,) != parent]
             if not parent and not elsewhere:
                 # a typo of a key that lives in a section: "epoch" -> "training.epochs"
-                by_name = {f: f"{s}.{f}" for s, m in sections.items() for f in m.model_fields}
+                by_name = {f: f"{s}.{f}" for s, m in sections.items() for f in schema_keys(m)}
                 near = difflib.get_close_matches(key, list(by_name), n=1, cutoff=0.75)
                 elsewhere = [by_name[near[0]]] if near else []
             if not elsewhere:

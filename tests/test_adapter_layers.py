@@ -45,7 +45,7 @@ def dense_prolora(layer: PRoLoRALinear, cfg: AdapterConfig) -> torch.Tensor:
     if rs:
         A0, B0 = layer.prolora_A0, layer.prolora_B0
         wa, wb = A0.shape[1], B0.shape[0]
-        sa, sb = max(rs // cfg.m, 1), max(rs // cfg.sharing_b, 1)
+        sa, sb = max(rs // cfg.m, 1), max(rs // cfg.value("m_b"), 1)
         for col in range(layer.in_features):
             k, j = divmod(col, wa)
             for i in range(rs):

@@ -6,10 +6,9 @@ importing this package registers the built-in ones.
 
 from melora_tune.adapters.base import AdapterLinear
 from melora_tune.adapters.config import AdapterConfig
+from melora_tune.adapters.hyperparams import HYPERPARAMS, HyperParam
+from melora_tune.adapters.method import Method
 from melora_tune.adapters.registry import (
-    HYPERPARAMS,
-    HyperParam,
-    Method,
     all_methods,
     describe,
     format_lr,
@@ -20,10 +19,10 @@ from melora_tune.adapters.registry import (
 )
 
 # The built-in methods register themselves on import (order: how tables and --help list them).
-from melora_tune.adapters.lora import LoRALinear  # noqa: E402
-from melora_tune.adapters.melora import MELoRALinear  # noqa: E402
-from melora_tune.adapters.prolora import PRoLoRALinear  # noqa: E402
-from melora_tune.adapters import dora as _dora  # noqa: E402,F401
+from melora_tune.adapters.lora import LoRALinear
+from melora_tune.adapters.melora import MELoRALinear
+from melora_tune.adapters.prolora import PRoLoRALinear
+from melora_tune.adapters.dora import DoRALinear
 
 
 def layer_class(method: str) -> type[AdapterLinear]:
@@ -45,6 +44,6 @@ def __getattr__(name: str):
 
 __all__ = [
     "METHODS", "HYPERPARAMS", "HyperParam", "Method", "AdapterConfig", "AdapterLinear", "LoRALinear",
-    "MELoRALinear", "PRoLoRALinear", "LAYERS", "all_methods", "describe", "format_lr", "get_method",
+    "MELoRALinear", "PRoLoRALinear", "DoRALinear", "LAYERS", "all_methods", "describe", "format_lr", "get_method",
     "layer_class", "make_layer", "method_names", "register_method", "unregister_method",
 ]

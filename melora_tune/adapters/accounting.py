@@ -13,9 +13,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from melora_tune.adapters import AdapterConfig
+from melora_tune.adapters.config import AdapterConfig
 from melora_tune.adapters.inject import find_modules_to_save, find_targets
-from melora_tune.adapters.models import auto_class, load_config
+from melora_tune.adapters.models import auto_class, causal_lm_overrides, load_config
 
 
 @dataclass(frozen=True)
@@ -40,8 +40,6 @@ class ModelSpec:
     @classmethod
     def from_config(cls, config, task: str = "seq_cls", name: str = "") -> "ModelSpec":
         if task == "causal_lm":
-            from melora_tune.adapters.models import causal_lm_overrides
-
             for key, value in causal_lm_overrides(config).items():  # as the trial loads it (and no warning)
                 config = copy.deepcopy(config)
                 setattr(config, key, value)

@@ -19,7 +19,8 @@ from typing import Any, Iterable, Sequence
 
 from melora_tune.adapters.accounting import LinearShape, adapter_params
 from melora_tune.adapters.config import AdapterConfig
-from melora_tune.adapters.registry import DEFAULT_SHARING_RATES, HYPERPARAMS, common_divisors, get_method  # noqa: F401
+from melora_tune.adapters.hyperparams import HYPERPARAMS
+from melora_tune.adapters.registry import get_method
 from melora_tune.errors import UsageError
 
 
@@ -46,7 +47,7 @@ class Candidate:
         tied = HYPERPARAMS[name].tied_to
         if tied:
             return getattr(self, tied)
-        return AdapterConfig.model_fields[name].default
+        return HYPERPARAMS[name].default
 
     @property
     def key(self) -> tuple:
@@ -78,8 +79,9 @@ def enumerate_feasible(
 ) -> list[Candidate]:
     """Every feasible configuration of ``method`` within the declared choices (``r=[1, 2]``, ``n=None``...).
 
-    ``None`` (or no) choices mean the method's defaults: n over all common divisors of the
-    layers' dims, r over 1..max, u over 0..r, m over DEFAULT_SHARING_RATES, m_b tied to m.
+    ``None`` (or no) choices mean the method's defaults (``Method.default_choices``): n over all
+    common divisors of the layers' dims, r over 1..max, u over 0..r, m over PRoLoRA's sharing
+    rates, m_b tied to m.
     ``budget=None`` drops the upper bound (used to find the smallest config).
     """
     if not shapes:
@@ -100,7 +102,7 @@ def enumerate_feasible(
 
     def leaf(chosen: dict[str, int]) -> tuple[bool, bool]:
         values = {k: chosen[tied[k]] if k in tied else chosen[k] for k in spec.hyperparams}
-        cfg = base.model_copy(update={**values, **({"m_b": None} if "m_b" in tied else {})})
+        cfg = base.model_copy(update={**values, **{k: None for k in tied}})
         try:
             params = adapter_params(shapes, cfg)
         except UsageError:

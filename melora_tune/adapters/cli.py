@@ -5,11 +5,13 @@ from __future__ import annotations
 import argparse
 import json
 
-from melora_tune.adapters import HYPERPARAMS, AdapterConfig, get_method, method_names
 from melora_tune.adapters.accounting import ModelSpec, account
 from melora_tune.adapters.budget import enumerate_feasible, smallest_config
-from melora_tune.errors import UsageError
+from melora_tune.adapters.config import AdapterConfig
+from melora_tune.adapters.hyperparams import HYPERPARAMS
 from melora_tune.adapters.models import TASK_TYPES
+from melora_tune.adapters.registry import get_method, method_names
+from melora_tune.errors import UsageError
 
 
 def int_list(text: str) -> list[int]:

@@ -2,8 +2,10 @@
 
 This pydantic model is the single schema of an adapter: the trial config's
 ``adapter`` section subclasses it (``trial.config.AdapterSection``) and the
-search space's fixed ``adapter`` section takes its shared fields. What each
-method accepts is declared by the method (``adapters.registry``).
+search space's fixed ``adapter`` section takes its shared fields. Its integer
+hyperparameters are the registered vocabulary (``adapters.hyperparams``): ``r``
+is a field (every method has a rank), the others (MELoRA's ``n``, PRoLoRA's ``u``,
+``m``, ``m_b``, a plug-in's own) are keys the methods declare, checked here.
 """
 
 from __future__ import annotations
@@ -13,23 +15,15 @@ import math
 from pathlib import Path
 from typing import Any
 
-from pydantic import field_validator, model_validator
+from pydantic import ConfigDict, field_validator, model_validator
 
+from melora_tune.adapters.hyperparams import HYPERPARAMS, RANK, HyperParam, HyperparamSchema
+from melora_tune.adapters.registry import get_method
 from melora_tune.errors import StandaloneSchema, UsageError, did_you_mean
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 META_KEY = "melora_tune"  # provenance saved next to the config (ignored when loading)
-
-# The integer hyperparameter vocabulary (see adapters.registry.HYPERPARAMS) and how a user names each.
-_TITLES = {
-    "r": "adapter rank r",
-    "n": "MELoRA n (number of minis)",
-    "u": "PRoLoRA unshared ranks u",
-    "m": "PRoLoRA sharing rate m",
-    "m_b": "PRoLoRA sharing rate m_b",
-}
-
 
 def split_list(value: Any) -> Any:
     """'query,value' -> ['query', 'value'] (YAML, CLI and JSON all accept either form)."""
@@ -57,23 +51,22 @@ def check_targets(value: Any) -> Any:
     return value
 
 
-class AdapterConfig(StandaloneSchema):
+class AdapterConfig(StandaloneSchema, HyperparamSchema):
     """What to adapt and how.
 
     ``r`` is always the rank of one factor pair: the rank of LoRA, the rank of
     *each* MELoRA mini (equivalent rank ``n * r``), the total rank of PRoLoRA
-    (``u`` of which are unshared). Hyperparameters a method does not use keep
-    their defaults.
+    (``u`` of which are unshared). Every registered hyperparameter is a key
+    (``cfg.n``, ``cfg.m_b``...); those a method does not use keep their defaults.
     """
 
+    model_config = ConfigDict(extra="allow")  # the registered hyperparameters (HyperparamSchema checks them)
+    hyperparams_after = "dropout"
+
     method: str = "melora"
-    r: int = 8
+    r: int = RANK.default
     alpha: float = 16.0
     dropout: float = 0.0
-    n: int = 1  # MELoRA: number of mini-LoRAs
-    u: int = 0  # PRoLoRA: unshared ranks
-    m: int = 1  # PRoLoRA: sharing rate of A (copies of the shared chunk along d_in)
-    m_b: int | None = None  # PRoLoRA: sharing rate of B; None means "same as m"
     target_modules: list[str] = ["query", "value"]
     modules_to_save: list[str] = []
 
@@ -85,32 +78,27 @@ class AdapterConfig(StandaloneSchema):
     @field_validator("method", mode="before")
     @classmethod
     def _method(cls, value: Any) -> Any:
-        from melora_tune.adapters.registry import get_method
-
         key = str(value).strip().lower() if isinstance(value, str) else value
         get_method(key)
         return key
 
-    @field_validator("r", "n", "u", "m", "m_b", mode="before")
     @classmethod
-    def _integer(cls, value: Any, info) -> Any:
-        if value is None and info.field_name == "m_b":
+    def hyperparam_value(cls, hp: HyperParam, value: Any) -> Any:
+        if value is None and hp.default is None:  # a tied one: None means "same as"
             return None
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ValueError(f"adapter {info.field_name} must be an integer, got {value!r}")
+            raise ValueError(f"adapter {hp.name} must be an integer, got {value!r}")
         return value
 
     @model_validator(mode="after")
     def _check(self) -> "AdapterConfig":
-        from melora_tune.adapters.registry import HYPERPARAMS, get_method
-
         for name, hp in HYPERPARAMS.items():
             value = getattr(self, name)
             if value is not None and value < hp.minimum:
-                raise ValueError(f"{_TITLES.get(name, name)} must be >= {hp.minimum}, got {value}")
+                raise ValueError(f"{hp.label} must be >= {hp.minimum}, got {value}")
             bound = getattr(self, hp.at_most) if hp.at_most else None
             if bound is not None and value is not None and value > bound:
-                raise ValueError(f"{_TITLES.get(name, name)} must be in [{hp.minimum}, {hp.at_most}]: "
+                raise ValueError(f"{hp.label} must be in [{hp.minimum}, {hp.at_most}]: "
                                  f"{name}={value} must be <= {hp.at_most}={bound}")
         get_method(self.method).validate(self)
         return self
@@ -119,13 +107,13 @@ class AdapterConfig(StandaloneSchema):
     @property
     def spec(self):
         """The registered ``Method`` of this config."""
-        from melora_tune.adapters.registry import get_method
-
         return get_method(self.method)
 
-    @property
-    def sharing_b(self) -> int:
-        return self.m if self.m_b is None else self.m_b
+    def value(self, name: str) -> int:
+        """A hyperparameter's value, a tied one left unset resolved to its partner's (m_b = m)."""
+        value = getattr(self, name)
+        tied = HYPERPARAMS[name].tied_to if name in HYPERPARAMS else None
+        return self.value(tied) if value is None and tied else value
 
     @property
     def equivalent_rank(self) -> int:
@@ -148,7 +136,7 @@ class AdapterConfig(StandaloneSchema):
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "AdapterConfig":
-        known = list(cls.model_fields)
+        known = cls.schema_keys()
         for key in data:
             if key not in known and key != META_KEY:
                 raise UsageError(f"unknown adapter config key {key!r}{did_you_mean(str(key), known)}")

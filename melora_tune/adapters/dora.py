@@ -16,7 +16,10 @@ from torch import nn
 
 from melora_tune.adapters.base import AdapterLinear
 from melora_tune.adapters.config import AdapterConfig
-from melora_tune.adapters.registry import Method, register_method
+from melora_tune.adapters.export import save_peft_adapter
+from melora_tune.adapters.inject import adapter_layers
+from melora_tune.adapters.method import Method
+from melora_tune.adapters.registry import register_method
 from melora_tune.errors import UsageError
 
 ADAPTER_NAME = "default"
@@ -116,9 +119,6 @@ class DoRA(Method):
     marker, color = "D", "#9467bd"
 
     def export_peft(self, model, cfg, out_dir, base_model_name_or_path, task_type):
-        from melora_tune.adapters.export import save_peft_adapter
-        from melora_tune.adapters.inject import adapter_layers
-
         state = {}
         for name, layer in adapter_layers(model).items():
             prefix = f"base_model.model.{name}"

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from melora_tune.adapters import AdapterConfig
+from melora_tune.adapters.config import AdapterConfig
 from melora_tune.adapters.inject import adapter_layers, find_modules_to_save, matches
 
 PEFT_TASK_TYPES = {"seq_cls": "SEQ_CLS", "causal_lm": "CAUSAL_LM"}

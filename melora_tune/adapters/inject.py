@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -9,8 +10,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from melora_tune.adapters import AdapterConfig, AdapterLinear, make_layer
-from melora_tune.adapters.config import WEIGHTS_NAME
+from melora_tune.adapters.base import AdapterLinear
+from melora_tune.adapters.config import CONFIG_NAME, META_KEY, WEIGHTS_NAME, AdapterConfig
+from melora_tune.adapters.pooling import apply_pooling
 from melora_tune.errors import UsageError
 
 
@@ -145,7 +147,7 @@ def inject_adapters(model: nn.Module, cfg: AdapterConfig) -> InjectionReport:
         p.requires_grad_(False)
     per_module = {}
     for name in targets:
-        layer = make_layer(model.get_submodule(name), cfg)
+        layer = cfg.spec.make_layer(model.get_submodule(name), cfg)
         _set_submodule(model, name, layer)
         per_module[name] = sum(p.numel() for p in layer.trainable_parameters().values())
     head = 0
@@ -185,11 +187,6 @@ def save_adapter(model: nn.Module, cfg: AdapterConfig, directory: str | Path, **
 def load_adapter(model: nn.Module, directory: str | Path) -> tuple[AdapterConfig, InjectionReport]:
     """Inject the saved config into a fresh base model and load its tensors (safetensors only); the pooling the
     trial trained with (``adapters.pooling``, saved in the config's provenance) is applied as well."""
-    import json
-
-    from melora_tune.adapters.config import CONFIG_NAME, META_KEY
-    from melora_tune.adapters.pooling import apply_pooling
-
     cfg = AdapterConfig.load(directory)
     try:
         pooling = (json.loads((Path(directory) / CONFIG_NAME).read_text()).get(META_KEY) or {}).get("pooling")

@@ -7,7 +7,8 @@ from torch import nn
 
 from melora_tune.adapters.base import AdapterLinear, kaiming_uniform_
 from melora_tune.adapters.config import AdapterConfig
-from melora_tune.adapters.registry import Method, register_method
+from melora_tune.adapters.method import Method
+from melora_tune.adapters.registry import register_method
 from melora_tune.errors import UsageError
 
 

@@ -7,7 +7,9 @@ from torch import nn
 
 from melora_tune.adapters.base import AdapterLinear, kaiming_uniform_
 from melora_tune.adapters.config import AdapterConfig
-from melora_tune.adapters.registry import Method, common_divisors, min_dim, register_method
+from melora_tune.adapters.hyperparams import HyperParam
+from melora_tune.adapters.method import Method, common_divisors, min_dim
+from melora_tune.adapters.registry import register_method
 from melora_tune.errors import UsageError
 
 
@@ -86,13 +88,13 @@ class MELoRA(Method):
     label = "MELoRA"
     summary = "MELoRA (Ren et al., 2024): n mini-LoRAs of rank r side by side, equivalent rank n r"
     hyperparams = ("n", "r")
+    declares = (
+        HyperParam("n", "MELoRA: number of mini-LoRAs", 1, title="MELoRA n (number of minis)",
+                   choices=lambda shapes, chosen: common_divisors(shapes),
+                   column="MELoRA mini-LoRAs (1 for other methods)"),
+    )
     layer = MELoRALinear
     marker, color = "o", "#1f77b4"
-
-    def default_choices(self, name, shapes, chosen):
-        if name == "n":
-            return common_divisors(shapes)
-        return super().default_choices(name, shapes, chosen)
 
     def max_rank(self, shapes, chosen):
         return min_dim(shapes) // chosen.get("n", 1)

@@ -9,8 +9,13 @@ from torch import nn
 
 from melora_tune.adapters.base import AdapterLinear, kaiming_uniform_
 from melora_tune.adapters.config import AdapterConfig
-from melora_tune.adapters.registry import DEFAULT_SHARING_RATES, Method, register_method
+from melora_tune.adapters.hyperparams import HyperParam
+from melora_tune.adapters.method import Method
+from melora_tune.adapters.registry import register_method
 from melora_tune.errors import UsageError
+
+
+DEFAULT_SHARING_RATES = (1, 2, 4, 8, 16, 32, 64)
 
 
 def rotation_index(rank: int, copies: int, stride: int, device: torch.device | None = None) -> torch.Tensor:
@@ -43,7 +48,7 @@ class PRoLoRALinear(AdapterLinear):
         super().__init__(base, cfg)
         w = base.weight
         self.shared_rank = cfg.r - cfg.u
-        self.m_a, self.m_b = cfg.m, cfg.sharing_b
+        self.m_a, self.m_b = cfg.m, cfg.value("m_b")
         self.stride_a = max(self.shared_rank // self.m_a, 1)
         self.stride_b = max(self.shared_rank // self.m_b, 1)
         chunk_in = math.ceil(self.in_features / self.m_a)
@@ -60,15 +65,15 @@ class PRoLoRALinear(AdapterLinear):
     def check(d_in: int, d_out: int, cfg: AdapterConfig) -> None:
         if cfg.r > min(d_in, d_out):
             raise UsageError(f"PRoLoRA rank r={cfg.r} exceeds min(d_in, d_out) = {min(d_in, d_out)} of a {d_in}->{d_out} layer")
-        if cfg.m > d_in or cfg.sharing_b > d_out:
+        if cfg.m > d_in or cfg.value("m_b") > d_out:
             raise UsageError(
-                f"PRoLoRA sharing rates m={cfg.m}, m_b={cfg.sharing_b} exceed the layer's d_in={d_in} / d_out={d_out}"
+                f"PRoLoRA sharing rates m={cfg.m}, m_b={cfg.value('m_b')} exceed the layer's d_in={d_in} / d_out={d_out}"
             )
 
     @staticmethod
     def count_params(d_in: int, d_out: int, cfg: AdapterConfig) -> int:
         shared = cfg.r - cfg.u
-        chunks = math.ceil(d_in / cfg.m) + math.ceil(d_out / cfg.sharing_b)
+        chunks = math.ceil(d_in / cfg.m) + math.ceil(d_out / cfg.value("m_b"))
         return shared * chunks + cfg.u * (d_in + d_out)
 
     def full_A(self) -> torch.Tensor:
@@ -106,12 +111,16 @@ class PRoLoRA(Method):
     label = "PRoLoRA"
     summary = "PRoLoRA (Wang et al., 2024): LoRA of rank r built from rotated shared chunks plus u unshared ranks"
     hyperparams = ("r", "u", "m", "m_b")
+    declares = (
+        HyperParam("u", "PRoLoRA: unshared ranks", 0, at_most="r", default=0, title="PRoLoRA unshared ranks u",
+                   choices=lambda shapes, chosen: range(0, chosen["r"] + 1),
+                   column="PRoLoRA unshared ranks (0 for other methods)"),
+        HyperParam("m", "PRoLoRA: sharing rate of A", 1, title="PRoLoRA sharing rate m",
+                   choices=lambda shapes, chosen: DEFAULT_SHARING_RATES,
+                   column="PRoLoRA sharing rate of A (1 for other methods)"),
+        HyperParam("m_b", "PRoLoRA: sharing rate of B (default: tied to m)", 1, tied_to="m", default=None,
+                   title="PRoLoRA sharing rate m_b", choices=lambda shapes, chosen: DEFAULT_SHARING_RATES,
+                   column="PRoLoRA sharing rate of B (= m when tied)"),
+    )
     layer = PRoLoRALinear
     marker, color = "^", "#2ca02c"
-
-    def default_choices(self, name, shapes, chosen):
-        if name == "u":
-            return range(0, chosen["r"] + 1)
-        if name in ("m", "m_b"):
-            return DEFAULT_SHARING_RATES
-        return super().default_choices(name, shapes, chosen)

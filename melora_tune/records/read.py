@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from melora_tune.adapters.hyperparams import HYPERPARAMS
 from melora_tune.errors import UsageError
 
 # Metric and param names of confirmations and of the parent run (records.schema).
@@ -64,19 +65,44 @@ from melora_tune.records.store import check_server, normalize_tracking_uri, trac
 DEFAULT_SCORE_METRIC = "score"  # a search that logged no score_metric (older searches)
 SPLITS = ("val", "test")
 
-HP_COLUMNS = ("n", "r", "u", "m", "m_b")
-INT_COLUMNS = ("optuna_trial", *HP_COLUMNS, "equivalent_rank", "adapter_params", "seed")
 FLOAT_COLUMNS = ("lr", "alpha", "dropout", "score", "best_score", "epoch", "val_score", "test_score")
-COLUMNS = (
-    "run_id", "run_name", "trial_id", "optuna_trial", "method", "n", "r", "u", "m", "m_b", "lr", "alpha", "dropout",
-    "equivalent_rank", "adapter_params", "score", "best_score", "epoch", "status", "reason", "mlflow_status",
-    "start_time", "duration_s", "best_checkpoint",
-)
-CONFIRM_COLUMNS = (
-    "run_id", "run_name", "confirms", "confirms_trial", "config", "method", *HP_COLUMNS, "lr", "alpha", "dropout",
-    "equivalent_rank", "adapter_params", "seed", "status", "mlflow_status", "val_score", "test_score", "score", "epoch",
-    "start_time", "duration_s", "best_checkpoint",
-)
+
+
+# The columns follow the registered hyperparameters (adapters.hyperparams: n, r, u, m, m_b, then a plug-in's own),
+# so they are read when asked for: HP_COLUMNS, INT_COLUMNS, COLUMNS and CONFIRM_COLUMNS are live views.
+def hp_columns() -> tuple[str, ...]:
+    return tuple(HYPERPARAMS)
+
+
+def int_columns() -> tuple[str, ...]:
+    return ("optuna_trial", *hp_columns(), "equivalent_rank", "adapter_params", "seed")
+
+
+def trial_columns() -> tuple[str, ...]:
+    """The columns of ``trials_frame``."""
+    return (
+        "run_id", "run_name", "trial_id", "optuna_trial", "method", *hp_columns(), "lr", "alpha", "dropout",
+        "equivalent_rank", "adapter_params", "score", "best_score", "epoch", "status", "reason", "mlflow_status",
+        "start_time", "duration_s", "best_checkpoint",
+    )
+
+
+def confirm_columns() -> tuple[str, ...]:
+    """The columns of ``confirmations_frame``."""
+    return (
+        "run_id", "run_name", "confirms", "confirms_trial", "config", "method", *hp_columns(), "lr", "alpha", "dropout",
+        "equivalent_rank", "adapter_params", "seed", "status", "mlflow_status", "val_score", "test_score", "score",
+        "epoch", "start_time", "duration_s", "best_checkpoint",
+    )
+
+
+_LIVE = {"HP_COLUMNS": hp_columns, "INT_COLUMNS": int_columns, "COLUMNS": trial_columns, "CONFIRM_COLUMNS": confirm_columns}
+
+
+def __getattr__(name: str):
+    if name in _LIVE:
+        return _LIVE[name]()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def tracking_uri(uri: str | None) -> str:
@@ -232,7 +258,7 @@ def trials_frame(mlf, search: SearchInfo):
             "trial_id": t.get(TRIAL_TAG),
             "optuna_trial": t.get(OPTUNA_TAG, p.get("optuna_trial")),
             "method": p.get("method", "?"),
-            **{k: p.get(k) for k in (*HP_COLUMNS, "lr", "alpha", "dropout", "equivalent_rank", "adapter_params")},
+            **{k: p.get(k) for k in (*hp_columns(), "lr", "alpha", "dropout", "equivalent_rank", "adapter_params")},
             "score": m.get("score"),
             "best_score": m.get("best_score"),
             "epoch": m.get("epoch"),
@@ -243,7 +269,7 @@ def trials_frame(mlf, search: SearchInfo):
             "duration_s": (end - start) / 1000.0 if start and end else None,
             "best_checkpoint": t.get(CHECKPOINT_TAG),
         })
-    df = pd.DataFrame(rows, columns=list(COLUMNS))
+    df = pd.DataFrame(rows, columns=list(trial_columns()))
     return normalize_frame(df)
 
 
@@ -266,7 +292,7 @@ def confirmations_frame(mlf, search: SearchInfo):
             "confirms_trial": t.get(CONFIRMS_TRIAL_TAG),
             "config": t.get(CONFIG_TAG),
             "method": p.get("method", "?"),
-            **{k: p.get(k) for k in (*HP_COLUMNS, "lr", "alpha", "dropout", "equivalent_rank", "adapter_params")},
+            **{k: p.get(k) for k in (*hp_columns(), "lr", "alpha", "dropout", "equivalent_rank", "adapter_params")},
             "seed": t.get(SEED_TAG, p.get(SEED_PARAM)),
             "status": t.get(STATUS_TAG, "?"),
             "mlflow_status": run.info.status,
@@ -278,7 +304,7 @@ def confirmations_frame(mlf, search: SearchInfo):
             "duration_s": (end - start) / 1000.0 if start and end else None,
             "best_checkpoint": t.get(CHECKPOINT_TAG),
         })
-    df = normalize_frame(pd.DataFrame(rows, columns=list(CONFIRM_COLUMNS)))
+    df = normalize_frame(pd.DataFrame(rows, columns=list(confirm_columns())))
     return df.sort_values("start_time", kind="mergesort").reset_index(drop=True)
 
 
@@ -335,7 +361,7 @@ def normalize_frame(df):
     import pandas as pd  # heavy: pandas, loaded where tables are built
 
     df = df.copy()
-    for col in INT_COLUMNS:
+    for col in int_columns():
         if col in df:
             df[col] = pd.to_numeric(df[col].map(_num), errors="coerce").round().astype("Int64")
     for col in FLOAT_COLUMNS:

@@ -30,6 +30,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from melora_tune.adapters.registry import table_hyperparams
 from melora_tune.errors import UsageError
 from melora_tune.records import read
 from melora_tune.report import confirmed, plots
@@ -113,8 +114,8 @@ def cross_dataset_rows(mlf, current: dict[str, tuple[read.SearchInfo, object]] |
             trials = read.trials_frame(mlf, search)
         for _, row in read.best_per_method(trials).iterrows():
             rows.append({
-                "dataset": dataset, "search": search.name, "method": row["method"], "score": row["score"], "n": row["n"],
-                "r": row["r"], "u": row["u"], "m": row["m"], "lr": row["lr"], "adapter_params": row["adapter_params"],
+                "dataset": dataset, "search": search.name, "method": row["method"], "score": row["score"],
+                **{k: row[k] for k in table_hyperparams()}, "lr": row["lr"], "adapter_params": row["adapter_params"],
                 "equivalent_rank": row["equivalent_rank"], "trials": len(trials),
             })
     frame = pd.DataFrame(rows)

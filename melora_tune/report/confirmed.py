@@ -23,7 +23,7 @@ from typing import Any
 
 from melora_tune.adapters.registry import describe, get_method
 from melora_tune.errors import UsageError
-from melora_tune.records.read import DEFAULT_SCORE_METRIC, HP_COLUMNS, Baselines
+from melora_tune.records.read import DEFAULT_SCORE_METRIC, Baselines, hp_columns
 from melora_tune.report.stats import PairedDifference, mean_ci, paired_difference, verdict
 
 COMPLETED = "completed"  # only a confirmation that trained every epoch counts as a seed
@@ -76,7 +76,7 @@ def _plain(value: Any) -> Any:
 
 def configuration_text(row) -> str:
     """'melora n=4 r=2 lr=1.0e-3': the method's hyperparameters and lr, as run names and the trial tables write them."""
-    hp = {key: _plain(row.get(key)) for key in ("method", *HP_COLUMNS, "lr")}
+    hp = {key: _plain(row.get(key)) for key in ("method", *hp_columns(), "lr")}
     return describe(hp)
 
 
@@ -115,7 +115,7 @@ def confirmed_table(confirmations, level: float = 0.95):
         first = group.iloc[0]
         done = seeds[seeds["config"] == key]
         row = {"config": key, "method": first["method"], "configuration": configuration_text(first),
-               **{k: first[k] for k in (*HP_COLUMNS, "lr", "adapter_params", "equivalent_rank", "confirms", "confirms_trial")},
+               **{k: first[k] for k in (*hp_columns(), "lr", "adapter_params", "equivalent_rank", "confirms", "confirms_trial")},
                "runs": len(group), "seeds": len(done), "first_start": group["start_time"].min()}
         for split, column in (("val", "val_score"), ("test", "test_score")):
             ci = mean_ci(done[column], level)

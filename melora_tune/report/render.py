@@ -9,25 +9,39 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from melora_tune.adapters.registry import optional_hyperparams, table_hyperparams
 from melora_tune.records import BASELINE_LABELS, finite
 from melora_tune.report.confirmed import method_label
 
+
 # (column, header) of the best-per-method table; method-specific columns are dropped when no row has them.
-BEST_COLUMNS = [
-    ("method", "method"), ("score", "score"), ("best_score", "best ckpt score"), ("status", "status"), ("n", "n"),
-    ("r", "r"), ("u", "u"), ("m", "m"), ("lr", "lr"), ("alpha", "alpha"), ("adapter_params", "adapter params"),
-    ("equivalent_rank", "equivalent rank"), ("trial_id", "trial id"), ("optuna_trial", "optuna trial"), ("run_id", "MLflow run"),
-]
+# The hyperparameter columns are the registered untied ones (adapters.registry.table_hyperparams: n, r, u, m).
+def best_columns() -> list[tuple[str, str]]:
+    return [
+        ("method", "method"), ("score", "score"), ("best_score", "best ckpt score"), ("status", "status"),
+        *((k, k) for k in table_hyperparams()), ("lr", "lr"), ("alpha", "alpha"), ("adapter_params", "adapter params"),
+        ("equivalent_rank", "equivalent rank"), ("trial_id", "trial id"), ("optuna_trial", "optuna trial"),
+        ("run_id", "MLflow run"),
+    ]
+
+
 TOP_COLUMNS = [
     ("rank", "#"), ("run_name", "configuration"), ("score", "score"), ("best_score", "best ckpt score"), ("status", "status"),
     ("epoch", "epochs"), ("adapter_params", "adapter params"), ("equivalent_rank", "equivalent rank"), ("trial_id", "trial id"),
 ]
-CROSS_COLUMNS = [
-    ("dataset", "dataset"), ("search", "search"), ("method", "method"), ("score", "score"), ("n", "n"), ("r", "r"),
-    ("u", "u"), ("m", "m"), ("lr", "lr"), ("adapter_params", "adapter params"), ("equivalent_rank", "equivalent rank"),
-    ("trials", "trials"),
-]
-OPTIONAL = ("n", "u", "m", "best_score", "optuna_trial")
+
+
+def cross_columns() -> list[tuple[str, str]]:
+    return [
+        ("dataset", "dataset"), ("search", "search"), ("method", "method"), ("score", "score"),
+        *((k, k) for k in table_hyperparams()), ("lr", "lr"), ("adapter_params", "adapter params"),
+        ("equivalent_rank", "equivalent rank"), ("trials", "trials"),
+    ]
+
+
+def optional_columns() -> tuple[str, ...]:
+    """Columns dropped when no row fills them: the hyperparameters some method does not use, and these."""
+    return (*optional_hyperparams(), "best_score", "optuna_trial")
 
 
 def fmt(value: Any, digits: int = 4) -> str:
@@ -112,7 +126,7 @@ def columns_for(df, spec: list[tuple[str, str]]) -> list[tuple[str, str]]:
     for col, head in spec:
         if col not in df.columns:
             continue
-        if col in OPTIONAL and df[col].isna().all():
+        if col in optional_columns() and df[col].isna().all():
             continue
         out.append((col, head))
     return out
@@ -286,7 +300,7 @@ def render_markdown(data: ReportData) -> str:
     if data.best.empty:
         out += ["No trial finished with a score (completed or stopped early).", ""]
     else:
-        out += [md_table(*table_rows(data.best, BEST_COLUMNS)), ""]
+        out += [md_table(*table_rows(data.best, best_columns())), ""]
         out += ["Ranking: trials that trained every epoch before trials ASHA stopped early, then the final score. "
                 "*best ckpt score* is the best evaluation of the trial, the checkpoint whose adapter was saved.", ""]
     out += [f"## Top {data.top_k} trials", ""]
@@ -302,7 +316,7 @@ def render_markdown(data: ReportData) -> str:
                 out.append(f"- {scope + ': ' if scope else ''}{md_escape(text)}")
             out.append("")
     if data.cross is not None and not data.cross.empty:
-        out += ["## Best configuration by dataset", "", md_table(*table_rows(data.cross, CROSS_COLUMNS)), ""]
+        out += ["## Best configuration by dataset", "", md_table(*table_rows(data.cross, cross_columns())), ""]
     return "\n".join(out).rstrip() + "\n"
 
 
@@ -356,7 +370,7 @@ def render_html(data: ReportData) -> str:
     if data.best.empty:
         parts.append("<p>No trial finished with a score (completed or stopped early).</p>")
     else:
-        parts.append(html_table(*table_rows(data.best, BEST_COLUMNS)))
+        parts.append(html_table(*table_rows(data.best, best_columns())))
         parts.append('<p class="note">Ranking: trials that trained every epoch before trials ASHA stopped early, then the '
                      "final score. <em>best ckpt score</em> is the best evaluation of the trial, the checkpoint whose "
                      "adapter was saved.</p>")
@@ -373,7 +387,7 @@ def render_html(data: ReportData) -> str:
             parts.append(f"<ul>{items}</ul>")
     if data.cross is not None and not data.cross.empty:
         parts.append("<h2>Best configuration by dataset</h2>")
-        parts.append(html_table(*table_rows(data.cross, CROSS_COLUMNS)))
+        parts.append(html_table(*table_rows(data.cross, cross_columns())))
     parts.append("</body></html>")
     return "\n".join(parts) + "\n"
 
@@ -398,7 +412,7 @@ def _confirmed_html(data: ReportData) -> list[str]:
 def render_index_markdown(cross, reports: list[tuple[str, str]], generated: str) -> str:
     """The cross-dataset page: the best configuration per dataset and method, and links to each report."""
     out = ["# Search reports: best configuration by dataset", "", f"generated {generated}", ""]
-    out += [md_table(*table_rows(cross, CROSS_COLUMNS)) if cross is not None and not cross.empty else "No scored trial.", ""]
+    out += [md_table(*table_rows(cross, cross_columns())) if cross is not None and not cross.empty else "No scored trial.", ""]
     out += ["## Reports", ""]
     out += [f"- [{md_escape(name)}]({rel}/report.md)" for name, rel in reports]
     return "\n".join(out) + "\n"
@@ -406,7 +420,7 @@ def render_index_markdown(cross, reports: list[tuple[str, str]], generated: str)
 
 def render_index_html(cross, reports: list[tuple[str, str]], generated: str) -> str:
     e = html.escape
-    table = html_table(*table_rows(cross, CROSS_COLUMNS)) if cross is not None and not cross.empty else "<p>No scored trial.</p>"
+    table = html_table(*table_rows(cross, cross_columns())) if cross is not None and not cross.empty else "<p>No scored trial.</p>"
     links = "".join(f'<li><a href="{e(rel)}/report.html">{e(name)}</a></li>' for name, rel in reports)
     return (
         '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>Search reports by dataset</title>'

@@ -3,7 +3,7 @@
 A search space with ``sampler: grid``, ``record_test: true`` and ASHA off trains
 every configuration of its grid (x ``space.seeds``) to the end and scores
 validation and test after every epoch. This reads those MLflow records back:
-one row per (configuration, seed, evaluation), with the columns ``COLUMNS``
+one row per (configuration, seed, evaluation), with the columns ``table_columns()``
 describes, so that ``benchmarks/search_efficiency.py`` can replay searches
 against it without training. Several searches (one per budget level) go into
 one table; the ``budget`` column tells them apart.
@@ -26,20 +26,17 @@ import sys
 import time
 from pathlib import Path
 
-from melora_tune.adapters import AdapterConfig
+from melora_tune.adapters.config import AdapterConfig
+from melora_tune.adapters.hyperparams import HYPERPARAMS
+from melora_tune.adapters.registry import method_names
 from melora_tune.errors import UsageError
 from melora_tune.records import read
 
-# name -> meaning (written into the JSON next to the CSV)
-COLUMNS: dict[str, str] = {
+# name -> meaning (written into the JSON next to the CSV); the hyperparameters' columns come after "config".
+FIXED_COLUMNS: dict[str, str] = {
     "budget": "the search's budget.max_params (one budget level)",
-    "method": "lora | melora | prolora",
+    "method": "",  # the registered methods: lora | melora | prolora | ...
     "config": "the configuration in words, learning rate included (the MLflow run name)",
-    "n": "MELoRA mini-LoRAs (1 for other methods)",
-    "r": "rank (per mini for MELoRA)",
-    "u": "PRoLoRA unshared ranks (0 for other methods)",
-    "m": "PRoLoRA sharing rate of A (1 for other methods)",
-    "m_b": "PRoLoRA sharing rate of B (= m when tied)",
     "lr": "learning rate",
     "alpha": "adapter alpha",
     "dropout": "adapter dropout",
@@ -58,7 +55,21 @@ COLUMNS: dict[str, str] = {
     "search": "the search's name",
     "run_id": "the trial's MLflow run id",
 }
-PARAMS = ("method", *read.HP_COLUMNS, "lr", "alpha", "dropout", "adapter_params", "equivalent_rank")
+
+
+def table_columns() -> dict[str, str]:
+    """Every column and its meaning: the fixed ones with the registered hyperparameters (n, r, u, m, m_b, ...)
+    after ``config``."""
+    head = ("budget", "method", "config")
+    return {**{k: FIXED_COLUMNS[k] for k in head}, "method": " | ".join(method_names()),
+            **{k: hp.column or hp.help for k, hp in HYPERPARAMS.items()},
+            **{k: v for k, v in FIXED_COLUMNS.items() if k not in head}}
+
+
+def copied_params() -> tuple[str, ...]:
+    """The MLflow params a row copies."""
+    return ("method", *read.hp_columns(), "lr", "alpha", "dropout", "adapter_params", "equivalent_rank")
+
 METRICS = {"val_score": "score", "test_score": "test_score", "val_loss": "eval_loss", "train_loss": "train_loss",
            "train_time_s": "train_time_s", "eval_time_s": "eval_time_s"}
 
@@ -75,16 +86,13 @@ def _recorded(search: read.SearchInfo) -> None:
 def _hyperparams(params: dict[str, str]) -> dict[str, int]:
     """Every hyperparameter column filled as ``adapters.budget.Candidate`` reads it: the method's own values,
     defaults for those it does not use (LoRA's n is 1), m_b = m when tied. One key per configuration."""
-    given = {k: int(float(params[k])) for k in read.HP_COLUMNS if params.get(k) not in (None, "", "None")}
+    given = {k: int(float(params[k])) for k in read.hp_columns() if params.get(k) not in (None, "", "None")}
     cfg = AdapterConfig(method=params.get("method", "lora"), **given)
-    out = {k: getattr(cfg, k) for k in read.HP_COLUMNS}
-    if out["m_b"] is None:
-        out["m_b"] = out["m"]
-    return out
+    return {k: cfg.value(k) for k in read.hp_columns()}
 
 
 def table_frame(mlf, search: read.SearchInfo):
-    """The rows of one recorded search (columns ``COLUMNS``), sorted by method, configuration, seed, epoch."""
+    """The rows of one recorded search (columns ``table_columns()``), sorted by method, configuration, seed, epoch."""
     import pandas as pd  # heavy: pandas, loaded where tables are built
 
     _recorded(search)
@@ -96,7 +104,7 @@ def table_frame(mlf, search: read.SearchInfo):
         p, t = run.data.params, run.data.tags
         histories = {col: {m.step: m.value for m in mlf.get_metric_history(run.info.run_id, name)}
                      for col, name in (("epoch", "epoch"), *METRICS.items())}
-        fixed = {k: p.get(k) for k in PARAMS}
+        fixed = {k: p.get(k) for k in copied_params()}
         fixed.update(_hyperparams(p))
         for step in sorted(histories["epoch"]):
             rows.append({
@@ -105,12 +113,12 @@ def table_frame(mlf, search: read.SearchInfo):
                 **{col: histories[col].get(step, math.nan) for col in METRICS},
                 "status": t.get(read.STATUS_TAG, "?"), "search": search.name, "run_id": run.info.run_id,
             })
-    df = pd.DataFrame(rows, columns=list(COLUMNS))
-    for col in (*read.HP_COLUMNS, "seed", "step", "adapter_params", "equivalent_rank", "budget"):
+    df = pd.DataFrame(rows, columns=list(table_columns()))
+    for col in (*read.hp_columns(), "seed", "step", "adapter_params", "equivalent_rank", "budget"):
         df[col] = pd.to_numeric(df[col]).astype("Int64")
     for col in ("lr", "alpha", "dropout", "epoch", *METRICS):
         df[col] = pd.to_numeric(df[col]).astype(float)
-    order = ["method", *read.HP_COLUMNS, "lr", "seed", "epoch"]
+    order = ["method", *read.hp_columns(), "lr", "seed", "epoch"]
     return df.sort_values(order, kind="stable").reset_index(drop=True)
 
 
@@ -170,7 +178,7 @@ def export_table(dataset: str, searches: list[str], out: str | os.PathLike, *, t
         "spaces": {str(i["budget"]): f"search_spaces/{i['space_file']}" for i in info if i["space_file"]},
         "rows": len(table),
         "not_completed": not_done,
-        "columns": COLUMNS,
+        "columns": table_columns(),
     }
     meta_path = out.with_suffix(".json")
     _write_atomic(out, lambda p: table.to_csv(p, index=False, float_format="%.6g"))

@@ -11,6 +11,8 @@ from typing import Any, Callable
 from ray.tune import Callback
 
 from melora_tune.adapters import describe, format_lr, get_method
+from melora_tune.adapters.hyperparams import HYPERPARAMS
+from melora_tune.adapters.registry import column_groups
 from melora_tune.search.searcher import outcome
 
 
@@ -130,10 +132,7 @@ def _num(x: Any) -> str:
 class TrialRow:
     trial_id: str
     method: str
-    n: int | None
-    r: int
-    u: int | None
-    m: int | None
+    hyperparams: dict[str, Any]  # the registered hyperparameters' values in the trial's config (row.r reads one)
     lr: float
     adapter_params: int
     equivalent_rank: int
@@ -144,20 +143,32 @@ class TrialRow:
     checkpoint: str | None = None
     best: bool = False
 
+    def __getattr__(self, name: str) -> Any:
+        if name in HYPERPARAMS:
+            return self.__dict__.get("hyperparams", {}).get(name)
+        raise AttributeError(name)
+
     @property
     def label(self) -> str:
         return describe(self.to_hp())
 
     def to_hp(self) -> dict[str, Any]:
-        return {"method": self.method, "n": self.n, "r": self.r, "u": self.u, "m": self.m, "lr": self.lr}
+        return {"method": self.method, **self.hyperparams, "lr": self.lr}
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+        out: dict[str, Any] = {}
+        for k in self.__dataclass_fields__:
+            if k == "hyperparams":
+                out.update(self.hyperparams)
+            else:
+                out[k] = getattr(self, k)
+        return out
 
 
 def summary_table(rows: list[TrialRow]) -> str:
     """One line per trial; the best trial of each method is marked with '*'."""
-    header = ["", "trial", "method", "n", "r", "u/m", "lr", "params", "eq.rank", "epochs", "score", "status"]
+    groups = column_groups()  # n, r, u/m: hyperparameters the same methods use share a column
+    header = ["", "trial", "method", *("/".join(g) for g in groups), "lr", "params", "eq.rank", "epochs", "score", "status"]
     cells = []
     for row in sorted(rows, key=lambda r: (r.method, -(r.score if r.score is not None else -math.inf))):
         uses = set(get_method(row.method).hyperparams)
@@ -165,9 +176,7 @@ def summary_table(rows: list[TrialRow]) -> str:
             "*" if row.best else "",
             str(row.optuna_trial if row.optuna_trial is not None else row.trial_id),
             row.method,
-            str(row.n) if "n" in uses else "",
-            str(row.r),
-            f"{row.u}/{row.m}" if "u" in uses else "",
+            *("/".join(str(row.hyperparams.get(k)) for k in g) if set(g) <= uses else "" for g in groups),
             format_lr(row.lr),
             f"{row.adapter_params:,}",
             str(row.equivalent_rank),
@@ -176,7 +185,7 @@ def summary_table(rows: list[TrialRow]) -> str:
             row.status.replace("_", " "),
         ])
     widths = [max(len(h), *(len(c[i]) for c in cells)) if cells else len(h) for i, h in enumerate(header)]
-    line = lambda vals: "  ".join(v.ljust(w) if i in (0, 2, 11) else v.rjust(w) for i, (v, w) in enumerate(zip(vals, widths))).rstrip()  # noqa: E731
+    line = lambda vals: "  ".join(v.ljust(w) if i in (0, 2, len(header) - 1) else v.rjust(w) for i, (v, w) in enumerate(zip(vals, widths))).rstrip()  # noqa: E731
     out = [line(header), line(["-" * w for w in widths]), *(line(c) for c in cells)]
     out.append("* best of its method (full-fidelity trials first)")
     return "\n".join(out)

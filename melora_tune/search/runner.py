@@ -15,6 +15,7 @@ from typing import Any, Callable
 import ray
 from ray import tune
 
+from melora_tune.adapters.hyperparams import HYPERPARAMS
 from melora_tune.records import META_NAME, SCORED, rank_key
 from melora_tune.search import tracking as trk
 from melora_tune.search.confirm import run_confirm
@@ -116,7 +117,7 @@ def search_params(space: SearchSpace, feasible: FeasibleSpace, num_samples: int,
         "optuna_storage": optuna_storage,
         "study_name": study_name,
     }
-    for key in ("n", "r", "u", "m", "m_b", "alpha", "dropout", "lr_choices", "seeds"):
+    for key in (*HYPERPARAMS, "alpha", "dropout", "lr_choices", "seeds"):
         value = getattr(s, key)
         if value is not None:
             out[f"space.{key}"] = value
@@ -307,10 +308,7 @@ def collect(grid, space, feasible, exp_name, storage, parent, study_name, optuna
         rows.append(TrialRow(
             trial_id=str(trial_id),
             method=cfg.get("method", "?"),
-            n=cfg.get("n"),
-            r=cfg.get("r", 0),
-            u=cfg.get("u"),
-            m=cfg.get("m"),
+            hyperparams={k: cfg.get(k) for k in HYPERPARAMS},
             lr=float(cfg.get("lr", math.nan)),
             adapter_params=int(cfg.get("adapter_params", 0)),
             equivalent_rank=int(cfg.get("equivalent_rank", 0)),

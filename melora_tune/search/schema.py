@@ -18,9 +18,9 @@ from typing import Any, Literal
 import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-from melora_tune.adapters import HYPERPARAMS, method_names
 from melora_tune.adapters.config import check_alpha, check_dropout, check_targets, split_list
-from melora_tune.adapters.registry import owners
+from melora_tune.adapters.hyperparams import HYPERPARAMS, HyperParam, HyperparamSchema
+from melora_tune.adapters.registry import method_names, owners
 from melora_tune.errors import Schema, UsageError, closest, describe_validation_error, did_you_mean
 from melora_tune.search.samplers import get_sampler, sampler_names
 from melora_tune.search.schedulers import DEFAULT as DEFAULT_SCHEDULER
@@ -83,8 +83,16 @@ def _int_choices(value: Any, name: str, minimum: int) -> list[int] | None:
     return sorted(set(out))
 
 
-class SpaceSection(Schema):
-    """What the search varies. Integer choices left out mean "every value the layers allow"."""
+class SpaceSection(HyperparamSchema):
+    """What the search varies. Integer choices left out mean "every value the layers allow".
+
+    Each registered hyperparameter (``adapters.hyperparams``: n, r, u, m, m_b, a plug-in's own) is a key
+    ``space.<name>``: a list of integer choices; None (left out): the method's default choices (n: every
+    common divisor of the layer dims; r: 1 .. the largest the layers allow; u: 0..r; m: 1, 2, 4, ... 64;
+    m_b: tied to m).
+    """
+
+    hyperparams_after = "seeds"
 
     lr: FloatRange = Field(default_factory=lambda: FloatRange(low=1e-4, high=1e-2, log=True))
     # A list of learning rates instead of the range: lr becomes a categorical choice (what the grid sampler
@@ -93,18 +101,16 @@ class SpaceSection(Schema):
     # Grid sampler only: repeat every configuration with each of these training seeds (training.seed of the
     # trial: init and data order; the split stays task.seed). How a tabulated benchmark gets its seeds.
     seeds: list[int] | None = None
-    n: list[int] | None = None  # MELoRA: number of mini-LoRAs (None: every common divisor of the layer dims)
-    r: list[int] | None = None  # rank (per mini for MELoRA); None: 1 .. the largest the layers allow
-    u: list[int] | None = None  # PRoLoRA: unshared ranks, 0..r (None: all)
-    m: list[int] | None = None  # PRoLoRA: sharing rate of A (None: 1, 2, 4, ... 64)
-    m_b: list[int] | None = None  # PRoLoRA: sharing rate of B (None: tied to m)
     alpha: list[float] | None = None  # optional: search alpha too (overrides adapter.alpha)
     dropout: list[float] | None = None  # optional: search dropout too (overrides adapter.dropout)
 
-    @field_validator(*HYPERPARAMS, mode="before")
     @classmethod
-    def _int_lists(cls, value: Any, info) -> Any:
-        return _int_choices(value, info.field_name, HYPERPARAMS[info.field_name].minimum)
+    def hyperparam_value(cls, hp: HyperParam, value: Any) -> Any:
+        return _int_choices(value, hp.name, hp.minimum)
+
+    @classmethod
+    def hyperparam_default(cls, hp: HyperParam) -> Any:
+        return None
 
     @field_validator("lr", mode="before")
     @classmethod

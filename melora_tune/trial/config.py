@@ -161,7 +161,7 @@ class TrialConfig(Schema):
         uses = get_method(adapter["method"]).hyperparams
         for key in HYPERPARAMS:
             if key not in uses:
-                adapter[key] = AdapterConfig.model_fields[key].default
+                adapter[key] = HYPERPARAMS[key].default
         if "lr" in sampled:
             data["training"]["lr"] = float(sampled["lr"])
         if sampled.get("seed") is not None:  # a grid's space.seeds
@@ -198,7 +198,7 @@ TOP_LEVEL = ("model", "task_type", "pooling")
 def _aliases() -> dict[str, str]:
     out: dict[str, str] = {}
     for section, model in SECTIONS.items():
-        for name in model.model_fields:
+        for name in model.schema_keys():
             out.setdefault(name, f"{section}.{name}")
     # "seed" means the training seed (the task's split seed stays task.seed); "name" the task name.
     out["seed"] = "training.seed"
@@ -215,7 +215,7 @@ ALIASES: dict[str, str] = _aliases()
 
 
 def all_keys() -> list[str]:
-    dotted = [f"{s}.{f}" for s, m in SECTIONS.items() for f in m.model_fields]
+    dotted = [f"{s}.{f}" for s, m in SECTIONS.items() for f in m.schema_keys()]
     return [*TOP_LEVEL, *dotted, *ALIASES]
 
 
@@ -227,7 +227,7 @@ def resolve_key(key: str) -> tuple[str, ...]:
     if key in ALIASES:
         return tuple(ALIASES[key].split("."))
     parts = key.split(".")
-    if len(parts) == 2 and parts[0] in SECTIONS and parts[1] in SECTIONS[parts[0]].model_fields:
+    if len(parts) == 2 and parts[0] in SECTIONS and parts[1] in SECTIONS[parts[0]].schema_keys():
         return tuple(parts)
     raise UsageError(f"unknown setting {key!r}{did_you_mean(key, all_keys(), prefix=False)}: use a dotted key like adapter.r or training.lr, or a short one like r, lr, epochs")
 
