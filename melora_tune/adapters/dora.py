@@ -26,7 +26,7 @@ ADAPTER_NAME = "default"
 
 
 def _peft_lora_config(cfg: AdapterConfig, **extra):
-    from peft import LoraConfig
+    from peft import LoraConfig  # heavy: PEFT (pulls transformers)
 
     return LoraConfig(r=cfg.r, lora_alpha=float(cfg.alpha), lora_dropout=float(cfg.dropout), use_dora=True, **extra)
 
@@ -44,7 +44,7 @@ class DoRALinear(AdapterLinear):
 
     def __init__(self, base: nn.Linear, cfg: AdapterConfig) -> None:
         super().__init__(base, cfg)
-        from peft.tuners.lora.layer import Linear as PeftLoraLinear
+        from peft.tuners.lora.layer import Linear as PeftLoraLinear  # heavy: PEFT (pulls transformers)
 
         self.dropout = nn.Identity()  # PEFT's layer applies lora_dropout itself
         self.peft = PeftLoraLinear(base, ADAPTER_NAME, config=_peft_lora_config(cfg), r=cfg.r, lora_alpha=float(cfg.alpha))

@@ -82,7 +82,7 @@ def save_peft_adapter(
 ) -> Path:
     """Save PEFT-named adapter tensors (``base_model.model.<layer>.lora_*.default.*``) plus the
     modules_to_save through a meta-device PEFT skeleton, so the files are what this PEFT version writes."""
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig, get_peft_model  # heavy: PEFT (pulls transformers)
 
     layers = adapter_layers(model)
     saved = find_modules_to_save(model, cfg.modules_to_save)

@@ -60,7 +60,7 @@ def causal_lm_overrides(config) -> dict[str, bool]:
 def nf4_loading_kwargs() -> dict:
     """``from_pretrained`` arguments for a 4-bit NF4 base (QLoRA: NF4 with double quantization, bf16 compute),
     placed on this process's GPU. One-line refusal where bitsandbytes' 4-bit kernels cannot run."""
-    import torch
+    import torch  # heavy: torch, loaded where a model is built
 
     if not torch.cuda.is_available():
         raise UsageError("training.quantization nf4 needs a CUDA GPU (bitsandbytes 4-bit kernels); set "
@@ -69,7 +69,7 @@ def nf4_loading_kwargs() -> dict:
         import bitsandbytes  # noqa: F401
     except ImportError:
         raise UsageError("training.quantization nf4 needs bitsandbytes on the GPU workers: pip install bitsandbytes") from None
-    import transformers
+    import transformers  # heavy: transformers, loaded where a model is built
 
     config = transformers.BitsAndBytesConfig(
         load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
@@ -83,7 +83,7 @@ def looks_like_path(name: str) -> bool:
 
 
 def auto_class(task: str):
-    import transformers
+    import transformers  # heavy: transformers, loaded where a model is built
 
     if task == "seq_cls":
         return transformers.AutoModelForSequenceClassification
@@ -99,7 +99,7 @@ def shipped_config(name: str) -> Path | None:
 
 
 def load_config(name_or_path: str, **overrides):
-    import transformers
+    import transformers  # heavy: transformers, loaded where a model is built
 
     path = resolve_model(name_or_path)
     shipped = shipped_config(name_or_path)

@@ -27,9 +27,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from melora_tune.adapters import HYPERPARAMS, AdapterConfig, describe, get_method  # noqa: F401
+from melora_tune.adapters.accounting import ModelSpec
 from melora_tune.adapters.budget import Candidate, budget_floor, enumerate_feasible, smallest_config
+from melora_tune.adapters.inject import default_target_modules, find_head_modules
+from melora_tune.data.registry import num_labels_of
 from melora_tune.errors import UsageError
 from melora_tune.search.schema import SearchSpace
+
 
 def candidate_key(c: Candidate) -> tuple:
     return c.key
@@ -241,9 +245,6 @@ class FeasibleSpace:
 
 def model_spec(space: SearchSpace):
     """The model's layer shapes from its config alone (meta device; needs config.json, not the weights)."""
-    from melora_tune.adapters.accounting import ModelSpec
-    from melora_tune.data.registry import num_labels_of
-
     return ModelSpec.from_pretrained(space.model, task=space.task_type, num_labels=num_labels_of(space.task))
 
 
@@ -254,9 +255,6 @@ def _choices_for(space: SearchSpace, method: str) -> dict[str, Any]:
 
 def build_space(space: SearchSpace, spec=None) -> FeasibleSpace:
     """Enumerate every feasible configuration of every method (UsageError when a method has none)."""
-    from melora_tune.adapters.inject import default_target_modules, find_head_modules
-    from melora_tune.data.registry import num_labels_of
-
     spec = spec if spec is not None else model_spec(space)
     targets = list(space.adapter.target_modules or default_target_modules(spec.model))
     heads = (

@@ -20,19 +20,21 @@ import time
 from pathlib import Path
 from typing import Any
 
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Param
 from ray.tune import Callback
 
-from melora_tune.search.searcher import outcome
-from melora_tune.records.store import artifact_location, normalize_tracking_uri  # noqa: F401  (re-exported)
-from melora_tune.errors import innermost_error_line
 from melora_tune.adapters import describe, get_method
+from melora_tune.errors import innermost_error_line
+from melora_tune.records import (
+    CHECKPOINT_TAG, KIND_TAG, OPTUNA_TAG, PARENT_TAG, REASON_TAG, SCORED, SEARCH_KIND, SEARCH_TAG, STATUS_TAG, TRIAL_TAG,
+    rank_key,
+)
+from melora_tune.records import finite as _finite
+from melora_tune.records.store import artifact_location, normalize_tracking_uri  # noqa: F401  (re-exported)
+from melora_tune.search.searcher import outcome
 
 log = logging.getLogger("melora_tune.search")
-
-from melora_tune.records import (  # noqa: E402
-    CHECKPOINT_TAG, KIND_TAG, OPTUNA_TAG, PARENT_TAG, REASON_TAG, SCORED, SEARCH_KIND, SEARCH_TAG, STATUS_TAG, TRIAL_TAG,
-    finite as _finite, rank_key,
-)
 
 # Result keys that are Ray bookkeeping, not training metrics.
 RAY_KEYS = {
@@ -44,8 +46,6 @@ INFO_KEYS = {"status", "reason", "trial_name", "step", "total_steps", "world_siz
 
 
 def client(tracking_uri: str):
-    from mlflow import MlflowClient
-
     return MlflowClient(tracking_uri=tracking_uri)
 
 
@@ -66,8 +66,6 @@ def get_or_create_experiment(mlf, name: str, tracking_uri: str) -> str:
 
 def log_params_once(mlf, run_id: str, params: dict[str, Any]) -> None:
     """Log the params a run does not have yet (MLflow params are immutable; a resumed run keeps its own)."""
-    from mlflow.entities import Param
-
     have = mlf.get_run(run_id).data.params
     new = [Param(k, _param_str(v)) for k, v in params.items() if k not in have and v is not None]
     changed = [k for k, v in params.items() if k in have and v is not None and have[k] != _param_str(v)]
@@ -197,8 +195,6 @@ class MlflowTrialCallback(Callback):
         self._safe(self._log_result, trial, result)
 
     def _log_result(self, trial, result: dict[str, Any]) -> None:
-        from mlflow.entities import Metric
-
         run_id = self.run_id(trial)
         step = result.get("step", result.get("training_iteration", 0))
         if not _finite(step) or step <= self._last_step.get(trial.trial_id, -1):
@@ -248,8 +244,6 @@ class MlflowTrialCallback(Callback):
 
     def _update_parent(self, trials) -> None:
         """Best final score so far (full-fidelity trials first), overall and per method."""
-        from mlflow.entities import Metric
-
         done = []
         for t in trials:
             st = str(t.status)
