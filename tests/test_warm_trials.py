@@ -71,13 +71,14 @@ def trial_dict(space: dict, sampled: dict, **training) -> dict:
     """The prepared TrialConfig dict of one point of ``space``, built the way a search trial builds it."""
     from melora_tune.search.schema import parse_space
     from melora_tune.search.space import build_space
-    from melora_tune.search.trainable import BASE_KEY, trial_config
+    from melora_tune.search.trainable import trial_config
+    from melora_tune.trial.config import TRIAL_KEY
     from melora_tune.trial import prepare_trial
 
     parsed = parse_space(space)
     feasible = build_space(parsed)
     base = parsed.base_trial_dict(feasible.target_modules, feasible.modules_to_save)
-    cfg = trial_config({BASE_KEY: base, **sampled})
+    cfg = trial_config({TRIAL_KEY: base, **sampled})
     if training:
         from melora_tune.trial import apply_overrides
 

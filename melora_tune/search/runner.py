@@ -24,11 +24,12 @@ from melora_tune.search.progress import ProgressCallback, TrialRow, summary_tabl
 from melora_tune.search.reaper import PlacementGroupReaper
 from melora_tune.search.resources import check_resources, reuse_actors, trial_resources
 from melora_tune.search.schema import Asha, SearchSpace
-from melora_tune.search.searcher import BudgetOptunaSearch, outcome
+from melora_tune.search.searcher import ENDED_STATUSES, BudgetOptunaSearch, outcome
 from melora_tune.search.space import FeasibleSpace
 from melora_tune.search.tracking import MlflowTrialCallback, best_checkpoint
-from melora_tune.search.trainable import BASE_KEY, search_trial, trial_dirname
+from melora_tune.search.trainable import search_trial, trial_dirname
 from melora_tune.trial import ray_env
+from melora_tune.trial.config import TRIAL_KEY
 from melora_tune.trial.driver import GAVE_UP_NAME
 
 log = logging.getLogger("melora_tune.search")
@@ -290,7 +291,7 @@ def _build_tuner(space, feasible, base_trial, storage, exp_name, optuna_storage,
     )
     return tune.Tuner(
         trainable,
-        param_space={BASE_KEY: base_trial},
+        param_space={TRIAL_KEY: base_trial},
         tune_config=tune.TuneConfig(
             metric=METRIC,
             mode=MODE,
@@ -331,7 +332,7 @@ def collect(grid, space, feasible, exp_name, storage, parent, study_name, optuna
         last = res.metrics or {}
         kind = "failed" if res.error is not None else outcome(last, False, space.max_t, space.asha.time_attr)
         tid = last.get("trial_id") or (Path(res.path).name.removeprefix("trial_") if res.path else None)
-        if statuses.get(tid) not in (None, "TERMINATED", "ERROR"):
+        if statuses.get(tid) not in (None, *ENDED_STATUSES):
             kind = "interrupted"
         score = last.get(METRIC)
         trial_id = tid or "?"
