@@ -89,11 +89,11 @@ def trial_dict(space: dict, sampled: dict, **training) -> dict:
 def run_one(cfg: dict, run_dir: str) -> dict:
     """Train one trial in this process (``inprocess.run_local``, the one-worker path); its final metrics and where
     its adapter went."""
-    from melora_tune.trial import TrialConfig
+    from melora_tune.trial import TrialConfig, prepare_trial
     from melora_tune.trial.driver import result_from_run
     from melora_tune.trial.inprocess import run_local
 
-    outcome = run_local(TrialConfig.from_dict(cfg), run_dir, "trial")
+    outcome = run_local(prepare_trial(TrialConfig.from_dict(cfg)), run_dir, "trial")
     assert "summary" in outcome, outcome
     result = result_from_run(run_dir, "trial", outcome["summary"])
     assert result.status == "completed", result.reason
