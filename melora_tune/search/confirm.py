@@ -294,12 +294,11 @@ def _tuner(space, trainable, param_space, storage: str, name: str, callbacks, re
     )
 
 
-def log_baselines(mlf, parent_run_id: str, space, base_trial: dict[str, Any], write) -> dict[str, Any]:
+def log_baselines(mlf, parent_run_id: str, cfg: TrialConfig, write) -> dict[str, Any]:
     """Compute the baselines on the search's splits once and log them on the parent run (kept on resume)."""
     have = mlf.get_run(parent_run_id).data.metrics
     if baseline_metric("probe", "val") in have:
         return {k: v for k, v in have.items() if k.startswith("baseline.") or k == "majority_share"}
-    cfg = TrialConfig.from_dict(base_trial, source=f"space {space.name}")
     result = compute_baselines(cfg)
     metrics = result.to_metrics()
     now = int(time.time() * 1000)
@@ -353,14 +352,15 @@ def run_confirm(
     planned = plan(space, read.trials_frame(mlf, search))  # trials only: trials_frame leaves confirmations out
     if not planned:
         raise UsageError(f"search {exp_name} has no scored trial to confirm (completed or stopped early)")
-    base = space.base_trial_dict(feasible.target_modules, feasible.modules_to_save)
+    base_cfg = space.base_trial(feasible.target_modules, feasible.modules_to_save)
+    base = base_cfg.to_dict()  # Tune's param_space: plain JSON
     concurrent = space.confirm.max_concurrent_trials or space.max_concurrent_trials
     result = ConfirmResult(search=exp_name, experiments=[], planned=planned)
 
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     started = ray_env.start_ray(address, verbose=False)
     try:
-        result.baselines = log_baselines(mlf, parent, space, base, write)
+        result.baselines = log_baselines(mlf, parent, base_cfg, write)
         trainable = tune.with_resources(confirm_trial, trial_resources(space))
 
         def callbacks(total):

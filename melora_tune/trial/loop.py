@@ -65,6 +65,11 @@ class Window:
     def start(self) -> None:
         self.started = time.perf_counter()
 
+    def restart(self) -> None:
+        """An empty window, on the clock from now."""
+        self.loss_sum = self.micro_count = self.samples = self.train_time = 0.0
+        self.start()
+
     def stop(self) -> None:
         if self.started is not None:
             self.train_time += time.perf_counter() - self.started
@@ -113,8 +118,7 @@ class TrainLoop:
                     window.stop()
                     if not self.evaluate_and_report(state, step, window):
                         return state
-                    window = Window()
-                    window.start()
+                    window.restart()  # in place: optimizer_steps adds to this window
                 if step == plan.total_steps:
                     break
             window.stop()
