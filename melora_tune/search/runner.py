@@ -16,7 +16,7 @@ import ray
 from ray import tune
 from ray.tune.schedulers import AsyncHyperBandScheduler, FIFOScheduler
 
-from melora_tune.records import META_NAME, rank_key
+from melora_tune.records import META_NAME, SCORED, rank_key
 from melora_tune.search import tracking as trk
 from melora_tune.search.confirm import run_confirm
 from melora_tune.search.experiment import comparable, is_remote, prepare_search, write_meta
