@@ -38,12 +38,16 @@ ROWS = [
 ]
 
 
-def config(overrides: list[str]):
+def prepared(overrides: list[str]):
     from melora_tune.trial.config import TrialConfig
     from melora_tune.trial.prepare import prepare_trial
 
     cfg = TrialConfig.from_yaml(ROOT / "melora_tune/trial/example_trial.yaml").with_overrides(DEMO + overrides)
-    return prepare_trial(cfg).cfg
+    return prepare_trial(cfg)
+
+
+def config(overrides: list[str]):
+    return prepared(overrides).cfg
 
 
 def run_row(overrides: list[str]) -> dict:
@@ -51,10 +55,10 @@ def run_row(overrides: list[str]) -> dict:
     from melora_tune.trial.reporting import LocalReporter
     from melora_tune.trial.worker import TrialWorker
 
-    cfg = config(overrides)
+    trial = prepared(overrides)
     t0 = time.time()
     with tempfile.TemporaryDirectory() as run, single_process_group(False):
-        worker = TrialWorker({"trial": cfg, "name": "probe"}, reporter=LocalReporter(run, False, 1))
+        worker = TrialWorker(trial, "probe", reporter=LocalReporter(run, False, 1))
         out = worker.run()
         state = json.loads(sorted(Path(run).glob("checkpoint_*/trial_state.json"))[-1].read_text())
     return {"overrides": " ".join(overrides), "pooling": worker.pooling,

@@ -70,7 +70,7 @@ def bare_loop(cfg, threads: int) -> dict:
     from melora_tune.data import compute_metrics, encode_classification, load_task
     from melora_tune.adapters.models import resolve_model
     from melora_tune.trial.ds_config import plan_for
-    from melora_tune.trial.worker import pad_collate
+    from melora_tune.trial.batches import pad_collate
 
     t0 = time.perf_counter()
     torch.set_num_threads(threads)

@@ -18,7 +18,7 @@ from melora_tune.data import encode_classification, load_task
 from melora_tune.errors import UsageError
 from melora_tune.trial.baselines import compute_baselines, frozen_model, pooled_features
 from melora_tune.trial.config import TrialConfig
-from melora_tune.trial.worker import pad_collate
+from melora_tune.trial.batches import pad_collate
 
 FRUIT = "apple banana cherry grape lemon mango peach plum melon kiwi".split()
 VEHICLES = "car truck bus train boat plane bike tram ship taxi".split()

@@ -175,7 +175,7 @@ def test_only_a_score_test_trial_scores_test(tiny_dir, tmp_path):
         })
         run = tmp_path / f"run-{score_test}"
         with single_process_group(False):
-            worker = TrialWorker({"trial": prepare_trial(cfg).cfg, "name": "t"}, reporter=LocalReporter(run, False, 1))
+            worker = TrialWorker(prepare_trial(cfg), "t", reporter=LocalReporter(run, False, 1))
             out = worker.run()
         assert (worker.task.splits.get("test") is not None) == score_test  # a search trial never holds test
         shutil.rmtree(run)

@@ -251,9 +251,10 @@ def test_fractional_gpus_reach_the_trainer_and_the_search(tmp_path):
     """gpus_per_worker: 0.5 packs two trials' workers on one GPU: Ray Train must ask for exactly that share."""
     from melora_tune.search.schema import parse_space
     from melora_tune.trial.driver import build_trainer
+    from melora_tune.trial.prepare import prepare_trial
 
     cfg = apply_overrides(TrialConfig(), {"use_gpu": True, "num_workers": 2, "resources.gpus_per_worker": 0.5})
-    scaling = build_trainer(cfg, tmp_path, "t").scaling_config
+    scaling = build_trainer(prepare_trial(cfg), tmp_path, "t").scaling_config
     assert scaling.use_gpu and scaling.num_workers == 2
     assert scaling.resources_per_worker == {"CPU": 1.0, "GPU": 0.5}
     assert TrialConfig().resources.gpus_per_worker == 1.0  # a whole GPU per worker unless told otherwise
@@ -272,10 +273,11 @@ def test_max_failures_reach_train_and_tune(tmp_path):
     proves it end to end); here: the configured count reaches Train's FailureConfig and the search."""
     from melora_tune.search.schema import parse_space
     from melora_tune.trial.driver import build_trainer
+    from melora_tune.trial.prepare import prepare_trial
 
-    assert build_trainer(TrialConfig(), tmp_path, "t").run_config.failure_config.max_failures == 2
+    assert build_trainer(prepare_trial(TrialConfig()), tmp_path, "t").run_config.failure_config.max_failures == 2
     cfg = apply_overrides(TrialConfig(), {"resources.max_failures": 0})
-    assert build_trainer(cfg, tmp_path, "t").run_config.failure_config.max_failures == 0
+    assert build_trainer(prepare_trial(cfg), tmp_path, "t").run_config.failure_config.max_failures == 0
 
     space = parse_space({"name": "s", "task": {"name": "rotten_tomatoes"}, "budget": {"max_params": 20000},
                          "resources": {"max_failures": 5}})

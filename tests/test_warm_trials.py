@@ -71,13 +71,14 @@ def trial_dict(space: dict, sampled: dict, **training) -> dict:
     """The prepared TrialConfig dict of one point of ``space``, built the way a search trial builds it."""
     from melora_tune.search.schema import parse_space
     from melora_tune.search.space import build_space
-    from melora_tune.search.trainable import BASE_KEY, trial_config
+    from melora_tune.search.trainable import trial_config
+    from melora_tune.trial.config import TRIAL_KEY
     from melora_tune.trial import prepare_trial
 
     parsed = parse_space(space)
     feasible = build_space(parsed)
     base = parsed.base_trial_dict(feasible.target_modules, feasible.modules_to_save)
-    cfg = trial_config({BASE_KEY: base, **sampled})
+    cfg = trial_config({TRIAL_KEY: base, **sampled})
     if training:
         from melora_tune.trial import apply_overrides
 
@@ -88,11 +89,11 @@ def trial_dict(space: dict, sampled: dict, **training) -> dict:
 def run_one(cfg: dict, run_dir: str) -> dict:
     """Train one trial in this process (``inprocess.run_local``, the one-worker path); its final metrics and where
     its adapter went."""
-    from melora_tune.trial import TrialConfig
+    from melora_tune.trial import TrialConfig, prepare_trial
     from melora_tune.trial.driver import result_from_run
     from melora_tune.trial.inprocess import run_local
 
-    outcome = run_local(TrialConfig.from_dict(cfg), run_dir, "trial")
+    outcome = run_local(prepare_trial(TrialConfig.from_dict(cfg)), run_dir, "trial")
     assert "summary" in outcome, outcome
     result = result_from_run(run_dir, "trial", outcome["summary"])
     assert result.status == "completed", result.reason

@@ -18,8 +18,8 @@ from melora_tune.records.read import space_artifact
 from melora_tune.report.confirmed import completed_seeds, confirmed_table
 from melora_tune.report.export_paths import check_tree, safe_path
 from melora_tune.search.schema import parse_space
-from melora_tune.search.trainable import BASE_KEY, trial_config
-from melora_tune.trial.config import TrialConfig, load_trial_config
+from melora_tune.search.trainable import trial_config
+from melora_tune.trial.config import TRIAL_KEY, TrialConfig, load_trial_config
 
 def download_adapter(mlf, row, dest: Path) -> Path:
     """The trial's ``adapter`` artifact into dest/adapter (falls back to its local best checkpoint)."""
@@ -77,8 +77,8 @@ def trial_dict(mlf, search, row, adapter_cfg, seed: int | None = None) -> dict[s
         filename, text = found
         space = parse_space(yaml.safe_load(text), source=f"space artifact {filename} of run {search.run_id}")
         base = space.base_trial_dict(list(adapter_cfg.target_modules), list(adapter_cfg.modules_to_save))
-    elif isinstance(exact.get(BASE_KEY), dict):
-        base = exact[BASE_KEY]
+    elif isinstance(exact.get(TRIAL_KEY), dict):
+        base = exact[TRIAL_KEY]
     else:
         raise UsageError(f"search run {search.run_id} has no space/ artifact and the trial's params.json is not on this "
                          "machine: cannot rebuild the trial's config")
@@ -86,7 +86,7 @@ def trial_dict(mlf, search, row, adapter_cfg, seed: int | None = None) -> dict[s
     if not isinstance(lr, (int, float)) or not math.isfinite(lr) or not math.isclose(lr, float(row["lr"]), rel_tol=1e-4):
         lr = float(row["lr"])
     hp = {k: v for k, v in adapter_cfg.model_dump().items() if k not in ("target_modules", "modules_to_save")}
-    data = trial_config({BASE_KEY: base, **hp, "lr": float(lr)}).to_dict()
+    data = trial_config({TRIAL_KEY: base, **hp, "lr": float(lr)}).to_dict()
     if seed is not None:  # a confirmation: its own seed
         data["training"]["seed"] = int(seed)
     return data

@@ -52,12 +52,12 @@ from melora_tune.records import (
 )
 from melora_tune.search.experiment import find_latest, plan_paths, read_meta, resolve_space
 from melora_tune.search.resources import reuse_actors, trial_resources
+from melora_tune.search.searcher import ENDED_STATUSES
 from melora_tune.search.space import build_space
 from melora_tune.search.tracking import MlflowTrialCallback, log_params_once, trial_params
-from melora_tune.search.trainable import BASE_KEY
 from melora_tune.trial import ray_env, tune_trial
 from melora_tune.trial.baselines import compute_baselines
-from melora_tune.trial.config import TrialConfig
+from melora_tune.trial.config import TRIAL_KEY, TrialConfig
 
 log = logging.getLogger("melora_tune.search")
 
@@ -171,7 +171,7 @@ def done_keys(mlf, search) -> set[tuple[str, int]]:
 def confirm_trial(config: dict[str, Any]) -> None:
     """Ray Tune function trainable: a search trial's configuration with a new seed, scored on test at the end."""
     item = config[CONFIRM_KEY]
-    base = dict(config[BASE_KEY])
+    base = dict(config[TRIAL_KEY])
     base["training"] = {**base["training"], "seed": int(item["seed"]), "score_test": True}
     tune_trial(TrialConfig.from_sampled(base, item["sampled"]))
 
@@ -186,9 +186,9 @@ class ConfirmTrackingCallback(MlflowTrialCallback):
 
     def _flat(self, trial) -> dict[str, Any]:
         item = trial.config.get(CONFIRM_KEY) or {}
-        base = dict(trial.config.get(BASE_KEY) or {})
+        base = dict(trial.config.get(TRIAL_KEY) or {})
         base["training"] = {**(base.get("training") or {}), "seed": item.get("seed")}
-        return {**item.get("sampled", {}), "adapter_params": item.get("adapter_params"), BASE_KEY: base}
+        return {**item.get("sampled", {}), "adapter_params": item.get("adapter_params"), TRIAL_KEY: base}
 
     def run_id(self, trial) -> str:
         tid = trial.trial_id
@@ -223,7 +223,7 @@ class ConfirmTrackingCallback(MlflowTrialCallback):
         super()._finish(trials, trial, status, reason)
 
     def _update_parent(self, trials) -> None:
-        done = sum(1 for t in trials if str(t.status) in ("TERMINATED", "ERROR"))
+        done = sum(1 for t in trials if str(t.status) in ENDED_STATUSES)
         self.mlf.log_batch(self.parent_run_id, metrics=[Metric("confirmations_done", float(done), int(time.time() * 1000), done)])
 
 
@@ -294,12 +294,11 @@ def _tuner(space, trainable, param_space, storage: str, name: str, callbacks, re
     )
 
 
-def log_baselines(mlf, parent_run_id: str, space, base_trial: dict[str, Any], write) -> dict[str, Any]:
+def log_baselines(mlf, parent_run_id: str, cfg: TrialConfig, write) -> dict[str, Any]:
     """Compute the baselines on the search's splits once and log them on the parent run (kept on resume)."""
     have = mlf.get_run(parent_run_id).data.metrics
     if baseline_metric("probe", "val") in have:
         return {k: v for k, v in have.items() if k.startswith("baseline.") or k == "majority_share"}
-    cfg = TrialConfig.from_dict(base_trial, source=f"space {space.name}")
     result = compute_baselines(cfg)
     metrics = result.to_metrics()
     now = int(time.time() * 1000)
@@ -353,14 +352,15 @@ def run_confirm(
     planned = plan(space, read.trials_frame(mlf, search))  # trials only: trials_frame leaves confirmations out
     if not planned:
         raise UsageError(f"search {exp_name} has no scored trial to confirm (completed or stopped early)")
-    base = space.base_trial_dict(feasible.target_modules, feasible.modules_to_save)
+    base_cfg = space.base_trial(feasible.target_modules, feasible.modules_to_save)
+    base = base_cfg.to_dict()  # Tune's param_space: plain JSON
     concurrent = space.confirm.max_concurrent_trials or space.max_concurrent_trials
     result = ConfirmResult(search=exp_name, experiments=[], planned=planned)
 
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     started = ray_env.start_ray(address, verbose=False)
     try:
-        result.baselines = log_baselines(mlf, parent, space, base, write)
+        result.baselines = log_baselines(mlf, parent, base_cfg, write)
         trainable = tune.with_resources(confirm_trial, trial_resources(space))
 
         def callbacks(total):
@@ -381,7 +381,7 @@ def run_confirm(
         missing = [p for p in planned if p.key not in done]
         if missing:
             name_next = CONFIRM_DIR if not existing else f"{CONFIRM_DIR}-{len(existing) + 1}"
-            param_space = {BASE_KEY: base, CONFIRM_KEY: tune.grid_search([p.tune_config() for p in missing])}
+            param_space = {TRIAL_KEY: base, CONFIRM_KEY: tune.grid_search([p.tune_config() for p in missing])}
             grid = _tuner(space, trainable, param_space, str(exp_path), name_next, callbacks(len(missing)), False,
                           concurrent).fit()
             result.experiments.append(name_next)
@@ -395,7 +395,7 @@ def run_confirm(
 
 def _interrupted(grid) -> bool:
     try:
-        return any(str(t.status) not in ("TERMINATED", "ERROR") for t in grid._experiment_analysis.trials)
+        return any(str(t.status) not in ENDED_STATUSES for t in grid._experiment_analysis.trials)
     except Exception:  # noqa: BLE001
         return False
 

@@ -223,8 +223,9 @@ def prepare_search(space: SearchSpace | dict | str | os.PathLike, *, spec=None, 
     space = with_num_samples(space, num_samples)
     feasible = build_space(space, spec=spec)
     space = with_grid_size(space, feasible)
-    base_trial = space.base_trial_dict(feasible.target_modules, feasible.modules_to_save)
-    feasible.memory = search_memory(space, feasible, base_trial)  # a trial that cannot fit its GPU is refused here
+    base_cfg = space.base_trial(feasible.target_modules, feasible.modules_to_save)
+    feasible.memory = search_memory(space, feasible, base_cfg)  # a trial that cannot fit its GPU is refused here
+    base_trial = base_cfg.to_dict()  # Tune's param_space: plain JSON
     plan = plan_start(space, storage_path=storage_path, name=name, resume=resume, tracking_uri=tracking_uri, address=address)
     return PreparedSearch(space, text, filename, feasible, base_trial, plan)
 

@@ -59,9 +59,10 @@ def largest_config(feasible, method: str) -> dict[str, Any]:
     return {"method": method, **{k: getattr(cand, k) for k in get_method(method).hyperparams}}
 
 
-def search_memory(space, feasible, base_trial: dict[str, Any]) -> SearchMemory:
-    """Estimate each method's largest configuration; refuse (one-line UsageError) when a GPU trial cannot fit."""
-    base_cfg = TrialConfig.from_dict(base_trial, source=f"space {space.name}")
+def search_memory(space, feasible, base_cfg: TrialConfig) -> SearchMemory:
+    """Estimate each method's largest configuration; refuse (one-line UsageError) when a GPU trial cannot fit.
+    ``base_cfg``: the space's validated base trial (``SearchSpace.base_trial``)."""
+    base_trial = base_cfg.to_dict()  # what TrialConfig.from_sampled merges a sample into, as a trial's does
     on_gpu = base_cfg.resources.use_gpu
     estimates: dict[str, tuple[str, MemoryEstimate]] = {}
     configs: dict[str, TrialConfig] = {}

@@ -13,7 +13,7 @@ from ray.tune import Callback
 from melora_tune.adapters import describe, format_lr, get_method
 from melora_tune.adapters.hyperparams import HYPERPARAMS
 from melora_tune.adapters.registry import column_groups
-from melora_tune.search.searcher import outcome
+from melora_tune.search.searcher import ENDED_STATUSES, outcome
 
 
 from melora_tune.records import SCORED, rank_key
@@ -93,7 +93,7 @@ class ProgressCallback(Callback):
                 done_t = res.get(self.time_attr) if _finite(res.get(self.time_attr)) else 0.0
                 progress_left += max(0.0, 1.0 - done_t / self.max_t) if self.max_t else 1.0
                 continue
-            if st not in ("TERMINATED", "ERROR"):
+            if st not in ENDED_STATUSES:
                 continue
             kind = "failed" if st == "ERROR" else outcome(res, False, self.max_t, self.time_attr)
             counts[kind] += 1

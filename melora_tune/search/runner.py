@@ -26,11 +26,12 @@ from melora_tune.search.resources import check_resources, reuse_actors, trial_re
 from melora_tune.search.schedulers import DEFAULT as DEFAULT_SCHEDULER
 from melora_tune.search.schedulers import make_scheduler
 from melora_tune.search.schema import SearchSpace
-from melora_tune.search.searcher import BudgetOptunaSearch, outcome
+from melora_tune.search.searcher import ENDED_STATUSES, BudgetOptunaSearch, outcome
 from melora_tune.search.space import FeasibleSpace
 from melora_tune.search.tracking import MlflowTrialCallback, best_checkpoint
-from melora_tune.search.trainable import BASE_KEY, search_trial, trial_dirname
+from melora_tune.search.trainable import search_trial, trial_dirname
 from melora_tune.trial import ray_env
+from melora_tune.trial.config import TRIAL_KEY
 from melora_tune.trial.driver import GAVE_UP_NAME
 
 log = logging.getLogger("melora_tune.search")
@@ -259,7 +260,7 @@ def _build_tuner(space, feasible, base_trial, storage, exp_name, optuna_storage,
     )
     return tune.Tuner(
         trainable,
-        param_space={BASE_KEY: base_trial},
+        param_space={TRIAL_KEY: base_trial},
         tune_config=tune.TuneConfig(
             metric=METRIC,
             mode=MODE,
@@ -300,7 +301,7 @@ def collect(grid, space, feasible, exp_name, storage, parent, study_name, optuna
         last = res.metrics or {}
         kind = "failed" if res.error is not None else outcome(last, False, space.max_t, space.asha.time_attr)
         tid = last.get("trial_id") or (Path(res.path).name.removeprefix("trial_") if res.path else None)
-        if statuses.get(tid) not in (None, "TERMINATED", "ERROR"):
+        if statuses.get(tid) not in (None, *ENDED_STATUSES):
             kind = "interrupted"
         score = last.get(METRIC)
         trial_id = tid or "?"

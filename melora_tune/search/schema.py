@@ -25,7 +25,7 @@ from melora_tune.errors import Schema, UsageError, closest, describe_validation_
 from melora_tune.search.samplers import get_sampler, sampler_names
 from melora_tune.search.schedulers import DEFAULT as DEFAULT_SCHEDULER
 from melora_tune.search.schedulers import effective_name, get_scheduler
-from melora_tune.trial.config import ResourcesSection, TaskSection, TrainingSection
+from melora_tune.trial.config import TaskSection, TrainingSection, TrialConfig
 
 from melora_tune.records import DEFAULT_STORAGE_PATH, DEFAULT_TRACKING_URI  # noqa: E402,F401  (re-exported)
 
@@ -375,8 +375,11 @@ class SearchSpace(Schema):
 
     def base_trial_dict(self, target_modules: list[str] | None = None, modules_to_save: list[str] | None = None) -> dict[str, Any]:
         """The TrialConfig dict every trial starts from (the adapter's searched values are filled per trial)."""
-        from melora_tune.trial.config import TrialConfig
+        return self.base_trial(target_modules, modules_to_save).to_dict()
 
+    def base_trial(self, target_modules: list[str] | None = None, modules_to_save: list[str] | None = None) -> TrialConfig:
+        """The validated TrialConfig every trial starts from: where a space whose trials cannot be configured is
+        refused (UsageError "space <name>: ...")."""
         training = self.training.model_dump(mode="json")
         if self.record_test:
             training.update(score_test=True, test_every_eval=True)
@@ -401,7 +404,7 @@ class SearchSpace(Schema):
             data["resources"]["gpus_per_worker"] = res.gpus_per_worker
         if res.gpu_memory_gb is not None:
             data["resources"]["gpu_memory_gb"] = res.gpu_memory_gb
-        return TrialConfig.from_dict(data, source=f"space {self.name}").to_dict()
+        return TrialConfig.from_dict(data, source=f"space {self.name}")
 
 
 # ---- loading and error messages -------------------------------------------------------

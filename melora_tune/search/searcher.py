@@ -62,6 +62,8 @@ log = logging.getLogger("melora_tune.search")
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 STATUS_ATTR = "melora.status"
+# Ray Tune's statuses of a trial that has ended (completed, stopped by the scheduler, or failed)
+ENDED_STATUSES = ("TERMINATED", "ERROR")
 
 
 def outcome(result: dict[str, Any] | None, error: bool, max_t: float, time_attr: str = "epoch") -> str:

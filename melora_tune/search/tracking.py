@@ -32,7 +32,7 @@ from melora_tune.records import (
 )
 from melora_tune.records import finite as _finite
 from melora_tune.records.store import artifact_location, normalize_tracking_uri  # noqa: F401  (re-exported)
-from melora_tune.search.searcher import outcome
+from melora_tune.search.searcher import ENDED_STATUSES, outcome
 
 log = logging.getLogger("melora_tune.search")
 
@@ -247,14 +247,14 @@ class MlflowTrialCallback(Callback):
         done = []
         for t in trials:
             st = str(t.status)
-            if st not in ("TERMINATED", "ERROR") and t.trial_id not in self._finished:
+            if st not in ENDED_STATUSES and t.trial_id not in self._finished:
                 continue
             res = t.last_result or {}
             kind = "failed" if st == "ERROR" else outcome(res, False, self.max_t, self.time_attr)
             score = res.get("score")
             if kind in SCORED and _finite(score):
                 done.append((*rank_key(kind, score)[:2], t.config.get("method")))
-        n_done = sum(1 for t in trials if str(t.status) in ("TERMINATED", "ERROR"))
+        n_done = sum(1 for t in trials if str(t.status) in ENDED_STATUSES)
         now = int(time.time() * 1000)
         metrics = [Metric("trials_done", float(n_done), now, n_done)]
         if done:

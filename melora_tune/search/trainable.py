@@ -4,21 +4,18 @@ from __future__ import annotations
 
 from typing import Any
 
-BASE_KEY = "trial"  # the param_space key holding the base TrialConfig dict (plain JSON: Tune writes params.json)
+from melora_tune.trial import tune_trial
+from melora_tune.trial.config import TRIAL_KEY, TrialConfig
 
 
 def trial_config(config: dict[str, Any]):
     """The TrialConfig of a sampled configuration: the base config + the searched values (``TrialConfig.from_sampled``)."""
-    from melora_tune.trial.config import TrialConfig
-
-    return TrialConfig.from_sampled(config[BASE_KEY], config)
+    return TrialConfig.from_sampled(config[TRIAL_KEY], config)
 
 
 def search_trial(config: dict[str, Any]) -> None:
     """Ray Tune function trainable. ``config``: the base TrialConfig dict under "trial" plus what the space sampled
     (method, n, r, ..., lr, and informational keys such as adapter_params and optuna_trial)."""
-    from melora_tune.trial import tune_trial
-
     tune_trial(trial_config(config))
 
 

@@ -32,6 +32,8 @@ import numpy as np
 import torch
 
 STATE_NAME = "trial_state.json"
+# a trial state's status: trained on (resumable), finished, or stopped by a non-finite loss (never resumed)
+RUNNING, COMPLETED, DIVERGED = "running", "completed", "diverged"
 ADAPTER_DIR = "adapter"
 DS_DIR = "ds"
 DS_TAG = "state"

@@ -20,6 +20,11 @@ from melora_tune.data.spec import TaskSpec
 from melora_tune.errors import Schema, UsageError, describe_validation_error, did_you_mean
 
 
+# The key of a trial's config in the dicts Ray passes around: a Tune param_space (the base TrialConfig dict of a
+# search, plain JSON: Tune writes params.json) and a Ray Train train_loop_config (the PreparedTrial).
+TRIAL_KEY = "trial"
+
+
 class TaskSection(TaskSpec):
     """The data layer's ``TaskSpec`` as the trial config's ``task`` section (see there for the fields)."""
 
@@ -171,10 +176,6 @@ class TrialConfig(Schema):
     # ---- derived -------------------------------------------------------------
     def task_spec(self) -> TaskSpec:
         return self.task
-
-    @property
-    def uses_gpu(self) -> bool:
-        return self.resources.use_gpu
 
     def precision_on(self, on_gpu: bool) -> str:
         if self.training.precision == "auto":

@@ -12,19 +12,18 @@ checkpoint up with ``ray.train.get_checkpoint``).
 from __future__ import annotations
 
 import logging
-import os
-import queue
 import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from melora_tune.errors import UsageError, innermost_error_line
+from melora_tune.errors import innermost_error_line
 from melora_tune.trial import checkpoint as ckpt_io
-from melora_tune.trial import ray_env
-from melora_tune.trial.config import TrialConfig, apply_overrides
-from melora_tune.trial.inprocess import in_process
+from melora_tune.trial import ray_env, warm
+from melora_tune.trial.config import TRIAL_KEY, TrialConfig, apply_overrides
+from melora_tune.trial.inprocess import in_process, run_local, tune_in_process
+from melora_tune.trial.placement import PeriodicReaper
 from melora_tune.trial.prepare import PreparedTrial, prepare_trial
 
 log = logging.getLogger("melora_tune.trial")
@@ -69,22 +68,23 @@ class TrialResult:
 
 
 def build_trainer(
-    cfg: TrialConfig,
+    prepared: PreparedTrial,
     storage_path: str | Path,
     name: str,
     *,
     callbacks: list | None = None,
     resume_from: str | None = None,
 ):
-    """The TorchTrainer of a (prepared) trial config; gloo on CPU, nccl on GPU."""
+    """The TorchTrainer of a prepared trial (its workers get it as it is); gloo on CPU, nccl on GPU."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    cfg = prepared.cfg
     res = cfg.resources
     storage = str(Path(storage_path).expanduser().resolve()) if "://" not in str(storage_path) else str(storage_path)
     return TorchTrainer(
         train_loop_per_worker=_train_loop,
-        train_loop_config={"trial": cfg, "name": name, "resume_from": resume_from},
+        train_loop_config={TRIAL_KEY: prepared, "name": name, "resume_from": resume_from},
         torch_config=TorchConfig(backend="nccl" if res.use_gpu else "gloo"),
         scaling_config=ScalingConfig(
             num_workers=res.num_workers,
@@ -103,7 +103,7 @@ def build_trainer(
 
 
 def _train_loop(config: dict[str, Any]) -> dict[str, Any]:
-    from melora_tune.trial.worker import train_loop_per_worker
+    from melora_tune.trial.worker import train_loop_per_worker  # torch, transformers, datasets: in the workers only
 
     return train_loop_per_worker(config)
 
@@ -179,13 +179,13 @@ def run_trial(
     prepared = prepared or prepare_trial(cfg)
     run_path = Path(storage_path).expanduser().resolve() / name
     if in_process(prepared.cfg):
-        return _run_in_process(prepared.cfg, run_path, name, ray_address)
+        return _run_in_process(prepared, run_path, name, ray_address)
 
     from ray.train import TrainingFailedError
 
     started = ray_env.start_ray(ray_address, num_cpus=num_cpus)
     try:
-        trainer = build_trainer(prepared.cfg, storage_path, name)
+        trainer = build_trainer(prepared, storage_path, name)
         t_fit = time.time()
         try:
             result = trainer.fit()
@@ -208,26 +208,24 @@ def run_trial(
             ray.shutdown()
 
 
-def _run_in_process(cfg: TrialConfig, run_path: Path, name: str, ray_address: str | None) -> TrialResult:
-    from melora_tune.trial.inprocess import run_local
-
+def _run_in_process(prepared: PreparedTrial, run_path: Path, name: str, ray_address: str | None) -> TrialResult:
     t0 = time.time()
     if ray_address:
         import ray
 
         started = ray_env.start_ray(ray_address)
-        res = cfg.resources
+        res = prepared.cfg.resources
         try:
             task = ray.remote(run_local).options(
                 num_cpus=res.cpus_per_worker, num_gpus=res.gpus_per_worker if res.use_gpu else 0, max_retries=0,
                 runtime_env={"env_vars": ray_env.worker_env()},
             )
-            outcome = ray.get(task.remote(cfg, run_path, name))
+            outcome = ray.get(task.remote(prepared, run_path, name))
         finally:
             if started:
                 ray.shutdown()
     else:
-        outcome = run_local(cfg, run_path, name)
+        outcome = run_local(prepared, run_path, name)
     if "error" in outcome:
         return result_from_run(run_path, name, error=outcome["error"])
     out = result_from_run(run_path, name, outcome["summary"])
@@ -236,9 +234,6 @@ def _run_in_process(cfg: TrialConfig, run_path: Path, name: str, ray_address: st
 
 
 # ---- Ray Tune ---------------------------------------------------------------------
-
-TRIAL_KEY = "trial"
-
 
 class _Relay:
     """A Ray Train UserCallback (runs in the Train controller) that forwards every report to a Ray queue."""
@@ -254,27 +249,6 @@ class _Relay:
                 self.q.put((dict(metrics[0]), checkpoint.path if checkpoint is not None else None))
 
         return Relay(q)
-
-
-class _PeriodicReaper:
-    """``reap_orphan_placement_groups`` every ``period_s``; switched off for good if Ray's internals refuse."""
-
-    def __init__(self, period_s: float = 5.0) -> None:
-        self.period_s = period_s
-        self.next = 0.0
-        self.broken = False
-
-    def maybe_run(self) -> None:
-        if self.broken or time.monotonic() < self.next:
-            return
-        self.next = time.monotonic() + self.period_s
-        from melora_tune.trial.placement import reap_orphan_placement_groups
-
-        try:
-            reap_orphan_placement_groups()
-        except Exception as exc:  # noqa: BLE001  (an internal Ray API: never fail a trial over it)
-            self.broken = True
-            log.warning("placement group reaper disabled: %s", exc)
 
 
 def tune_trial(config: TrialConfig | dict[str, Any]) -> None:
@@ -311,13 +285,9 @@ def tune_trial(config: TrialConfig | dict[str, Any]) -> None:
     trial_id = ctx.get_trial_id()
     storage = Path(ctx.get_trial_dir())
     name = f"train_{trial_id}"
-    from melora_tune.trial import warm
-
     task = warm.task(cfg.task_spec())  # the checks read the task the worker will train on: loaded once per process
     if in_process(cfg):
-        from melora_tune.trial.inprocess import tune_in_process
-
-        tune_in_process(prepare_trial(cfg, task).cfg, name)
+        tune_in_process(prepare_trial(cfg, task), name)
         return
 
     gave_up = storage / GAVE_UP_NAME
@@ -333,7 +303,7 @@ def tune_trial(config: TrialConfig | dict[str, Any]) -> None:
 
     prepared = prepare_trial(cfg, task)
     q = Queue(maxsize=0, actor_options={"num_cpus": 0})
-    trainer = build_trainer(prepared.cfg, storage, name, callbacks=[_Relay(q)], resume_from=resume_from)
+    trainer = build_trainer(prepared, storage, name, callbacks=[_Relay(q)], resume_from=resume_from)
     outcome: dict[str, Any] = {}
 
     def fit() -> None:
@@ -354,7 +324,7 @@ def tune_trial(config: TrialConfig | dict[str, Any]) -> None:
         else:
             ray.tune.report(metrics)
 
-    reaper = _PeriodicReaper()
+    reaper = PeriodicReaper(period_s=5.0)
     while thread.is_alive():
         reaper.maybe_run()  # an earlier trial's dead controller may hold the CPUs this trainer waits for
         try:

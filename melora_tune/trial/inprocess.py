@@ -17,7 +17,10 @@ from pathlib import Path
 from typing import Any
 
 from melora_tune.errors import innermost_error_line
+from melora_tune.trial import warm
 from melora_tune.trial.config import TrialConfig
+from melora_tune.trial.prepare import PreparedTrial
+from melora_tune.trial.reporting import LocalReporter, TuneReporter
 
 log = logging.getLogger("melora_tune.trial")
 
@@ -99,24 +102,21 @@ def _forget_deepspeed_groups() -> None:
         groups.mesh_device = None
 
 
-def run_with_reporter(cfg: TrialConfig, name: str, reporter, resume_from: str | None = None) -> dict[str, Any]:
+def run_with_reporter(prepared: PreparedTrial, name: str, reporter) -> dict[str, Any]:
     """The training loop once, in this process, under its own process group; rank 0's summary."""
-    from melora_tune.trial.worker import TrialWorker
+    from melora_tune.trial.worker import TrialWorker  # torch, transformers, datasets: loaded where a trial trains
 
-    with single_process_group(cfg.resources.use_gpu):
-        return TrialWorker({"trial": cfg, "name": name, "resume_from": resume_from}, reporter=reporter).run()
+    with single_process_group(prepared.cfg.resources.use_gpu):
+        return TrialWorker(prepared, name, reporter=reporter).run()
 
 
-def tune_in_process(cfg: TrialConfig, name: str) -> None:
+def tune_in_process(prepared: PreparedTrial, name: str) -> None:
     """The body of a one-worker Tune trial: reports go straight to ``ray.tune.report``.
 
     Errors propagate: Tune's FailureConfig restarts the trial from its last
     checkpoint (``ray.tune.get_checkpoint``), which is the only retry such a trial
     gets, so Train's and Tune's restarts are never stacked.
     """
-    from melora_tune.trial import warm
-    from melora_tune.trial.reporting import TuneReporter
-
     warm.keep_weights()  # Tune may hand this process further trials of the search (reuse_actors)
     # With reuse_actors, Tune hands this process the next trial only once this function has returned, and
     # gives it TUNE_FUNCTION_THREAD_TIMEOUT_S (2 s by default) to do so after a scheduler stopped the trial
@@ -124,22 +124,21 @@ def tune_in_process(cfg: TrialConfig, name: str) -> None:
     # reset_config()"). Unwinding (process group, DeepSpeed, gc) can take longer on a loaded machine.
     # Tune reads the variable in this process when it resets the actor, after this trial.
     os.environ.setdefault("TUNE_FUNCTION_THREAD_TIMEOUT_S", "60")
-    run_with_reporter(cfg, name, TuneReporter(name, cfg.resources.use_gpu))
+    run_with_reporter(prepared, name, TuneReporter(name, prepared.cfg.resources.use_gpu))
 
 
-def run_local(cfg: TrialConfig, run_path: str | Path, name: str) -> dict[str, Any]:
+def run_local(prepared: PreparedTrial, run_path: str | Path, name: str) -> dict[str, Any]:
     """Train in this process with checkpoints under ``run_path``; up to ``resources.max_failures`` restarts.
 
     Returns ``{"summary": ...}`` or ``{"error": one line}``; a diverged trial is a
     summary, never retried.
     """
-    from melora_tune.trial.reporting import LocalReporter
-
+    cfg = prepared.cfg
     error = None
     for attempt in range(cfg.resources.max_failures + 1):
         reporter = LocalReporter(run_path, cfg.resources.use_gpu, cfg.training.keep_checkpoints)
         try:
-            return {"summary": run_with_reporter(cfg, name, reporter)}
+            return {"summary": run_with_reporter(prepared, name, reporter)}
         except Exception as err:  # noqa: BLE001  (restarted from the last checkpoint, as Train would)
             error = innermost_error_line(err)
             log.warning("trial %s failed (attempt %d of %d): %s", name, attempt + 1, cfg.resources.max_failures + 1, error)

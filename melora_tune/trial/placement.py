@@ -22,6 +22,7 @@ after every trial, so neither a search nor a plain ``Tuner`` over ``tune_trial``
 from __future__ import annotations
 
 import logging
+import time
 
 log = logging.getLogger("melora_tune.trial")
 
@@ -55,3 +56,28 @@ def reap_orphan_placement_groups() -> int:
         except Exception as exc:  # noqa: BLE001
             log.debug("could not remove placement group: %s", exc)
     return removed
+
+
+class PeriodicReaper:
+    """``reap_orphan_placement_groups`` at most every ``period_s`` (``maybe_run``) or now (``run``); switched off
+    for good if Ray's internals refuse (an internal Ray API: never fail a trial or a search over it)."""
+
+    def __init__(self, period_s: float, logger: logging.Logger = log) -> None:
+        self.period_s = period_s
+        self.log = logger
+        self.last = float("-inf")
+        self.broken = False
+
+    def maybe_run(self) -> None:
+        if time.monotonic() - self.last >= self.period_s:
+            self.run()
+
+    def run(self) -> None:
+        if self.broken:
+            return
+        self.last = time.monotonic()
+        try:
+            reap_orphan_placement_groups()
+        except Exception as exc:  # noqa: BLE001
+            self.broken = True
+            self.log.warning("placement group reaper disabled: %s", exc)

@@ -8,9 +8,11 @@ on the ``meta`` device from its config, no weights are read.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from typing import Any
 
+from melora_tune.adapters.config import AdapterConfig
 from melora_tune.adapters.inject import default_target_modules, find_head_modules
 from melora_tune.errors import UsageError, first_line
 from melora_tune.trial.config import TrialConfig
@@ -18,7 +20,9 @@ from melora_tune.trial.ds_config import StepPlan, build_ds_config, plan_for
 
 @dataclass
 class PreparedTrial:
-    """A validated trial: the config with defaults resolved, plus what was learnt checking it."""
+    """A validated trial: the config with defaults resolved, plus what was learnt checking it. It travels to the
+    workers as it is (Ray pickles it): they train with its adapter config, step plan, DeepSpeed config and metrics
+    instead of working them out again."""
 
     cfg: TrialConfig
     num_labels: int
@@ -27,7 +31,21 @@ class PreparedTrial:
     metrics: tuple[str, ...]
     main_metric: str
     plan: StepPlan
+    adapter: AdapterConfig  # cfg.adapter as the adapter layer's config (target_modules, modules_to_save resolved)
+    trainable_params: int  # adapter + head tensors the optimizer gets (the accounting's, equal to injection's)
+    head_group: bool  # the optimizer has a second parameter group: the head (modules_to_save)
+    ds_config: dict[str, Any]  # DeepSpeed's config on the device the trial asks for (resources.use_gpu)
     accounting: dict[str, Any] = field(default_factory=dict)
+
+    def ds_config_for(self, *, on_gpu: bool, trainable_params: int, head_group: bool) -> dict[str, Any]:
+        """DeepSpeed's config for what a worker found: the prepared one (a fresh copy: DeepSpeed may write to it),
+        or, on a worker without the GPU the trial asked for, the same config built for the CPU."""
+        if (trainable_params, head_group) != (self.trainable_params, self.head_group):
+            raise RuntimeError(f"the worker's model has {trainable_params} trainable parameters (head group: {head_group}), "
+                               f"the prepared trial {self.trainable_params} (head group: {self.head_group})")
+        if on_gpu == self.cfg.resources.use_gpu:
+            return copy.deepcopy(self.ds_config)
+        return build_ds_config(self.cfg, self.plan, on_gpu=on_gpu, trainable_params=trainable_params, head_group=head_group)
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -100,7 +118,9 @@ def prepare_trial(cfg: TrialConfig, task=None) -> PreparedTrial:
             raise UsageError(f"cannot load the tokenizer of {cfg.model!r} to check its chat template: {first_line(err)}") from None
         prompt_format(task, tokenizer)  # refuses a tokenizer without one
     plan = plan_for(resolved, len(task.splits["train"]))
-    build_ds_config(resolved, plan)  # the DeepSpeed settings a worker would refuse (offload without ZeRO...), refused now
+    trainable, head_group = acct["adapter_params"] + acct["head_params"], acct["head_params"] > 0
+    # the DeepSpeed settings a worker would refuse (offload without ZeRO...) are refused here
+    ds_config = build_ds_config(resolved, plan, trainable_params=trainable, head_group=head_group)
     if len(task.splits["validation"]) < 1:
         raise UsageError(f"task {cfg.task.name!r} has an empty validation split")
     return PreparedTrial(
@@ -111,5 +131,9 @@ def prepare_trial(cfg: TrialConfig, task=None) -> PreparedTrial:
         metrics=metrics,
         main_metric=main,
         plan=plan,
+        adapter=adapter_cfg,
+        trainable_params=trainable,
+        head_group=head_group,
+        ds_config=ds_config,
         accounting={k: acct[k] for k in ("adapter_params", "head_params", "equivalent_rank", "adapted_layers", "base_params")},
     )

@@ -14,7 +14,6 @@ import os
 import re
 import socket
 import urllib.parse
-from pathlib import Path
 from typing import Any
 
 from melora_tune.errors import UsageError, first_line

@@ -19,8 +19,6 @@ import shutil
 from pathlib import Path
 from typing import Any, Protocol
 
-import torch
-
 from melora_tune.trial import checkpoint as ckpt_io
 
 
@@ -28,9 +26,6 @@ class Reporter(Protocol):
     rank: int
     world_size: int
     node_ip: str
-
-    @property
-    def device(self) -> torch.device: ...
 
     def latest_checkpoint(self):
         """A ``ray.train.Checkpoint`` to resume from, or None."""
@@ -48,11 +43,6 @@ def _node_ip() -> str:
         return "127.0.0.1"
 
 
-def _single_device(use_gpu: bool) -> torch.device:
-    # Ray narrows CUDA_VISIBLE_DEVICES to the trial's GPU, so the one worker is always cuda:0.
-    return torch.device("cuda", 0) if use_gpu and torch.cuda.is_available() else torch.device("cpu")
-
-
 class TrainReporter:
     def __init__(self) -> None:
         import ray.train
@@ -61,12 +51,6 @@ class TrainReporter:
         self.rank = ctx.get_world_rank()
         self.world_size = ctx.get_world_size()
         self.node_ip = _node_ip()
-
-    @property
-    def device(self) -> torch.device:
-        from ray.train.torch import get_device
-
-        return get_device()
 
     def latest_checkpoint(self):
         import ray.train
@@ -93,10 +77,6 @@ class TuneReporter:
         self.use_gpu = use_gpu
         self.node_ip = _node_ip()
 
-    @property
-    def device(self) -> torch.device:
-        return _single_device(self.use_gpu)
-
     def latest_checkpoint(self):
         import ray.tune
 
@@ -121,10 +101,6 @@ class LocalReporter:
         self.use_gpu = use_gpu
         self.keep = keep
         self.node_ip = _node_ip()
-
-    @property
-    def device(self) -> torch.device:
-        return _single_device(self.use_gpu)
 
     def latest_checkpoint(self):
         from ray.train import Checkpoint
