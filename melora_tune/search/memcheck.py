@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from melora_tune.adapters import describe
+from melora_tune.adapters import describe, get_method
 from melora_tune.errors import UsageError
 from melora_tune.trial.config import TrialConfig
 from melora_tune.trial.memory import MemoryEstimate, check_fits, estimate, gib, gpu_memory, trial_facts, worker_share
@@ -53,8 +53,6 @@ class SearchMemory:
 def largest_config(feasible, method: str) -> dict[str, Any]:
     """The method's most memory-hungry feasible configuration as sampled values: the most trainable parameters
     (their weights, gradients and optimizer states grow with them; activations and frozen weights do not)."""
-    from melora_tune.adapters import get_method
-
     cand = max(feasible.candidates[method], key=lambda c: c.adapter_params)
     return {"method": method, **{k: getattr(cand, k) for k in get_method(method).hyperparams}}
 
@@ -79,7 +77,7 @@ def search_memory(space, feasible, base_cfg: TrialConfig) -> SearchMemory:
         est = estimate(cfg, facts=facts, keeps_weights=space.resources.num_workers == 1)
         estimates[method], configs[method] = (describe(sampled), est), cfg
     if not on_gpu:
-        import psutil
+        import psutil  # optional
 
         at_once = space.resources.num_workers * space.max_concurrent_trials
         ram = psutil.virtual_memory().total

@@ -14,13 +14,7 @@ from melora_tune.trial.config import (
 from melora_tune.trial.driver import TrialResult, build_trainer, run_trial, tune_trial
 from melora_tune.trial.ds_config import StepPlan, build_ds_config, plan_for, plan_steps
 from melora_tune.trial.prepare import PreparedTrial, prepare_trial
-
-
-def train_loop_per_worker(config: dict):
-    """Ray Train entry point (see melora_tune.trial.worker)."""
-    from melora_tune.trial.worker import train_loop_per_worker as loop
-
-    return loop(config)
+from melora_tune.trial.worker import train_loop_per_worker
 
 
 __all__ = [

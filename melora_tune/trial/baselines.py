@@ -29,8 +29,15 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from melora_tune.adapters.models import auto_class, causal_lm_overrides, load_config, resolve_model
+from melora_tune.adapters.pooling import TokenPooler, apply_pooling, resolve_pooling
+from melora_tune.data import compute_metrics, encode_classification, load_task
+from melora_tune.data.instruct import encode_instruction
 from melora_tune.errors import UsageError
+from melora_tune.records import baseline_metric
 from melora_tune.trial.config import TrialConfig
+from melora_tune.trial.prepare import task_metrics
+from melora_tune.trial.worker import pad_collate
 
 C_GRID = (1e-3, 1e-2, 1e-1, 1.0, 1e1, 1e2)
 
@@ -45,8 +52,6 @@ class Baselines:
     seconds: float
 
     def to_metrics(self) -> dict[str, float]:
-        from melora_tune.records import baseline_metric
-
         out = {baseline_metric(name, split): value for name, by_split in self.scores.items()
                for split, value in by_split.items() if value is not None}
         if self.majority_share is not None:
@@ -65,10 +70,7 @@ class Baselines:
 
 def frozen_model(cfg: TrialConfig, num_labels: int, pooling: str | None = None):
     """(model, tokenizer, resolved pooling) loaded as ``TrialWorker.build`` loads them, in eval mode."""
-    import transformers
-
-    from melora_tune.adapters.models import auto_class, resolve_model
-    from melora_tune.adapters.pooling import apply_pooling, resolve_pooling
+    import transformers  # heavy: transformers
 
     path = resolve_model(cfg.model)
     tokenizer = transformers.AutoTokenizer.from_pretrained(path)
@@ -92,10 +94,7 @@ def frozen_model(cfg: TrialConfig, num_labels: int, pooling: str | None = None):
 @torch.no_grad()
 def pooled_features(model, rows, pad_token_id: int, batch_size: int = 64) -> np.ndarray:
     """(N, hidden) float32: the head's input for each encoded row (``encode_classification`` output)."""
-    from torch.utils.data import DataLoader, Subset
-
-    from melora_tune.adapters.pooling import TokenPooler
-    from melora_tune.trial.worker import pad_collate
+    from torch.utils.data import DataLoader, Subset  # heavy: torch
 
     encoder = model.base_model
     poolers = [m for m in model.modules() if isinstance(m, TokenPooler)]
@@ -122,11 +121,8 @@ def _labels(rows) -> np.ndarray:
 
 def compute_baselines(cfg: TrialConfig, *, task=None, batch_size: int = 64, pooling: str | None = None) -> Baselines:
     """Majority-class and linear-probe scores on ``cfg``'s splits; ``pooling`` overrides the config's."""
-    from sklearn.linear_model import LogisticRegression, Ridge
-    from sklearn.preprocessing import StandardScaler
-
-    from melora_tune.data import compute_metrics, encode_classification, load_task
-    from melora_tune.trial.prepare import task_metrics
+    from sklearn.linear_model import LogisticRegression, Ridge  # heavy: scikit-learn
+    from sklearn.preprocessing import StandardScaler  # heavy: scikit-learn
 
     t0 = time.perf_counter()
     if cfg.task_type == "causal_lm":
@@ -176,9 +172,7 @@ def compute_baselines(cfg: TrialConfig, *, task=None, batch_size: int = 64, pool
 def last_prompt_features(model, rows, pad_token_id: int, batch_size: int = 64) -> np.ndarray:
     """(N, hidden) float32: a causal LM's last hidden state at the last prompt token, the state its first answer
     token is predicted from (``encode_instruction`` rows, which carry ``prompt_length``)."""
-    from torch.utils.data import DataLoader
-
-    from melora_tune.trial.worker import pad_collate
+    from torch.utils.data import DataLoader  # heavy: torch
 
     prompts = [{"input_ids": ids[: int(n)], "attention_mask": torch.ones(int(n), dtype=torch.long)}
                for ids, n in zip(rows["input_ids"], rows["prompt_length"])]
@@ -198,13 +192,9 @@ def instruction_baselines(cfg: TrialConfig, task, *, batch_size: int = 64, t0: f
       first answer token is predicted from) to the answer, C picked on validation as above; an exact match
       when it picks the reference answer.
     """
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.preprocessing import StandardScaler
-
-    import transformers
-
-    from melora_tune.adapters.models import auto_class, causal_lm_overrides, load_config, resolve_model
-    from melora_tune.data.instruct import encode_instruction
+    import transformers  # heavy: transformers
+    from sklearn.linear_model import LogisticRegression  # heavy: scikit-learn
+    from sklearn.preprocessing import StandardScaler  # heavy: scikit-learn
 
     path = resolve_model(cfg.model)
     tokenizer = transformers.AutoTokenizer.from_pretrained(path)

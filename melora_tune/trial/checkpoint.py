@@ -141,7 +141,7 @@ def rng_from_arrays(arrays: dict[str, np.ndarray], meta: dict[str, str]) -> dict
 
 
 def save_rng(directory: str | Path, rank: int) -> Path:
-    from safetensors.numpy import save_file
+    from safetensors.numpy import save_file  # heavy: safetensors
 
     folder = Path(directory) / RNG_DIR
     folder.mkdir(parents=True, exist_ok=True)
@@ -157,7 +157,7 @@ def load_rng(directory: str | Path, rank: int) -> bool:
     folder = Path(directory) / RNG_DIR
     path = folder / f"rank{rank}.safetensors"
     if path.is_file():
-        from safetensors import safe_open
+        from safetensors import safe_open  # heavy: safetensors
 
         with safe_open(str(path), framework="numpy") as f:
             meta = f.metadata() or {}
@@ -175,9 +175,9 @@ def load_rng(directory: str | Path, rank: int) -> bool:
 def _numpy_array_globals() -> list:
     """What an old ``rank<k>.pt`` needs besides tensors: numpy's MT19937 key array (a uint32 ndarray)."""
     try:
-        from numpy._core.multiarray import _reconstruct
+        from numpy._core.multiarray import _reconstruct  # numpy's own path differs by version
     except ImportError:  # numpy < 2
-        from numpy.core.multiarray import _reconstruct
+        from numpy.core.multiarray import _reconstruct  # numpy's own path differs by version
     return [_reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
 
 
@@ -186,9 +186,9 @@ def deepspeed_safe_globals() -> list:
     ``torch.serialization.get_unsafe_globals_in_checkpoint`` over ZeRO 0-3, fp32/bf16, optimizer offload): an
     enum, a named tuple, and the loss scaler's plain attributes. Allow-listing a class lets the weights-only
     unpickler rebuild an instance of it from data; it still refuses every other callable."""
-    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-    from deepspeed.utils.tensor_fragment import fragment_address
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler  # heavy: DeepSpeed, workers only
+    from deepspeed.runtime.zero.config import ZeroStageEnum  # heavy: DeepSpeed, workers only
+    from deepspeed.utils.tensor_fragment import fragment_address  # heavy: DeepSpeed, workers only
 
     return [ZeroStageEnum, fragment_address, LossScaler, DynamicLossScaler]
 

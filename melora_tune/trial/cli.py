@@ -19,6 +19,10 @@ from pathlib import Path
 from typing import Any
 
 from melora_tune.errors import UsageError
+from melora_tune.trial.config import load_trial_config
+from melora_tune.trial.driver import run_trial
+from melora_tune.trial.memory import check_fits, estimate, gpu_memory
+from melora_tune.trial.prepare import prepare_trial
 from melora_tune.trial.ray_env import check_ray_address, check_run_name, check_storage
 
 DEFAULT_STORAGE = "melora_runs"
@@ -108,15 +112,10 @@ def format_table(result) -> str:
 
 
 def train_command(args: argparse.Namespace) -> int:
-    from melora_tune.trial.config import load_trial_config
-    from melora_tune.trial.driver import run_trial
-    from melora_tune.trial.prepare import prepare_trial
-
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     cfg = load_trial_config(args.config, args.overrides)
     prepared = prepare_trial(cfg)  # UsageError here, before Ray starts
     if prepared.cfg.resources.use_gpu:  # a trial that cannot fit its GPU is refused now, not after loading 7B weights
-        from melora_tune.trial.memory import check_fits, estimate, gpu_memory
 
         gpu_bytes, _ = gpu_memory(prepared.cfg)
         if gpu_bytes is not None:

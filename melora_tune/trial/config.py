@@ -13,12 +13,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import model_validator, BaseModel, Field, ValidationError
+from pydantic import BaseModel, Field, ValidationError, model_validator
 
+from melora_tune.adapters import HYPERPARAMS, get_method
 from melora_tune.adapters.config import AdapterConfig
 from melora_tune.data.spec import TaskSpec
 from melora_tune.errors import Schema, UsageError, describe_validation_error, did_you_mean
-
 
 # The key of a trial's config in the dicts Ray passes around: a Tune param_space (the base TrialConfig dict of a
 # search, plain JSON: Tune writes params.json) and a Ray Train train_loop_config (the PreparedTrial).
@@ -156,8 +156,6 @@ class TrialConfig(Schema):
         merged in, validated once: the one place a search's choices enter a trial. Hyperparameters the sampled
         method does not use go back to their defaults, so two trials of one configuration have equal configs
         whatever else the space holds."""
-        from melora_tune.adapters import HYPERPARAMS, get_method
-
         data = {**base, "adapter": dict(base.get("adapter") or {}), "training": dict(base.get("training") or {})}
         adapter = data["adapter"]
         for key in ("method", *HYPERPARAMS, "alpha", "dropout"):

@@ -76,8 +76,8 @@ def build_trainer(
     resume_from: str | None = None,
 ):
     """The TorchTrainer of a prepared trial (its workers get it as it is); gloo on CPU, nccl on GPU."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig  # heavy: Ray
+    from ray.train.torch import TorchConfig, TorchTrainer  # heavy: Ray
 
     cfg = prepared.cfg
     res = cfg.resources
@@ -181,7 +181,7 @@ def run_trial(
     if in_process(prepared.cfg):
         return _run_in_process(prepared, run_path, name, ray_address)
 
-    from ray.train import TrainingFailedError
+    from ray.train import TrainingFailedError  # heavy: Ray
 
     started = ray_env.start_ray(ray_address, num_cpus=num_cpus)
     try:
@@ -203,7 +203,7 @@ def run_trial(
         return out
     finally:
         if shutdown_ray or (shutdown_ray is None and started):
-            import ray
+            import ray  # heavy: Ray
 
             ray.shutdown()
 
@@ -211,7 +211,7 @@ def run_trial(
 def _run_in_process(prepared: PreparedTrial, run_path: Path, name: str, ray_address: str | None) -> TrialResult:
     t0 = time.time()
     if ray_address:
-        import ray
+        import ray  # heavy: Ray
 
         started = ray_env.start_ray(ray_address)
         res = prepared.cfg.resources
@@ -239,7 +239,7 @@ class _Relay:
     """A Ray Train UserCallback (runs in the Train controller) that forwards every report to a Ray queue."""
 
     def __new__(cls, q):
-        from ray.train.v2.api.callback import UserCallback
+        from ray.train.v2.api.callback import UserCallback  # heavy: Ray
 
         class Relay(UserCallback):
             def __init__(self, q):
@@ -271,9 +271,9 @@ def tune_trial(config: TrialConfig | dict[str, Any]) -> None:
     Resources with more workers: the function itself needs a CPU slot in Tune;
     the Train workers request theirs separately (``num_workers x cpus_per_worker``).
     """
-    import ray.tune
-    from ray.train import Checkpoint, TrainingFailedError
-    from ray.util.queue import Empty, Queue
+    import ray.tune  # heavy: Ray
+    from ray.train import Checkpoint, TrainingFailedError  # heavy: Ray
+    from ray.util.queue import Empty, Queue  # heavy: Ray
 
     if isinstance(config, TrialConfig):  # the search's path: validated once, in search.trainable
         cfg = config

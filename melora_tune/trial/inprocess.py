@@ -9,9 +9,11 @@ process group that lives exactly as long as the trial.
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import os
 import socket
+import sys
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -51,10 +53,8 @@ def single_process_group(use_gpu: bool):
     reuse_actors the next trial would otherwise start while they still hold
     memory (GPU memory too: ``empty_cache`` can only return what is freed).
     """
-    import gc
-
-    import torch
-    import torch.distributed as dist
+    import torch  # heavy: torch
+    import torch.distributed as dist  # heavy: torch
 
     if dist.is_initialized():
         raise RuntimeError("a torch.distributed process group is already initialised in this process")
@@ -88,8 +88,6 @@ def _forget_deepspeed_groups() -> None:
     """Drop DeepSpeed's module-level handles on the destroyed group (its comm wrapper and the cached world,
     data-, model- and expert-parallel groups): a later trial in this process builds its own, instead of
     failing with "Group ... is not registered" on the dead one."""
-    import sys
-
     comm = sys.modules.get("deepspeed.comm.comm")
     if comm is not None:
         comm.cdb = None

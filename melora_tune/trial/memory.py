@@ -24,8 +24,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from melora_tune.adapters.accounting import ModelSpec, account
+from melora_tune.adapters.inject import default_target_modules, find_head_modules, find_modules_to_save, linear_modules
+from melora_tune.data.registry import num_labels_of
 from melora_tune.errors import UsageError
 from melora_tune.trial.config import TrialConfig
+from melora_tune.trial.ds_config import bucket_size, check_offload
 
 GIB = 2**30
 # What a trial process holds on a GPU besides its tensors: the CUDA context and torch's kernels (about
@@ -140,7 +144,6 @@ def _shape_facts(spec) -> dict[str, Any]:
     cached = getattr(spec, "_memory_facts", None)
     if cached is not None:
         return cached
-    from melora_tune.adapters.inject import linear_modules
 
     model = spec.model
     config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
@@ -176,9 +179,6 @@ def _shape_facts(spec) -> dict[str, Any]:
 
 def model_facts(spec, adapter_cfg, task_type: str) -> ModelFacts:
     """The facts of ``adapter_cfg`` (target_modules and modules_to_save resolved) on ``spec``'s model."""
-    from melora_tune.adapters.accounting import account
-    from melora_tune.adapters.inject import find_modules_to_save
-
     shape = _shape_facts(spec)
     acct = account(spec, adapter_cfg)
     heads = find_modules_to_save(spec.model, list(adapter_cfg.modules_to_save))
@@ -210,10 +210,6 @@ def model_facts(spec, adapter_cfg, task_type: str) -> ModelFacts:
 
 def trial_facts(cfg: TrialConfig, spec=None) -> ModelFacts:
     """``model_facts`` for a trial config, resolving its default targets and head as ``prepare_trial`` does."""
-    from melora_tune.adapters.accounting import ModelSpec
-    from melora_tune.adapters.inject import default_target_modules, find_head_modules
-    from melora_tune.data.registry import num_labels_of
-
     num_labels = num_labels_of(cfg.task) if cfg.task_type == "seq_cls" else None
     if spec is None:
         spec = ModelSpec.from_pretrained(cfg.model, task=cfg.task_type, num_labels=num_labels)
@@ -313,8 +309,6 @@ def estimate(cfg: TrialConfig, spec=None, *, facts: ModelFacts | None = None, on
     """The memory of one worker of this trial. ``facts`` (or ``spec``, a ModelSpec) avoids rebuilding the
     meta-device model; ``keeps_weights``: the trial process also keeps a host copy of the base weights
     between trials (``trial.warm``: one-worker trials of a search)."""
-    from melora_tune.trial.ds_config import bucket_size, check_offload
-
     t = cfg.training
     check_offload(t)
     facts = facts or trial_facts(cfg, spec)
@@ -374,7 +368,7 @@ def measure_gpu() -> int | None:
     """Total memory of this machine's GPU 0, or None without CUDA. Asks NVML first, which creates no CUDA
     context in the calling process (a search driver would otherwise hold one on the GPU its trials use)."""
     try:
-        import pynvml
+        import pynvml  # optional: nvidia-ml-py, GPU machines
 
         pynvml.nvmlInit()
         try:
@@ -383,7 +377,7 @@ def measure_gpu() -> int | None:
             pynvml.nvmlShutdown()
     except Exception:  # noqa: BLE001  (no NVML library, no driver, no GPU: try torch)
         pass
-    import torch
+    import torch  # heavy: torch
 
     if not torch.cuda.is_available():
         return None

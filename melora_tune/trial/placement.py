@@ -29,11 +29,11 @@ log = logging.getLogger("melora_tune.trial")
 
 def reap_orphan_placement_groups() -> int:
     """Remove this job's placement groups whose creator actor is dead; returns how many."""
-    import ray
-    from ray._private.state import state
-    from ray._common.utils import binary_to_hex
-    from ray.core.generated import gcs_pb2
-    from ray.util.placement_group import PlacementGroup, remove_placement_group
+    import ray  # heavy: Ray
+    from ray._common.utils import binary_to_hex  # heavy: Ray
+    from ray._private.state import state  # heavy: Ray
+    from ray.core.generated import gcs_pb2  # heavy: Ray
+    from ray.util.placement_group import PlacementGroup, remove_placement_group  # heavy: Ray
 
     job_id = ray.get_runtime_context().get_job_id()
     accessor = state._connect_and_get_accessor()

@@ -12,11 +12,16 @@ import copy
 from dataclasses import dataclass, field
 from typing import Any
 
+from melora_tune.adapters.accounting import ModelSpec, account
 from melora_tune.adapters.config import AdapterConfig
 from melora_tune.adapters.inject import default_target_modules, find_head_modules
+from melora_tune.adapters.models import auto_class, load_config, resolve_model
+from melora_tune.data import load_task
+from melora_tune.data.instruct import prompt_format
 from melora_tune.errors import UsageError, first_line
 from melora_tune.trial.config import TrialConfig
 from melora_tune.trial.ds_config import StepPlan, build_ds_config, plan_for
+
 
 @dataclass
 class PreparedTrial:
@@ -75,12 +80,7 @@ def task_metrics(task, task_type: str) -> tuple[tuple[str, ...], str]:
 
 def prepare_trial(cfg: TrialConfig, task=None) -> PreparedTrial:
     """Check everything a user can get wrong before Ray starts (UsageError otherwise)."""
-    from melora_tune.adapters.accounting import ModelSpec, account
-    from melora_tune.adapters.models import auto_class, load_config
-
     if task is None:
-        from melora_tune.data import load_task
-
         task = load_task(cfg.task_spec())
     for split in ("train", "validation"):
         if split not in task.splits:
@@ -107,10 +107,7 @@ def prepare_trial(cfg: TrialConfig, task=None) -> PreparedTrial:
     acct = account(spec, adapter_cfg)  # raises UsageError when the adapter does not fit the layers
     metrics, main = task_metrics(task, cfg.task_type)
     if getattr(task, "is_instruction", False) and task.prompt_format == "chat":
-        import transformers
-
-        from melora_tune.adapters.models import resolve_model
-        from melora_tune.data.instruct import prompt_format
+        import transformers  # heavy: transformers
 
         try:
             tokenizer = transformers.AutoTokenizer.from_pretrained(resolve_model(cfg.model))

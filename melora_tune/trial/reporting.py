@@ -35,7 +35,7 @@ class Reporter(Protocol):
 
 
 def _node_ip() -> str:
-    import ray.util
+    import ray.util  # heavy: Ray
 
     try:
         return ray.util.get_node_ip_address()
@@ -45,7 +45,7 @@ def _node_ip() -> str:
 
 class TrainReporter:
     def __init__(self) -> None:
-        import ray.train
+        import ray.train  # heavy: Ray
 
         ctx = ray.train.get_context()
         self.rank = ctx.get_world_rank()
@@ -53,13 +53,13 @@ class TrainReporter:
         self.node_ip = _node_ip()
 
     def latest_checkpoint(self):
-        import ray.train
+        import ray.train  # heavy: Ray
 
         return ray.train.get_checkpoint()
 
     def report(self, metrics, checkpoint_dir, dir_name) -> None:
-        import ray.train
-        from ray.train import Checkpoint
+        import ray.train  # heavy: Ray
+        from ray.train import Checkpoint  # heavy: Ray
 
         ray.train.report(
             metrics,
@@ -78,13 +78,13 @@ class TuneReporter:
         self.node_ip = _node_ip()
 
     def latest_checkpoint(self):
-        import ray.tune
+        import ray.tune  # heavy: Ray
 
         return ray.tune.get_checkpoint()
 
     def report(self, metrics, checkpoint_dir, dir_name) -> None:
-        import ray.tune
-        from ray.tune import Checkpoint
+        import ray.tune  # heavy: Ray
+        from ray.tune import Checkpoint  # heavy: Ray
 
         # the same keys the relay of a multi-worker trial sends (Tune rejects None-valued metrics in places)
         metrics = {k: v for k, v in metrics.items() if v is not None}
@@ -103,7 +103,7 @@ class LocalReporter:
         self.node_ip = _node_ip()
 
     def latest_checkpoint(self):
-        from ray.train import Checkpoint
+        from ray.train import Checkpoint  # heavy: Ray
 
         latest = ckpt_io.latest_checkpoint_dir(self.run_path)
         return Checkpoint.from_directory(str(latest)) if latest is not None else None

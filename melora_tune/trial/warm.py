@@ -36,10 +36,14 @@ them; the small caches (tokenizer, data) are kept everywhere.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 import threading
 from collections import Counter, OrderedDict
 from typing import Any
+
+from melora_tune.data import encode_causal_lm, encode_classification, load_task
+from melora_tune.data.instruct import encode_instruction
 
 _lock = threading.RLock()  # trials run in Tune's training thread; fills must not interleave
 _tokenizers: dict[str, Any] = {}
@@ -99,7 +103,7 @@ def _cached(store: OrderedDict, kind: str, key, build, limit: int):
 # ---- tokenizer ---------------------------------------------------------------------------
 
 def _load_tokenizer(path: str):
-    import transformers
+    import transformers  # heavy: transformers
 
     tok = transformers.AutoTokenizer.from_pretrained(path)
     if tok.pad_token is None:
@@ -138,20 +142,13 @@ def _key(spec) -> tuple:
 def task(spec):
     """The loaded task (every split, test too) of a ``TaskSpec``. Shared between trials: read it, never change it
     (``task_data`` drops the test split from a copy)."""
-    from melora_tune.data import load_task
-
     if not enabled():
         return load_task(spec)
     return _cached(_tasks, "task", _key(spec), lambda: load_task(spec), MAX_SPLITS)
 
 
 def _encode(spec, tok, max_length: int, score_test: bool, causal: bool):
-    import dataclasses
-
-    import datasets
-
-    from melora_tune.data import encode_causal_lm, encode_classification
-    from melora_tune.data.instruct import encode_instruction
+    import datasets  # heavy: datasets
 
     full = task(spec)
     # a search trial never holds the test split (selection cannot see it); a copy, so the cached task keeps it
@@ -180,7 +177,7 @@ def base_model(auto_cls, path: str, *, dtype, **kwargs) -> tuple[Any, bool]:
     Call it after seeding: keys missing from the checkpoint (a new head) are
     initialised from the global RNG here, the same way on a hit as on a miss.
     """
-    import torch
+    import torch  # heavy: torch
 
     if not enabled():
         return auto_cls.from_pretrained(path, dtype=dtype, **kwargs), False
