@@ -47,7 +47,6 @@ from melora_tune.report.render import (
 log = logging.getLogger("melora_tune.report")
 
 FIGURE_FILES = ("frontier.png", "heatmap_n_r.png", "lr_sensitivity.png", "learning_curves.png", "importance.png")
-REPORT_FILES = ("report.md", "report.html", "trials.csv", "confirmations.csv")
 IMBALANCED_SHARE = 0.7  # a validation split this dominated by one class makes accuracy mostly a majority-class count
 SETTINGS = [  # (parent run param, label)
     ("model", "model"), ("methods", "methods"), ("budget", "budget (adapter params)"), ("min_fraction", "min fraction of budget"),
