@@ -146,3 +146,26 @@ def did_you_mean(key: str, known: list[str], cutoff: float = 0.5, prefix: bool =
     """' (did you mean 'x'?)' for the closest known name, or '' when none is close."""
     close = closest(key, known, cutoff=cutoff, prefix=prefix)
     return f" (did you mean {close!r}?)" if close else ""
+
+
+class Registry(dict):
+    """Named things a user picks by name (adapter methods, samplers, schedulers): a dict from name to instance whose
+    ``lookup`` turns a miss into the one line every registry gives, the closest name first, then the known ones."""
+
+    def __init__(self, kind: str, choose: str = "choose from") -> None:
+        super().__init__()
+        self.kind, self.choose = kind, choose
+
+    def add(self, item: Any) -> Any:
+        """Register an instance, or a class (instantiated without arguments); returns the instance."""
+        instance = item() if isinstance(item, type) else item
+        self[instance.name] = instance
+        return instance
+
+    def lookup(self, name: Any) -> Any:
+        try:
+            return self[name]
+        except (KeyError, TypeError):  # TypeError: an unhashable value from YAML, e.g. a list
+            raise UsageError(f"unknown {self.kind} {name!r}{did_you_mean(str(name), list(self))}: "
+                             f"{self.choose} {', '.join(self)}") from None
+

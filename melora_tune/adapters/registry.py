@@ -24,9 +24,9 @@ import math
 from typing import Any, Mapping
 
 from melora_tune.adapters.hyperparams import HYPERPARAMS, add_hyperparams, drop_hyperparams
-from melora_tune.errors import UsageError, did_you_mean
+from melora_tune.errors import Registry
 
-_REGISTRY: dict[str, Any] = {}  # name -> Method instance
+_REGISTRY: Registry = Registry("adapter method", choose="choose one of")  # name -> Method instance
 
 
 def register_method(method: Any) -> Any:
@@ -62,11 +62,7 @@ def method_names() -> tuple[str, ...]:
 
 def get_method(name: str) -> Any:
     """The registered ``Method`` (UsageError with the closest name otherwise)."""
-    try:
-        return _REGISTRY[name]
-    except (KeyError, TypeError):
-        raise UsageError(f"unknown adapter method {name!r}{did_you_mean(str(name), list(_REGISTRY))}: "
-                         f"choose one of {', '.join(_REGISTRY)}") from None
+    return _REGISTRY.lookup(name)
 
 
 def all_methods() -> list[Any]:

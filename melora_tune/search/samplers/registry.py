@@ -15,7 +15,7 @@ from __future__ import annotations
 import warnings
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from melora_tune.errors import UsageError, did_you_mean
+from melora_tune.errors import Registry
 
 if TYPE_CHECKING:  # pragma: no cover
     import optuna
@@ -44,13 +44,12 @@ class Sampler:
         return f"the {self.name} sampler"
 
 
-_REGISTRY: dict[str, Sampler] = {}
+_REGISTRY: Registry = Registry("sampler")  # name -> Sampler instance
 
 
 def register_sampler(sampler: Sampler | type[Sampler]) -> Sampler | type[Sampler]:
     """Add a sampler (an instance or a class); usable as a class decorator. Re-registering a name replaces it."""
-    instance = sampler() if isinstance(sampler, type) else sampler
-    _REGISTRY[instance.name] = instance
+    _REGISTRY.add(sampler)
     return sampler
 
 
@@ -68,11 +67,7 @@ def all_samplers() -> list[Sampler]:
 
 def get_sampler(name: str) -> Sampler:
     """The registered sampler (UsageError naming the known ones, with the closest, otherwise)."""
-    try:
-        return _REGISTRY[name]
-    except (KeyError, TypeError):
-        raise UsageError(f"unknown sampler {name!r}{did_you_mean(str(name), list(_REGISTRY))}: "
-                         f"choose from {', '.join(_REGISTRY)}") from None
+    return _REGISTRY.lookup(name)
 
 
 def make_sampler(seed: int, n_startup_trials: int, kind: str = "tpe",

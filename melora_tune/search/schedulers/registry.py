@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from melora_tune.errors import UsageError, did_you_mean
+from melora_tune.errors import Registry
 
 if TYPE_CHECKING:  # pragma: no cover
     from ray.tune.schedulers import TrialScheduler
@@ -44,13 +44,12 @@ class Scheduler:
         return f"scheduler {self.name} on {settings.time_attr} (max {max_t})"
 
 
-_REGISTRY: dict[str, Scheduler] = {}
+_REGISTRY: Registry = Registry("scheduler")  # name -> Scheduler instance
 
 
 def register_scheduler(scheduler: Scheduler | type[Scheduler]) -> Scheduler | type[Scheduler]:
     """Add a scheduler (an instance or a class); usable as a class decorator. Re-registering a name replaces it."""
-    instance = scheduler() if isinstance(scheduler, type) else scheduler
-    _REGISTRY[instance.name] = instance
+    _REGISTRY.add(scheduler)
     return scheduler
 
 
@@ -68,11 +67,7 @@ def all_schedulers() -> list[Scheduler]:
 
 def get_scheduler(name: str) -> Scheduler:
     """The registered scheduler (UsageError naming the known ones, with the closest, otherwise)."""
-    try:
-        return _REGISTRY[name]
-    except (KeyError, TypeError):
-        raise UsageError(f"unknown scheduler {name!r}{did_you_mean(str(name), list(_REGISTRY))}: "
-                         f"choose from {', '.join(_REGISTRY)}") from None
+    return _REGISTRY.lookup(name)
 
 
 def effective_name(scheduler: str, asha_enabled: bool) -> str:
