@@ -19,6 +19,15 @@ MLflow, per dataset (experiment = the task name):
   seed); metrics ``score`` per evaluation (validation), ``val_score`` (the final validation score),
   ``test_score`` and ``test_<metric>`` (the test split, scored once at the end: only confirmations
   ever see test); artifact ``adapter/``.
+- on every trial and confirmation run: the task's splits as MLflow dataset inputs (``log_inputs``), named
+  ``<task>/<split>`` with the input tag ``mlflow.data.context`` = the split (``train``, ``validation``; ``test``
+  on confirmations only: a search trial never sees it), the source file or Hub id, a digest and the row count;
+  and the machine's load as metrics ``system/<name>`` (``SYSTEM_PREFIX``: CPU, memory, GPU when there is one),
+  sampled in the trial's process at every report, at the report's step.
+- the Model Registry: one registered model per dataset (``registered_model_name``), one version per search and
+  cell (a method at a budget) holding the confirmed winner's ``adapter/`` (native) and ``peft/`` (PEFT LoRA),
+  created from the winning confirmation run's artifact ``registered/``; the alias ``cell_alias(method, budget)``
+  points at the newest search's version; version tags ``REGISTRY_TAGS`` (search, cell, scores).
 - on the parent run, the baselines on the same splits (``BASELINES``), as metrics
   ``baseline.<name>.<split>`` (split ``val`` | ``test``), in the task's score metric, and
   ``majority_share`` (the share of the validation split's most common class); params
@@ -31,6 +40,7 @@ the confirmations' Ray experiment is ``<experiment>/confirm``.
 from __future__ import annotations
 
 import math
+import re
 from typing import Any
 
 
@@ -58,6 +68,20 @@ SEED_PARAM = "training.seed"  # a confirmation's seed, when the melora.seed tag 
 MAJORITY_SHARE = "majority_share"  # on the parent run: the validation split's most common class's share
 SCORE_METRIC_PARAM = "score_metric"  # on the parent run: what the search maximises
 CONFIRM_DIR = "confirm"  # the confirmations' Ray experiment, inside the search's experiment folder
+SYSTEM_PREFIX = "system/"  # metrics of the machine a trial ran on (MLflow's system-metrics names)
+DATA_CONTEXT_TAG = "mlflow.data.context"  # a dataset input's tag: which split it is (MLflow's own key)
+SEARCH_SPLITS = ("train", "validation")  # the splits a search trial logs as inputs (it never sees test)
+CONFIRM_SPLITS = ("train", "validation", "test")  # a confirmation's
+REGISTERED_ARTIFACT = "registered"  # the winning confirmation run's artifact folder a model version is made from
+# model version tags: where the version comes from and what it scored
+VERSION_SEARCH_TAG = SEARCH_TAG  # the search's name
+VERSION_PARENT_TAG = "melora.search_run"  # the search's parent run id
+VERSION_CELL_TAG = "melora.cell"  # the cell's alias: <method>-b<budget>
+VERSION_METHOD_TAG = "melora.method"
+VERSION_BUDGET_TAG = "melora.budget"
+REGISTRY_TAGS = (VERSION_SEARCH_TAG, VERSION_PARENT_TAG, VERSION_CELL_TAG, VERSION_METHOD_TAG, VERSION_BUDGET_TAG,
+                 CONFIG_TAG, SEED_TAG, CONFIRMS_TAG, "seeds", "val_mean", "val_std", "test_mean", "test_std",
+                 VAL_SCORE, TEST_SCORE)
 
 # Reference points computed on the same splits: predict the training split's most common class; a
 # logistic regression on the frozen model's pooled features (what the head sees before any training).
@@ -68,6 +92,24 @@ BASELINE_LABELS = {"majority": "majority class", "probe": "linear probe (frozen 
 def baseline_metric(name: str, split: str) -> str:
     """MLflow metric name of a baseline's score on a split (val | test)."""
     return f"baseline.{name}.{split}"
+
+def dataset_input_name(task: str, split: str) -> str:
+    """A split's name as an MLflow dataset input: ``rotten_tomatoes/train``, ``glue/sst2/validation``."""
+    return f"{task}/{split}"
+
+
+def registered_model_name(dataset: str) -> str:
+    """The Model Registry's name for a dataset's confirmed winners: ``melora-<dataset>``, with anything MLflow
+    refuses in a name ('/', ':') or a path ('.', spaces, ...) replaced by '-' (``glue/sst2`` -> ``melora-glue-sst2``)."""
+    cleaned = re.sub(r"[^A-Za-z0-9_-]+", "-", dataset).strip("-") or "dataset"
+    return f"melora-{cleaned}"
+
+
+def cell_alias(method: str, budget: int) -> str:
+    """A cell's alias in the registry: ``<method>-b<budget>`` (MLflow: word characters and '-' only, not
+    'latest' nor 'v<digits>', which this never is)."""
+    return f"{re.sub(r'[^A-Za-z0-9_-]+', '-', method)}-b{int(budget)}"
+
 
 # A trial's outcome: reached the last epoch / stopped by ASHA / NaN loss / crashed / the search stopped first.
 TRIAL_STATUSES = ("completed", "stopped_early", "diverged", "failed", "interrupted")

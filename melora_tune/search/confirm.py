@@ -43,12 +43,14 @@ from ray import tune
 from ray.tune import Callback
 
 from melora_tune.adapters import describe, get_method
+from melora_tune.data import load_task
 from melora_tune.errors import UsageError
 from melora_tune.records import read
+from melora_tune.records.inputs import task_inputs
 from melora_tune.records import DEFAULT_STORAGE_PATH
 from melora_tune.records import (
-    CONFIG_TAG, CONFIRM_DIR, CONFIRM_KIND, CONFIRMS_TAG, CONFIRMS_TRIAL_TAG, KIND_TAG, PARENT_TAG, SEARCH_TAG, SEED_TAG,
-    SCORE_METRIC_PARAM, STATUS_TAG, TEST_SCORE, TRIAL_TAG, VAL_SCORE, baseline_metric,
+    CONFIG_TAG, CONFIRM_DIR, CONFIRM_KIND, CONFIRM_SPLITS, CONFIRMS_TAG, CONFIRMS_TRIAL_TAG, KIND_TAG, PARENT_TAG,
+    SEARCH_TAG, SEED_TAG, SCORE_METRIC_PARAM, STATUS_TAG, TEST_SCORE, TRIAL_TAG, VAL_SCORE, baseline_metric,
 )
 from melora_tune.search.experiment import find_latest, plan_paths, read_meta, resolve_space
 from melora_tune.search.resources import reuse_actors, trial_resources
@@ -215,6 +217,7 @@ class ConfirmTrackingCallback(MlflowTrialCallback):
             self._last_step[tid] = -1
         self._runs[tid] = run_id
         log_params_once(self.mlf, run_id, trial_params(self._flat(trial), self.budget, self.min_fraction))
+        self.log_inputs(run_id)
         return run_id
 
     def _finish(self, trials, trial, status: str, reason: str | None) -> None:
@@ -294,12 +297,13 @@ def _tuner(space, trainable, param_space, storage: str, name: str, callbacks, re
     )
 
 
-def log_baselines(mlf, parent_run_id: str, cfg: TrialConfig, write) -> dict[str, Any]:
-    """Compute the baselines on the search's splits once and log them on the parent run (kept on resume)."""
+def log_baselines(mlf, parent_run_id: str, cfg: TrialConfig, write, task=None) -> dict[str, Any]:
+    """Compute the baselines on the search's splits once and log them on the parent run (kept on resume);
+    ``task``: the task already loaded (else loaded here)."""
     have = mlf.get_run(parent_run_id).data.metrics
     if baseline_metric("probe", "val") in have:
         return {k: v for k, v in have.items() if k.startswith("baseline.") or k == "majority_share"}
-    result = compute_baselines(cfg)
+    result = compute_baselines(cfg, task=task)
     metrics = result.to_metrics()
     now = int(time.time() * 1000)
     mlf.log_batch(parent_run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()])
@@ -358,14 +362,22 @@ def run_confirm(
     result = ConfirmResult(search=exp_name, experiments=[], planned=planned)
 
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    loaded: dict[str, Any] = {}
+
+    def load_the_task():
+        loaded["task"] = load_task(base_cfg.task_spec())
+        return loaded["task"]
+
+    inputs = task_inputs(load_the_task, CONFIRM_SPLITS)  # once, on the driver: the same entries on every run
     started = ray_env.start_ray(address, verbose=False)
     try:
-        result.baselines = log_baselines(mlf, parent, base_cfg, write)
+        result.baselines = log_baselines(mlf, parent, base_cfg, write, task=loaded.get("task"))
         trainable = tune.with_resources(confirm_trial, trial_resources(space))
 
         def callbacks(total):
             return [ConfirmTrackingCallback(uri, experiment_id, parent, budget=feasible.budget,
-                                            min_fraction=feasible.min_fraction, max_t=space.max_t, search_name=exp_name),
+                                            min_fraction=feasible.min_fraction, max_t=space.max_t, search_name=exp_name,
+                                            inputs=inputs),
                     ConfirmProgress(total, space.max_t, write)]
 
         exp_path = Path(storage) / exp_name

@@ -16,7 +16,9 @@ import ray
 from ray import tune
 
 from melora_tune.adapters.hyperparams import HYPERPARAMS
-from melora_tune.records import META_NAME, SCORED, rank_key
+from melora_tune.data import TaskSpec, load_task
+from melora_tune.records import META_NAME, SCORED, SEARCH_SPLITS, rank_key
+from melora_tune.records.inputs import task_inputs
 from melora_tune.search import tracking as trk
 from melora_tune.search.confirm import run_confirm
 from melora_tune.search.experiment import comparable, is_remote, prepare_search, write_meta
@@ -228,9 +230,11 @@ def run_search(
 def _build_tuner(space, feasible, base_trial, storage, exp_name, optuna_storage, study_name, tracking, experiment_id,
                  parent, resume, write):
     trainable = tune.with_resources(search_trial, trial_resources(space))
+    # the splits a trial trains and is scored on, as MLflow dataset inputs: read once here, not once per trial
+    inputs = task_inputs(lambda: load_task(TaskSpec(**space.task.model_dump())), SEARCH_SPLITS)
     callbacks = [
         MlflowTrialCallback(tracking, experiment_id, parent, budget=feasible.budget, min_fraction=feasible.min_fraction,
-                            max_t=space.max_t, time_attr=space.asha.time_attr, search_name=exp_name),
+                            max_t=space.max_t, time_attr=space.asha.time_attr, search_name=exp_name, inputs=inputs),
         ProgressCallback(space.num_samples, space.max_concurrent_trials, space.max_t, space.asha.time_attr, write=write),
         PlacementGroupReaper(),
     ]

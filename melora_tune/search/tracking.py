@@ -133,7 +133,7 @@ class MlflowTrialCallback(Callback):
     """Child run per trial under ``parent_run_id``; the parent gets the best score so far."""
 
     def __init__(self, tracking_uri: str, experiment_id: str, parent_run_id: str, *, budget: int, min_fraction: float,
-                 max_t: float, time_attr: str = "epoch", search_name: str = "") -> None:
+                 max_t: float, time_attr: str = "epoch", search_name: str = "", inputs: list | None = None) -> None:
         self.tracking_uri = tracking_uri
         self.experiment_id = experiment_id
         self.parent_run_id = parent_run_id
@@ -142,6 +142,7 @@ class MlflowTrialCallback(Callback):
         self.max_t = max_t
         self.time_attr = time_attr
         self.search_name = search_name
+        self.inputs = list(inputs or [])  # the task's splits as MLflow dataset inputs (records.inputs), on every run
         self._client = None
         self._runs: dict[str, str] = {}  # Ray trial id -> MLflow run id
         self._last_step: dict[str, float] = {}
@@ -186,7 +187,14 @@ class MlflowTrialCallback(Callback):
             self._last_step[tid] = -1
         self._runs[tid] = run_id
         log_params_once(self.mlf, run_id, trial_params(config, self.budget, self.min_fraction))
+        self.log_inputs(run_id)
         return run_id
+
+    def log_inputs(self, run_id: str) -> None:
+        """The task's splits as the run's dataset inputs (MLflow keeps one per name and digest: a resumed run's
+        are not doubled)."""
+        if self.inputs:
+            self.mlf.log_inputs(run_id, datasets=self.inputs)
 
     def on_trial_start(self, iteration, trials, trial, **info):
         self._safe(self.run_id, trial)
