@@ -25,6 +25,7 @@ from melora_tune.trial.config import TRIAL_KEY, TrialConfig, apply_overrides
 from melora_tune.trial.inprocess import in_process, run_local, tune_in_process
 from melora_tune.trial.placement import PeriodicReaper
 from melora_tune.trial.prepare import PreparedTrial, prepare_trial
+from melora_tune.trial.system_metrics import SystemSampler
 
 log = logging.getLogger("melora_tune.trial")
 
@@ -312,12 +313,13 @@ def tune_trial(config: TrialConfig | dict[str, Any]) -> None:
         except BaseException as err:  # noqa: BLE001  (re-raised in the Tune thread below)
             outcome["error"] = err
 
+    system = SystemSampler()  # the machine's load, added to every report (system/...)
     thread = threading.Thread(target=fit, name=f"fit-{trial_id}", daemon=True)
     thread.start()
 
     def relay(item) -> None:
         metrics, path = item
-        metrics = {k: v for k, v in metrics.items() if v is not None}
+        metrics = system.add_to({k: v for k, v in metrics.items() if v is not None})
         metrics["trial_name"] = name
         if path:
             ray.tune.report(metrics, checkpoint=Checkpoint.from_directory(path))

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from melora_tune.trial import checkpoint as ckpt_io
+from melora_tune.trial.system_metrics import SystemSampler
 
 
 class Reporter(Protocol):
@@ -76,6 +77,7 @@ class TuneReporter:
         self.name = name
         self.use_gpu = use_gpu
         self.node_ip = _node_ip()
+        self.system = SystemSampler()  # the machine's load, added to every report (system/...)
 
     def latest_checkpoint(self):
         import ray.tune  # heavy: Ray
@@ -87,7 +89,7 @@ class TuneReporter:
         from ray.tune import Checkpoint  # heavy: Ray
 
         # the same keys the relay of a multi-worker trial sends (Tune rejects None-valued metrics in places)
-        metrics = {k: v for k, v in metrics.items() if v is not None}
+        metrics = self.system.add_to({k: v for k, v in metrics.items() if v is not None})
         metrics["trial_name"] = self.name
         ray.tune.report(metrics, checkpoint=Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None)
 
