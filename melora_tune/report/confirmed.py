@@ -24,9 +24,9 @@ from typing import Any
 from melora_tune.adapters.registry import describe, get_method
 from melora_tune.errors import UsageError
 from melora_tune.records.read import DEFAULT_SCORE_METRIC, Baselines, hp_columns
+from melora_tune.records.winners import by_validation, completed_seeds, config_keys
 from melora_tune.report.stats import PairedDifference, mean_ci, paired_difference, verdict
 
-COMPLETED = "completed"  # only a confirmation that trained every epoch counts as a seed
 
 
 @dataclass
@@ -80,23 +80,6 @@ def configuration_text(row) -> str:
     return describe(hp)
 
 
-def completed_seeds(confirmations):
-    """The confirmation runs that count as seeds: completed, with a finite validation score; a seed confirmed
-    twice for one configuration (a retried run) counts once, its latest run (the frame is oldest first)."""
-    import numpy as np  # heavy: numpy, loaded where arrays are used
-
-    confirmations = confirmations.assign(config=_config_keys(confirmations))
-    ok = (confirmations["status"] == COMPLETED) & np.isfinite(confirmations["val_score"].astype(float))
-    done = confirmations[ok]
-    repeated = done["seed"].notna() & done.duplicated(["config", "seed"], keep="last")
-    return done[~repeated]
-
-
-def _config_keys(confirmations):
-    # A run without the config tag is its own trial's configuration: its seeds retrain the same trial.
-    return confirmations["config"].fillna(confirmations["confirms"]).fillna(confirmations["run_id"])
-
-
 def confirmed_table(confirmations, level: float = 0.95):
     """One row per configuration: its hyperparameters, seeds, validation and test mean/std/interval, ``winner``.
 
@@ -108,7 +91,7 @@ def confirmed_table(confirmations, level: float = 0.95):
     """
     import pandas as pd  # heavy: pandas, loaded where tables are built
 
-    runs = confirmations.assign(config=_config_keys(confirmations))
+    runs = confirmations.assign(config=config_keys(confirmations))
     seeds = completed_seeds(runs)
     rows = []
     for key, group in runs.groupby("config", sort=False):
@@ -127,20 +110,14 @@ def confirmed_table(confirmations, level: float = 0.95):
         return table
     table["winner"] = False
     for _, group in table.groupby("method", sort=False):
-        ranked = _by_validation(group)
+        ranked = by_validation(group)
         if math.isfinite(ranked.iloc[0]["val_mean"]):  # a method none of whose seeds completed has no winner
             table.loc[ranked.index[0], "winner"] = True
     return _ordered(table).drop(columns=["first_start"]).reset_index(drop=True)
 
 
-def _by_validation(table):
-    """Highest mean validation score first; ties: more seeds, then confirmed first. Test is never looked at."""
-    key = table.assign(_val=table["val_mean"].fillna(-math.inf), _start=table["first_start"].fillna(math.inf))
-    return key.sort_values(["_val", "seeds", "_start"], ascending=[False, False, True], kind="mergesort")
-
-
 def _ordered(table):
-    ranked = _by_validation(table)
+    ranked = by_validation(table)
     method_rank = {m: i for i, m in enumerate(dict.fromkeys(ranked["method"]))}  # a method's place: its best config's
     return ranked.assign(_m=ranked["method"].map(method_rank)).sort_values("_m", kind="mergesort").drop(
         columns=["_m", "_val", "_start"])

@@ -13,7 +13,9 @@ confirm``): the configuration with the highest mean validation score over its
 seeds, and of its seeds the one with the best validation score (test never
 chooses). Without a confirmation, the search's best trial (completed before
 stopped early, then the highest final score), and the export says it is
-unconfirmed. ``--method`` restricts either to one method. A non-empty DIR is
+unconfirmed. ``--method`` restricts either to one method. ``--alias CELL`` (``<method>-b<budget>``) or ``--model-version N``
+export a version of the dataset's registered model (``melora-<dataset>`` in MLflow's Model Registry, where every
+confirmation registers each method's winner) instead: the same files, from that version's adapter. A non-empty DIR is
 refused unless ``--force``; the export is written to a temporary sibling folder
 and renamed into place at the end, so an interrupted export leaves no half
 result behind.
@@ -33,9 +35,12 @@ from pathlib import Path
 from melora_tune.adapters import AdapterConfig
 from melora_tune.errors import UsageError
 from melora_tune.records import read
-from melora_tune.report.export_choice import confirmed_choice, download_adapter, plain, selection, trial_dict, write_trial_yaml
+from melora_tune.records import REGISTERED_ARTIFACT
+from melora_tune.report.export_choice import (
+    confirmed_choice, download_adapter, plain, registry_choice, selection, trial_dict, write_trial_yaml,
+)
 from melora_tune.report.export_paths import check_method, check_out_dir, safe_path, swap_into_place
-from melora_tune.report.export_peft import write_peft
+from melora_tune.adapters.peft_folder import write_peft
 from melora_tune.report.export_readme import decoder_override, peft_pooling, render_readme
 
 
@@ -67,32 +72,47 @@ def export_best(
     search: str | None = None,
     tracking_uri: str | None = None,
     force: bool = False,
+    alias: str | None = None,
+    model_version: str | None = None,
 ) -> ExportResult:
+    """``alias`` / ``model_version``: the registered model version of the dataset to export (the Model Registry,
+    ``search.model_registry``) instead of choosing from the search's records."""
     method = check_method(method)
+    registry = alias is not None or model_version is not None
+    if registry and (method is not None or search is not None):
+        raise UsageError("--alias and --model-version name the adapter themselves: leave out --method and --search")
+    if alias is not None and model_version is not None:
+        raise UsageError("give --alias or --model-version, not both")
     out = check_out_dir(out, force)
     uri = read.tracking_uri(tracking_uri)
     mlf = read.client(uri)
-    info = read.resolve_search(mlf, dataset, search)
-    trials = read.trials_frame(mlf, info)
-    chosen = confirmed_choice(read.confirmations_frame(mlf, info), method)
+    version = None
+    artifact = "adapter"
     confirmed = None
-    if chosen is not None:
-        row, confirmed = chosen
+    if registry:
+        info, row, confirmed, version = registry_choice(mlf, dataset, alias, model_version)
+        artifact = f"{REGISTERED_ARTIFACT}/adapter"
     else:
-        best = read.best_run(trials, method)
-        if best is None:
-            what = f"{method} trial" if method else "trial"
-            have = sorted(set(trials["method"])) if not trials.empty else []
-            hint = f" (methods searched: {', '.join(have)})" if have else ""
-            raise UsageError(f"search {info.name} has no scored {what} (completed or stopped early) to export{hint}")
-        row = best.to_dict()
+        info = read.resolve_search(mlf, dataset, search)
+        trials = read.trials_frame(mlf, info)
+        chosen = confirmed_choice(read.confirmations_frame(mlf, info), method)
+        if chosen is not None:
+            row, confirmed = chosen
+        else:
+            best = read.best_run(trials, method)
+            if best is None:
+                what = f"{method} trial" if method else "trial"
+                have = sorted(set(trials["method"])) if not trials.empty else []
+                hint = f" (methods searched: {', '.join(have)})" if have else ""
+                raise UsageError(f"search {info.name} has no scored {what} (completed or stopped early) to export{hint}")
+            row = best.to_dict()
     chosen_how = selection(confirmed, row)
 
     parent = out.resolve().parent
     parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.export-", dir=parent))
     try:
-        adapter_dir = download_adapter(mlf, row, tmp)
+        adapter_dir = download_adapter(mlf, row, tmp, artifact)
         adapter_cfg = AdapterConfig.load(adapter_dir)
         seed = int(row["seed"]) if confirmed is not None else None
         data = trial_dict(mlf, info, row, adapter_cfg, seed=seed)
@@ -117,6 +137,9 @@ def export_best(
             "selection": chosen_how["kind"], "confirmed": chosen_how.get("confirmed"),
             "pooling": meta.get("pooling", "model"),
         }
+        if version is not None:
+            provenance["registered_model"] = {"name": version.name, "version": str(version.version),
+                                              "aliases": sorted(getattr(version, "aliases", []) or [])}
         safe_path(tmp, "export.json").write_text(json.dumps(provenance, indent=1) + "\n")
         auto = "AutoModelForSequenceClassification" if cfg.task_type == "seq_cls" else "AutoModelForCausalLM"
         hparams = ", ".join(f"{k}={v}" for k, v in {**adapter_cfg.method_params(), "lr": f"{cfg.training.lr:.3g}",
@@ -158,6 +181,12 @@ def add_export_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--search", default=None, metavar="PARENT_RUN_ID",
                    help="the search's parent run id or search name (default: the newest search of the dataset)")
     p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: sqlite:///mlflow.db here)")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--alias", default=None, metavar="CELL",
+                       help="the Model Registry's version of the dataset with this alias (<method>-b<budget>, e.g. "
+                            "lora-b512: a cell's confirmed winner of the newest search); instead of --search/--method")
+    which.add_argument("--model-version", default=None, metavar="N",
+                       help="the Model Registry's version N of the dataset's registered model (melora-<dataset>)")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder (must be empty or new, unless --force)")
     p.add_argument("--force", action="store_true", help="replace a non-empty output folder")
     p.set_defaults(func=export_command)
@@ -167,7 +196,7 @@ def add_export_parser(subparsers) -> argparse.ArgumentParser:
 def export_command(args) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     res = export_best(args.dataset, out=args.out, method=args.method, search=args.search, tracking_uri=args.tracking_uri,
-                      force=args.force)
+                      force=args.force, alias=args.alias, model_version=args.model_version)
     print(f"exported {res.run_name} (score {res.score:.4f}, {res.status.replace('_', ' ')}; MLflow run {res.run_id}) to {res.out_dir}")
     print(f"  {res.selection}")
     print(f"  train it again:  melora-tune train {res.trial_yaml}")

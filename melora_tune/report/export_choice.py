@@ -4,6 +4,7 @@ records: the confirmed winner when the search was confirmed, the search's best t
 from __future__ import annotations
 
 import math
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -13,24 +14,29 @@ import yaml
 
 from melora_tune.adapters.config import CONFIG_NAME, WEIGHTS_NAME
 from melora_tune.errors import UsageError
-from melora_tune.records import read
+from melora_tune.records import VERSION_PARENT_TAG, cell_alias, read, registered_model_name
 from melora_tune.records.read import space_artifact
-from melora_tune.report.confirmed import completed_seeds, confirmed_table
+from melora_tune.records.winners import best_seed, completed_seeds
+from melora_tune.report.confirmed import confirmed_table
 from melora_tune.report.export_paths import check_tree, safe_path
 from melora_tune.search.schema import parse_space
 from melora_tune.search.trainable import trial_config
 from melora_tune.trial.config import TRIAL_KEY, TrialConfig, load_trial_config
 
-def download_adapter(mlf, row, dest: Path) -> Path:
-    """The trial's ``adapter`` artifact into dest/adapter (falls back to its local best checkpoint)."""
+ALIAS_RE = re.compile(r"[\w-]+")  # MLflow's alias characters
+
+
+def download_adapter(mlf, row, dest: Path, artifact: str = "adapter") -> Path:
+    """The trial's ``adapter`` artifact (or ``artifact``: a registered version's ``registered/adapter``) into
+    dest/adapter (falls back to its local best checkpoint)."""
     target = safe_path(dest, "adapter")
     try:
-        names = {a.path for a in mlf.list_artifacts(row["run_id"], "adapter")}
+        names = {a.path for a in mlf.list_artifacts(row["run_id"], artifact)}
     except Exception:  # noqa: BLE001
         names = set()
-    if {f"adapter/{CONFIG_NAME}", f"adapter/{WEIGHTS_NAME}"} <= names:
+    if {f"{artifact}/{CONFIG_NAME}", f"{artifact}/{WEIGHTS_NAME}"} <= names:
         with tempfile.TemporaryDirectory(dir=dest) as tmp:
-            local = Path(mlf.download_artifacts(row["run_id"], "adapter", tmp))
+            local = Path(mlf.download_artifacts(row["run_id"], artifact, tmp))
             check_tree(Path(tmp))
             shutil.copytree(local, target)
     else:
@@ -60,13 +66,47 @@ def confirmed_choice(confirmations, method: str | None):
     if winners.empty:
         return None
     config = winners.sort_values("val_mean", ascending=False, kind="mergesort").iloc[0]
-    seeds = completed_seeds(confirmations)
-    seeds = seeds[seeds["config"] == config["config"]].sort_values(["val_score", "start_time"], ascending=[False, True],
-                                                                   kind="mergesort")
-    run = seeds.iloc[0].to_dict()
+    run = best_seed(completed_seeds(confirmations), config["config"])
     run.update(trial_id=run.get("confirms_trial"), optuna_trial=None, score=run["val_score"], best_score=math.nan,
                status="completed")
     return run, config.to_dict()
+
+
+def registry_choice(mlf, dataset: str, alias: str | None, version: str | None):
+    """(search, the confirmation run's row, its configuration's confirmed row, the version) of a registered model
+    version of ``dataset`` named by ``alias`` or ``version``; one-line UsageErrors for a bad or unknown one."""
+    name = registered_model_name(dataset)
+    if alias is not None and (not ALIAS_RE.fullmatch(alias) or alias.lower() == "latest"):
+        raise UsageError(f"--alias {alias!r} is not a cell alias (<method>-b<budget>, e.g. {cell_alias('lora', 512)}: "
+                         "letters, digits, '_' and '-')")
+    if version is not None and (not str(version).isdigit() or int(version) < 1):
+        raise UsageError(f"--model-version {version!r} is not a version number (1, 2, ...)")
+    try:
+        model = mlf.get_registered_model(name)
+    except Exception:  # noqa: BLE001
+        raise UsageError(f"no registered model {name!r} for dataset {dataset!r}: a confirmation registers its winners "
+                         "(melora-tune confirm SPACE.yaml)") from None
+    aliases = ", ".join(sorted(model.aliases)) or "none"
+    try:
+        found = (mlf.get_model_version_by_alias(name, alias) if alias is not None
+                 else mlf.get_model_version(name, str(int(version))))
+    except Exception:  # noqa: BLE001
+        what = f"alias {alias!r}" if alias is not None else f"version {version}"
+        raise UsageError(f"registered model {name!r} has no {what} (its aliases: {aliases})") from None
+    parent = found.tags.get(VERSION_PARENT_TAG)
+    info = read.resolve_search(mlf, dataset, parent)
+    confirmations = read.confirmations_frame(mlf, info)
+    seeds = completed_seeds(confirmations)
+    mine = seeds[seeds["run_id"] == found.run_id]
+    if mine.empty:
+        raise UsageError(f"{name} version {found.version}: its run {found.run_id} is not a completed confirmation of "
+                         f"search {info.name}")
+    run = mine.iloc[0].to_dict()
+    table = confirmed_table(confirmations)
+    config = table[table["config"] == run["config"]].iloc[0].to_dict()
+    run.update(trial_id=run.get("confirms_trial"), optuna_trial=None, score=run["val_score"], best_score=math.nan,
+               status="completed")
+    return info, run, config, found
 
 
 def trial_dict(mlf, search, row, adapter_cfg, seed: int | None = None) -> dict[str, Any]:

@@ -53,6 +53,7 @@ from melora_tune.records import (
     SEARCH_TAG, SEED_TAG, SCORE_METRIC_PARAM, STATUS_TAG, TEST_SCORE, TRIAL_TAG, VAL_SCORE, baseline_metric,
 )
 from melora_tune.search.experiment import find_latest, plan_paths, read_meta, resolve_space
+from melora_tune.search.model_registry import register_safely
 from melora_tune.search.resources import reuse_actors, trial_resources
 from melora_tune.search.searcher import ENDED_STATUSES
 from melora_tune.search.space import build_space
@@ -97,6 +98,7 @@ class ConfirmResult:
     baselines: dict[str, Any] = field(default_factory=dict)
     status: str = "finished"  # finished | interrupted
     wall_s: float = 0.0
+    registered: list[dict[str, Any]] = field(default_factory=list)  # model versions (search.model_registry)
 
 
 # ---- what to confirm -------------------------------------------------------------------------------
@@ -399,6 +401,8 @@ def run_confirm(
             result.experiments.append(name_next)
             if _interrupted(grid):
                 result.status = "interrupted"
+        if result.status == "finished":  # each method's winner in the Model Registry
+            result.registered = register_safely(mlf, search, space.task.name, feasible.budget, base_cfg, write)
         return _finish(result, mlf, search, t0)
     finally:
         if started:

@@ -1,5 +1,6 @@
-"""The standard PEFT folder of an export: the base model rebuilt as the trial's workers load it, the native adapter
-injected and loaded, then written as a lossless PEFT LoRA (``adapters.export``)."""
+"""The standard PEFT folder of an export (and of a registered model version): the base model rebuilt as a trial's
+workers load it, the native adapter injected and loaded, then written as a lossless PEFT LoRA (``adapters.export``).
+``cfg`` is a trial config (``model``, ``task_type``)."""
 
 from __future__ import annotations
 
