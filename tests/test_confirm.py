@@ -184,3 +184,63 @@ def test_report_and_export_read_the_confirmation(confirmed, tmp_path):
     assert info["selection"] == "confirmed" and info["confirmed"]["seeds"] in (2, 3)  # 3 after the test that adds one
     assert info["confirmed"]["seed"] in (1, 2, 3)
     assert "CONFIRMED winner" in res.selection and "CONFIRMED winner" in (tmp_path / "best" / "README.md").read_text()
+
+
+def test_runs_record_their_dataset_inputs_and_system_metrics(confirmed):
+    """Every trial and confirmation run: the splits it used as MLflow dataset inputs (a search trial never the
+    test split), and the machine's load as system/ metrics."""
+    _, result, _ = confirmed
+    mlf, search, confirm = runs_of(result)
+    for run in search + confirm:
+        inputs = {d.dataset.name: d for d in mlf.get_run(run.info.run_id).inputs.dataset_inputs}
+        splits = ("train", "validation", "test") if run in confirm else ("train", "validation")
+        assert set(inputs) == {f"rotten_tomatoes/{s}" for s in splits}, inputs
+        for split in splits:
+            entry = inputs[f"rotten_tomatoes/{split}"]
+            assert {t.key: t.value for t in entry.tags}["mlflow.data.context"] == split
+            assert "rotten_tomatoes_corpus_full.csv.bz2" in entry.dataset.source and entry.dataset.digest
+            assert json.loads(entry.dataset.profile)["num_rows"] == (256 if split == "train" else 96)
+        system = {k: v for k, v in run.data.metrics.items() if k.startswith("system/")}
+        assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= set(system), system
+        assert system["system/system_memory_usage_megabytes"] > 0
+    # the same split is the same dataset entry on every run (one digest per split)
+    digests = {(d.dataset.name, d.dataset.digest) for r in search + confirm
+               for d in mlf.get_run(r.info.run_id).inputs.dataset_inputs}
+    assert len(digests) == 3, digests
+
+
+def test_the_confirmed_winners_are_in_the_model_registry_and_export_from_it(confirmed, tmp_path):
+    """One registered model for the dataset, a version per cell with the alias <method>-b<budget>, the adapter
+    (native and PEFT) and the confirmed scores; exporting the alias gives the adapter the folder export gives."""
+    from safetensors.numpy import load_file
+
+    from melora_tune.cli import main
+    from melora_tune.report.export import export_best
+
+    _, result, _ = confirmed
+    mlf, _, _ = runs_of(result)
+    model = mlf.get_registered_model("melora-rotten_tomatoes")
+    budget = int(mlf.get_run(result.parent_run_id).data.params["budget"])
+    assert set(model.aliases) == {f"lora-b{budget}", f"melora-b{budget}"}
+    for method in ("lora", "melora"):
+        version = mlf.get_model_version_by_alias(model.name, f"{method}-b{budget}")
+        tags = version.tags
+        assert tags["melora.search_run"] == result.parent_run_id and tags["melora.method"] == method
+        assert tags["melora.cell"] == f"{method}-b{budget}" and int(tags["seeds"]) >= 2
+        assert 0.0 <= float(tags["test_mean"]) <= 1.0 and 0.0 <= float(tags["val_mean"]) <= 1.0
+        run = mlf.get_run(version.run_id)
+        assert run.data.tags["melora.kind"] == "confirmation" and run.data.params["method"] == method
+        files = {a.path for a in mlf.list_artifacts(version.run_id, "registered")}
+        assert {"registered/adapter", "registered/peft", "registered/confirmed.json"} <= files
+
+        by_folder = export_best("rotten_tomatoes", out=tmp_path / f"folder-{method}", method=method,
+                                search=result.parent_run_id, tracking_uri=result.tracking_uri)
+        code = main(["export", "--dataset", "rotten_tomatoes", "--alias", f"{method}-b{budget}", "--out",
+                     str(tmp_path / f"registry-{method}"), "--tracking-uri", result.tracking_uri])
+        assert code == 0
+        info = json.loads((tmp_path / f"registry-{method}" / "export.json").read_text())
+        assert info["registered_model"]["name"] == model.name and info["run_id"] == by_folder.run_id == version.run_id
+        for sub in ("adapter", "peft"):
+            a = load_file(str(next((tmp_path / f"folder-{method}" / sub).glob("*.safetensors"))))
+            b = load_file(str(next((tmp_path / f"registry-{method}" / sub).glob("*.safetensors"))))
+            assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)

@@ -20,14 +20,14 @@ log = logging.getLogger("melora_tune.records")
 
 
 def _source(task, split: str) -> Any:
-    """The split's source: its local file (a validation file of a pair for ``validation``) or the Hub id."""
-    from mlflow.data.artifact_dataset_sources import LocalArtifactDatasetSource  # heavy: MLflow
+    """The split's source: its local file (a validation file of a pair for ``validation``; MLflow resolves a path
+    to its local-file source) or the Hub id."""
     from mlflow.data.huggingface_dataset_source import HuggingFaceDatasetSource  # heavy: MLflow
 
     parts = [p.strip() for p in str(task.source or task.name).split(" + ") if p.strip()]
     if parts and all(os.path.isfile(p) for p in parts):
         path = parts[1] if split == "validation" and len(parts) > 1 else parts[0]
-        return LocalArtifactDatasetSource(os.path.abspath(path))
+        return os.path.abspath(path)
     return HuggingFaceDatasetSource(path=parts[0] if parts else str(task.name))
 
 
