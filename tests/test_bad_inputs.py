@@ -76,6 +76,8 @@ SPACES = {
     "instruct_metric": ("task", {"name": "trec_instruct", "metric": "f1"}),
     "bad_sampler": ("sampler", "tpee"),
     "bad_scheduler": ("scheduler", "hyperband"),
+    "latin1": ("task", {"name": "local", "path": "{A}/latin1.csv"}),
+    "bad_encoding": ("task", {"name": "local", "path": "{A}/good.csv", "encoding": "nope"}),
 }
 
 
@@ -127,6 +129,7 @@ def assets(tmp_path_factory) -> dict[str, str]:
     (root / "no_label.csv").write_text("text,target\n" + _rows(lambda i: f"s {i},{i % 2}\n"))
     (root / "neg_label.csv").write_text("text,label\n" + _rows(lambda i: f"s {i},{-(i % 2)}\n"))
     (root / "nan_label.csv").write_text("text,label\n" + _rows(lambda i: f"s {i},{'' if i == 3 else i % 2}\n"))
+    (root / "latin1.csv").write_bytes(("text,label\n" + _rows(lambda i: f"caf\u00e9 {i},{i % 2}\n")).encode("latin-1"))
     (root / "header_only.csv").write_text("text,label\n")
     (root / "two_rows.csv").write_text("text,label\na,0\nb,1\n")
     (root / "bad.jsonl").write_text('{"text": "a", "label": 0}\n{not json\n')
@@ -237,6 +240,9 @@ ROWS = [
     ("train-negative-labels", "train {A}/trial.yaml --set task.path={A}/neg_label.csv", "must be >= 0"),
     ("train-missing-labels", "train {A}/trial.yaml --set task.path={A}/nan_label.csv", "1 rows have no value in label column"),
     ("train-no-rows", "train {A}/trial.yaml --set task.path={A}/header_only.csv", "holds no rows"),
+    ("train-not-utf8", "train {A}/trial.yaml --set task.path={A}/latin1.csv", "no task.encoding): 'utf-8' codec can't decode byte 0xe9"),
+    ("train-wrong-encoding", "train {A}/trial.yaml --set task.path={A}/latin1.csv task.encoding=ascii", "as task.encoding 'ascii'"),
+    ("train-unknown-encoding", "train {A}/trial.yaml --set task.encoding=nope", "task.encoding: unknown text encoding 'nope'"),
     ("train-too-few-rows", "train {A}/trial.yaml --set task.path={A}/two_rows.csv", "too few to split"),
     ("train-bad-jsonl", "train {A}/trial.yaml --set task.path={A}/bad.jsonl", "cannot read"),
     ("train-file-type", "train {A}/trial.yaml --set task.path={A}/data.xyz", "unsupported file type '.xyz'"),
@@ -270,6 +276,9 @@ ROWS = [
     ("dry-unknown-task", "search {A}/sp_unknown_task.yaml --dry-run", "unknown task 'nonexistent_task'"),
     ("dry-empty-text", "search {A}/sp_empty_text.yaml --dry-run", "is empty on every row"),
     ("dry-one-class", "search {A}/sp_one_class.yaml --dry-run", "has the same class"),
+    ("dry-not-utf8", "search {A}/sp_latin1.yaml --dry-run", "set task.encoding to the file's encoding"),
+    ("dry-unknown-encoding", "search {A}/sp_bad_encoding.yaml --dry-run", "task.encoding: unknown text encoding 'nope'"),
+    ("search-not-utf8", "search {A}/sp_latin1.yaml", "set task.encoding to the file's encoding"),
     ("dry-missing-data", "search {A}/sp_missing_data.yaml --dry-run", "data file not found"),
     ("dry-num-samples", "search {A}/space.yaml --dry-run --num-samples 0", "--num-samples must be >= 1"),
     ("dry-storage-proc", "search {A}/space.yaml --dry-run --storage-path /proc/x", "storage path /proc/x is not writable"),
