@@ -358,7 +358,7 @@ def run_confirm(
     result = ConfirmResult(search=exp_name, experiments=[], planned=planned)
 
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
-    started = ray_env.start_ray(address, verbose=False)
+    started = ray_env.start_ray(address, verbose=False, timeout_s=space.ray_start_timeout_s)
     try:
         result.baselines = log_baselines(mlf, parent, base_cfg, write)
         trainable = tune.with_resources(confirm_trial, trial_resources(space))
