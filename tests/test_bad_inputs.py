@@ -78,6 +78,8 @@ SPACES = {
     "bad_scheduler": ("scheduler", "hyperband"),
     "latin1": ("task", {"name": "local", "path": "{A}/latin1.csv"}),
     "bad_encoding": ("task", {"name": "local", "path": "{A}/good.csv", "encoding": "nope"}),
+    "ray_timeout_zero": ("ray_start_timeout_s", 0),
+    "ray_timeout_word": ("ray_start_timeout_s", "soon"),
 }
 
 
@@ -279,6 +281,8 @@ ROWS = [
     ("dry-not-utf8", "search {A}/sp_latin1.yaml --dry-run", "set task.encoding to the file's encoding"),
     ("dry-unknown-encoding", "search {A}/sp_bad_encoding.yaml --dry-run", "task.encoding: unknown text encoding 'nope'"),
     ("search-not-utf8", "search {A}/sp_latin1.yaml", "set task.encoding to the file's encoding"),
+    ("dry-ray-timeout-zero", "search {A}/sp_ray_timeout_zero.yaml --dry-run", "ray_start_timeout_s: Input should be greater than 0"),
+    ("search-ray-timeout-word", "search {A}/sp_ray_timeout_word.yaml", "ray_start_timeout_s: Input should be a valid number"),
     ("dry-missing-data", "search {A}/sp_missing_data.yaml --dry-run", "data file not found"),
     ("dry-num-samples", "search {A}/space.yaml --dry-run --num-samples 0", "--num-samples must be >= 1"),
     ("dry-storage-proc", "search {A}/space.yaml --dry-run --storage-path /proc/x", "storage path /proc/x is not writable"),
@@ -436,6 +440,21 @@ def test_bad_input_is_one_line_exit_2_and_leaves_nothing(template, needle, asset
     check_one_line(code, out, err, needle)
     assert tree(work, root) == before  # no new or changed file: no experiment folder, database, export, probe
     assert runs_in(db) == runs_before  # no MLflow run, RUNNING or otherwise
+
+
+@pytest.mark.parametrize("value", ["abc", "0", "-5"])
+@pytest.mark.parametrize("command", ["search {A}/space.yaml --dry-run", "search {A}/space.yaml", "confirm {A}/space.yaml",
+                                     "train {A}/trial.yaml"], ids=["dry-run", "search", "confirm", "train"])
+def test_a_bad_ray_start_timeout_variable_is_one_line(command, value, assets, tripwire, tmp_path, monkeypatch, capfd):
+    monkeypatch.setenv("MELORA_RAY_START_TIMEOUT_S", value)
+    monkeypatch.chdir(tmp_path)
+    root = Path(assets["A"])
+    before, runs_before = tree(tmp_path, root), runs_in(root / "mlflow.db")
+    capfd.readouterr()
+    code = main(fill(command, assets))
+    out, err = capfd.readouterr()
+    check_one_line(code, out, err, f"MELORA_RAY_START_TIMEOUT_S='{value}': give the seconds a local Ray may take to start")
+    assert tree(tmp_path, root) == before and runs_in(root / "mlflow.db") == runs_before
 
 
 def test_the_table_is_broad():

@@ -336,6 +336,7 @@ def run_confirm(
             f"cannot confirm {space.name}: confirmations score the test split and task.test_fraction is 0 (no test split); "
             "a search needs task.test_fraction > 0 from the start to be confirmed"
         )
+    ray_env.start_timeout(space.ray_start_timeout_s)  # a bad MELORA_RAY_START_TIMEOUT_S: one line before anything runs
     feasible = build_space(space, spec=spec)
     root = storage_path or space.storage_path or DEFAULT_STORAGE_PATH
     if name is None and "://" not in root and find_latest(Path(root).expanduser().resolve(), space.name) is None:
