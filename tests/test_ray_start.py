@@ -101,6 +101,20 @@ def test_a_local_start_that_fails_is_one_machine_error(monkeypatch, text, needle
     assert "1 other Ray instance running here" in line and "start one shared Ray with ray start --head" in line
 
 
+def test_a_running_ray_that_refuses_this_run_says_how_to_run_apart(monkeypatch):
+    import ray
+
+    FakeRay().install(monkeypatch, running="10.0.0.5:6379")
+
+    def refuse(**kw):
+        raise RuntimeError("InvalidAuthToken: the token does not match")
+
+    monkeypatch.setattr(ray, "init", refuse)
+    with pytest.raises(MachineError, match=r"cannot join the Ray running on this machine at 10.0.0.5:6379 \(started with "
+                                           r"ray start\): InvalidAuthToken: .*; give --address local to start a private one"):
+        ray_env.start_ray(None)
+
+
 def test_a_bad_start_timeout_setting_is_a_usage_error(monkeypatch):
     for raw in ("abc", "0", "-1", "nan", "inf"):
         monkeypatch.setenv(ray_env.START_TIMEOUT_ENV, raw)

@@ -167,6 +167,12 @@ def start_ray(address: str | None = None, *, verbose: bool = True, num_cpus: int
             ray.init(**kwargs)
         except ConnectionError as err:
             raise UsageError(f"cannot join the Ray cluster at {join}: {first_line(err)}") from None
+        except Exception as err:  # noqa: BLE001  (e.g. a token the running Ray refuses)
+            if not running:
+                raise
+            raise MachineError(f"cannot join the Ray running on this machine at {running} (started with ray start): "
+                               f"{first_line(err)}; give --address local to start a private one, or stop it "
+                               "(ray stop)") from None
         where = ray.get_runtime_context().gcs_address if join == "auto" else join
         say(f"joined the running Ray at {where} (started with ray start; --address local starts a private one)"
             if running else f"joined the Ray cluster at {where}")
