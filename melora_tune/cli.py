@@ -1,4 +1,5 @@
-"""The `melora-tune` command line. User errors print one line on stderr and exit with status 2."""
+"""The `melora-tune` command line. User errors print one line on stderr and exit with status 2; a machine that stops a
+command (a local Ray that does not start) prints one line and exits with status 1."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import sys
 from melora_tune import __version__
 from melora_tune.adapters.cli import add_budget_parser
 from melora_tune.cluster import add_cluster_parser
-from melora_tune.errors import UsageError
+from melora_tune.errors import MachineError, UsageError
 from melora_tune.records.ui import add_ui_parser
 from melora_tune.report.cli import add_report_parser
 from melora_tune.report.export import add_export_parser
@@ -47,6 +48,9 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as err:
         print(f"melora-tune {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except MachineError as err:
+        print(f"melora-tune {args.command}: error: {err}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("melora-tune: interrupted", file=sys.stderr)
         return 130

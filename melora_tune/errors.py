@@ -1,4 +1,5 @@
-"""Errors a user can fix, and the one-line messages made from them (the CLI prints one line and exits with 2).
+"""Errors a user can fix, and the one-line messages made from them (the CLI prints one line and exits with 2; with 1
+for a ``MachineError``, where the machine rather than the input stopped the command).
 
 Also the base of every config schema (``Schema``) and the one formatter of pydantic's validation
 errors, shared by the trial config, the adapter config and the search space.
@@ -14,6 +15,11 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 class UsageError(ValueError):
     """Bad input (arguments, config, targets): the message names the problem and the fix."""
+
+
+class MachineError(RuntimeError):
+    """Not the input but this machine stopped the command (a local Ray that did not start in time): one line naming
+    the cause and the fix, exit status 1."""
 
 
 class Schema(BaseModel):

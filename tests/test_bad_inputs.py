@@ -76,6 +76,10 @@ SPACES = {
     "instruct_metric": ("task", {"name": "trec_instruct", "metric": "f1"}),
     "bad_sampler": ("sampler", "tpee"),
     "bad_scheduler": ("scheduler", "hyperband"),
+    "latin1": ("task", {"name": "local", "path": "{A}/latin1.csv"}),
+    "bad_encoding": ("task", {"name": "local", "path": "{A}/good.csv", "encoding": "nope"}),
+    "ray_timeout_zero": ("ray_start_timeout_s", 0),
+    "ray_timeout_word": ("ray_start_timeout_s", "soon"),
 }
 
 
@@ -127,6 +131,7 @@ def assets(tmp_path_factory) -> dict[str, str]:
     (root / "no_label.csv").write_text("text,target\n" + _rows(lambda i: f"s {i},{i % 2}\n"))
     (root / "neg_label.csv").write_text("text,label\n" + _rows(lambda i: f"s {i},{-(i % 2)}\n"))
     (root / "nan_label.csv").write_text("text,label\n" + _rows(lambda i: f"s {i},{'' if i == 3 else i % 2}\n"))
+    (root / "latin1.csv").write_bytes(("text,label\n" + _rows(lambda i: f"caf\u00e9 {i},{i % 2}\n")).encode("latin-1"))
     (root / "header_only.csv").write_text("text,label\n")
     (root / "two_rows.csv").write_text("text,label\na,0\nb,1\n")
     (root / "bad.jsonl").write_text('{"text": "a", "label": 0}\n{not json\n')
@@ -237,6 +242,9 @@ ROWS = [
     ("train-negative-labels", "train {A}/trial.yaml --set task.path={A}/neg_label.csv", "must be >= 0"),
     ("train-missing-labels", "train {A}/trial.yaml --set task.path={A}/nan_label.csv", "1 rows have no value in label column"),
     ("train-no-rows", "train {A}/trial.yaml --set task.path={A}/header_only.csv", "holds no rows"),
+    ("train-not-utf8", "train {A}/trial.yaml --set task.path={A}/latin1.csv", "no task.encoding): 'utf-8' codec can't decode byte 0xe9"),
+    ("train-wrong-encoding", "train {A}/trial.yaml --set task.path={A}/latin1.csv task.encoding=ascii", "as task.encoding 'ascii'"),
+    ("train-unknown-encoding", "train {A}/trial.yaml --set task.encoding=nope", "task.encoding: unknown text encoding 'nope'"),
     ("train-too-few-rows", "train {A}/trial.yaml --set task.path={A}/two_rows.csv", "too few to split"),
     ("train-bad-jsonl", "train {A}/trial.yaml --set task.path={A}/bad.jsonl", "cannot read"),
     ("train-file-type", "train {A}/trial.yaml --set task.path={A}/data.xyz", "unsupported file type '.xyz'"),
@@ -270,6 +278,11 @@ ROWS = [
     ("dry-unknown-task", "search {A}/sp_unknown_task.yaml --dry-run", "unknown task 'nonexistent_task'"),
     ("dry-empty-text", "search {A}/sp_empty_text.yaml --dry-run", "is empty on every row"),
     ("dry-one-class", "search {A}/sp_one_class.yaml --dry-run", "has the same class"),
+    ("dry-not-utf8", "search {A}/sp_latin1.yaml --dry-run", "set task.encoding to the file's encoding"),
+    ("dry-unknown-encoding", "search {A}/sp_bad_encoding.yaml --dry-run", "task.encoding: unknown text encoding 'nope'"),
+    ("search-not-utf8", "search {A}/sp_latin1.yaml", "set task.encoding to the file's encoding"),
+    ("dry-ray-timeout-zero", "search {A}/sp_ray_timeout_zero.yaml --dry-run", "ray_start_timeout_s: Input should be greater than 0"),
+    ("search-ray-timeout-word", "search {A}/sp_ray_timeout_word.yaml", "ray_start_timeout_s: Input should be a valid number"),
     ("dry-missing-data", "search {A}/sp_missing_data.yaml --dry-run", "data file not found"),
     ("dry-num-samples", "search {A}/space.yaml --dry-run --num-samples 0", "--num-samples must be >= 1"),
     ("dry-storage-proc", "search {A}/space.yaml --dry-run --storage-path /proc/x", "storage path /proc/x is not writable"),
@@ -437,6 +450,21 @@ def test_bad_input_is_one_line_exit_2_and_leaves_nothing(template, needle, asset
     check_one_line(code, out, err, needle)
     assert tree(work, root) == before  # no new or changed file: no experiment folder, database, export, probe
     assert runs_in(db) == runs_before  # no MLflow run, RUNNING or otherwise
+
+
+@pytest.mark.parametrize("value", ["abc", "0", "-5"])
+@pytest.mark.parametrize("command", ["search {A}/space.yaml --dry-run", "search {A}/space.yaml", "confirm {A}/space.yaml",
+                                     "train {A}/trial.yaml"], ids=["dry-run", "search", "confirm", "train"])
+def test_a_bad_ray_start_timeout_variable_is_one_line(command, value, assets, tripwire, tmp_path, monkeypatch, capfd):
+    monkeypatch.setenv("MELORA_RAY_START_TIMEOUT_S", value)
+    monkeypatch.chdir(tmp_path)
+    root = Path(assets["A"])
+    before, runs_before = tree(tmp_path, root), runs_in(root / "mlflow.db")
+    capfd.readouterr()
+    code = main(fill(command, assets))
+    out, err = capfd.readouterr()
+    check_one_line(code, out, err, f"MELORA_RAY_START_TIMEOUT_S='{value}': give the seconds a local Ray may take to start")
+    assert tree(tmp_path, root) == before and runs_in(root / "mlflow.db") == runs_before
 
 
 def test_the_table_is_broad():

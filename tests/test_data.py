@@ -378,3 +378,53 @@ def test_causal_lm_too_short_for_the_prompt(minilm_tokenizer):
     task = load_task(TaskSpec(path=str(FIXTURES / "mrpc_sample.csv"), glue_task="mrpc"))
     with pytest.raises(UsageError, match="max_length=8 is too short"):
         encode_causal_lm(task, minilm_tokenizer, max_length=8)
+
+
+# ---------------------------------------------------------------- text encodings of local files
+
+ENCODED_ROWS = "text,label\n" + "".join(f"café n°{i} — ünïcode,{i % 2}\n" for i in range(40))
+
+
+@pytest.mark.parametrize("suffix,codec,setting", [
+    (".csv", "utf-8", None),             # no BOM
+    (".csv", "utf-8-sig", None),         # Excel's "CSV UTF-8": a UTF-8 BOM
+    (".csv", "utf-16", None),            # a spreadsheet's "Unicode text": UTF-16 LE with its BOM
+    (".csv", "utf-16-be", "utf-16-be"),  # no BOM: task.encoding says
+    (".csv", "cp1252", "cp1252"),
+    (".tsv", "utf-16", None),
+    (".jsonl", "utf-8-sig", None),
+    (".csv.gz", "cp1252", "cp1252"),     # compressed: pandas decodes with task.encoding
+], ids=["utf8", "utf8-bom", "utf16-bom", "utf16be-setting", "cp1252-setting", "tsv-utf16", "jsonl-utf8-bom", "gz-cp1252"])
+def test_local_files_read_the_same_rows_in_every_encoding(tmp_path, suffix, codec, setting):
+    import gzip
+
+    import pandas as pd
+
+    reference = pd.read_csv(__import__("io").StringIO(ENCODED_ROWS))
+    if suffix == ".tsv":
+        text = ENCODED_ROWS.replace(",", "\t")
+    elif suffix == ".jsonl":
+        text = reference.to_json(orient="records", lines=True, force_ascii=False)
+    else:
+        text = ENCODED_ROWS
+    data = text.encode(codec)
+    path = tmp_path / f"rows{suffix}"
+    path.write_bytes(gzip.compress(data) if suffix.endswith(".gz") else data)
+    frame = sources.read_local(str(path), setting)
+    assert frame.to_dict("records") == reference.to_dict("records")
+    task = load_task(TaskSpec(name="local", path=str(path), encoding=setting))
+    assert sum(len(rows) for rows in task.splits.values()) == 40
+    assert "café n°0 — ünïcode" in {t for rows in texts_of(task).values() for t in rows}
+
+
+def test_a_file_that_does_not_decode_names_task_encoding(tmp_path):
+    path = tmp_path / "latin.csv"
+    path.write_bytes(ENCODED_ROWS.encode("cp1252"))
+    with pytest.raises(UsageError, match=r"as UTF-8 \(no byte-order mark, no task.encoding\): 'utf-8' codec can't decode"
+                                         r".*; set task.encoding to the file's encoding"):
+        sources.read_local(str(path))
+    with pytest.raises(UsageError, match="as task.encoding 'ascii'"):
+        sources.read_local(str(path), "ascii")
+    for bad in ("nope", "base64"):
+        with pytest.raises(UsageError, match=f"encoding: unknown text encoding '{bad}'"):
+            TaskSpec(encoding=bad)

@@ -273,6 +273,53 @@ def test_killed_trial_resumes_from_its_last_checkpoint(tmp_path, workers):
     assert len(list(run_dir.glob("checkpoint_0*"))) <= 2  # keep_checkpoints
 
 
+def test_a_worker_killed_mid_report_leaves_no_staging_folder(tmp_path, monkeypatch):
+    """A report stages its checkpoint in the temp folder (melora-ckpt-r<rank>-p<pid>-*) before publishing it: a worker
+    killed right then leaves that folder, and the next trial start on the machine (``TrialCheckpoints``, built by every
+    worker) removes it, since its pid is gone; a live worker's folder stays. A tiny model trained in the CLI's own
+    process (no Ray), a report every step, the kill the moment a staging folder shows."""
+    import tempfile
+
+    from helpers import save_tiny_classifier
+
+    from melora_tune.trial.persist import TrialCheckpoints
+
+    model = save_tiny_classifier(tmp_path / "tiny-bert", max_positions=32)
+    config = tmp_path / "trial.yaml"
+    config.write_text(json.dumps({
+        "model": str(model), "task": {"name": "rotten_tomatoes", "max_train_samples": 64, "max_eval_samples": 8},
+        "adapter": {"method": "lora", "r": 1},
+        "training": {"epochs": 1, "micro_batch_size": 8, "max_length": 16, "eval_every_steps": 1, "zero_stage": 0,
+                     "keep_checkpoints": 1},
+    }))
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TMPDIR": str(tmp), "PYTHONPATH": str(ROOT)}
+    staged = lambda: sorted(p.name for p in tmp.iterdir() if p.name.startswith("melora-ckpt-"))  # noqa: E731
+
+    for attempt in range(3):  # the kill lands inside a report's few milliseconds nearly always; retry when it did not
+        with open(tmp_path / f"victim{attempt}.log", "w") as log:
+            victim = subprocess.Popen(
+                [sys.executable, "-m", "melora_tune.cli", "train", str(config), "--storage-path", str(tmp_path / "runs"),
+                 "--name", f"victim{attempt}"], env=env, stdout=log, stderr=log, start_new_session=True)
+            while victim.poll() is None and not staged():
+                time.sleep(0.001)
+            if victim.poll() is None:
+                os.killpg(victim.pid, signal.SIGKILL)
+            victim.wait(60)
+        if staged():
+            break
+    left = staged()
+    assert left and victim.returncode == -signal.SIGKILL, (tmp_path / f"victim{attempt}.log").read_text()[-2000:]
+    assert all(name.startswith(f"melora-ckpt-r0-p{victim.pid}-") for name in left)
+
+    live = tmp / f"melora-ckpt-r0-p{os.getpid()}-x"  # a worker still reporting
+    live.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp))
+    TrialCheckpoints(None, None, None, {}, None, None, zero3=False)  # what every trial start builds
+    assert staged() == [live.name]
+
+
 # ---- instruction tuning: a causal LM under ZeRO-3 on 2 workers, killed and resumed -------------------------
 
 INSTRUCT_SETTINGS = [

@@ -48,7 +48,7 @@ def is_instruction(spec: TaskSpec) -> bool:
         return True
     if spec.path is None:
         return spec.name.strip().lower() in INSTRUCT_TASKS
-    columns = set(map(str, read_local(spec.path).columns))
+    columns = set(map(str, read_local(spec.path, spec.encoding).columns))
     return {spec.instruction_column, spec.output_column} <= columns
 
 
@@ -68,9 +68,9 @@ def load_instruction_task(spec: TaskSpec) -> TaskData:
         named = spec.name and spec.name != type(spec).model_fields["name"].default
         name = spec.name if named else spec.hub_dataset.rstrip("/").rsplit("/", 1)[-1]
     elif spec.path is not None:
-        frame = _rows(read_local(spec.path), spec, spec.path)
+        frame = _rows(read_local(spec.path, spec.encoding), spec, spec.path)
         if spec.validation_path is not None:
-            validation = _rows(read_local(spec.validation_path), spec, spec.validation_path)
+            validation = _rows(read_local(spec.validation_path, spec.encoding), spec, spec.validation_path)
         source = spec.path + (f" + {spec.validation_path}" if spec.validation_path else "")
         name = spec.name if spec.name and key not in BUILTIN_TASKS and key not in INSTRUCT_TASKS else file_label(spec.path)
     elif key in INSTRUCT_TASKS:

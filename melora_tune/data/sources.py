@@ -6,8 +6,10 @@ the text columns plus an integer or float ``label``; splitting happens later.
 
 from __future__ import annotations
 
+import codecs
+import io
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from melora_tune.errors import UsageError, first_line
 
@@ -101,31 +103,61 @@ def file_label(path: str) -> str:
     return Path(path).name.split(".")[0] or "local"
 
 
-def read_local(path_str: str) -> pd.DataFrame:
-    """One local table, read whole into memory (the datasets here are small)."""
+# Byte-order marks, longest first (a UTF-32 LE mark begins like UTF-16 LE's): the codec that reads past the mark.
+BOMS = (
+    (codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"),
+    (codecs.BOM_UTF8, "utf-8-sig"), (codecs.BOM_UTF16_LE, "utf-16"), (codecs.BOM_UTF16_BE, "utf-16"),
+)
+ENCODING_FIX = "set task.encoding to the file's encoding (e.g. latin-1, cp1252, utf-16)"
+
+
+def text_encoding(head: bytes, encoding: str | None = None) -> str:
+    """The codec for a text file that starts with ``head``: its byte-order mark decides when it has one (UTF-8,
+    UTF-16, UTF-32), else ``encoding`` (``task.encoding``), else UTF-8."""
+    for bom, codec in BOMS:
+        if head.startswith(bom):
+            return codec
+    return encoding or "utf-8"
+
+
+def read_local(path_str: str, encoding: str | None = None) -> pd.DataFrame:
+    """One local table, read whole into memory (the datasets here are small). Text files are decoded as their
+    byte-order mark says, else with ``encoding`` (``task.encoding``; default UTF-8)."""
     import pandas as pd  # heavy: keeps `import melora_tune.data` light
 
     path = Path(path_str).expanduser()
     if not path.is_file():
         raise UsageError(f"data file not found: {path}")
     kind = _file_kind(path)
+    source: Any = path
+    codec = encoding or "utf-8"
     try:
+        if kind != ".parquet" and path.suffixes[-1].lower() not in COMPRESSIONS:
+            raw = path.read_bytes()
+            codec = text_encoding(raw[:4], encoding)
+            source = io.StringIO(raw.decode(codec))  # decoded here: pandas reads the text as it is
+        pandas_codec = None if isinstance(source, io.StringIO) else codec  # compressed: pandas decodes
         if kind == ".csv":
-            frame = pd.read_csv(path)
+            frame = pd.read_csv(source, encoding=pandas_codec)
         elif kind == ".tsv":
-            frame = pd.read_csv(path, sep="\t")
+            frame = pd.read_csv(source, sep="\t", encoding=pandas_codec)
         elif kind == ".jsonl":
-            frame = pd.read_json(path, lines=True)
+            frame = pd.read_json(source, lines=True, encoding=pandas_codec)
         elif kind == ".json":
             # A JSON array of records, or JSON lines saved under .json (what datasets writes).
             try:
-                frame = pd.read_json(path)
+                frame = pd.read_json(source, encoding=pandas_codec)
             except ValueError:
-                frame = pd.read_json(path, lines=True)
+                if isinstance(source, io.StringIO):
+                    source.seek(0)
+                frame = pd.read_json(source, lines=True, encoding=pandas_codec)
         else:
             frame = pd.read_parquet(path)
     except UsageError:
         raise
+    except UnicodeError as err:  # a decode error names the codec, the byte and where
+        given = f"task.encoding {encoding!r}" if encoding else "UTF-8 (no byte-order mark, no task.encoding)"
+        raise UsageError(f"cannot read {path} as {given}: {first_line(err)}; {ENCODING_FIX}") from None
     except Exception as err:  # pandas/pyarrow raise many types for malformed files
         first = first_line(err)
         raise UsageError(f"cannot read {path}: {first}") from err

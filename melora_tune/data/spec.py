@@ -36,6 +36,9 @@ class TaskSpec(StandaloneSchema):
     name: str = "rotten_tomatoes"  # built-in name, "glue/<task>", or a label for a local file
     path: str | None = None  # local csv/tsv/json/jsonl/parquet (the training file when a pair)
     validation_path: str | None = None
+    # The text encoding of path and validation_path when they start with no byte-order mark (a file that has one,
+    # UTF-8, UTF-16 or UTF-32, is read as it says); None: UTF-8. E.g. latin-1, cp1252, utf-16-le.
+    encoding: str | None = None
     glue_task: str | None = None  # treat the local file as this GLUE task (columns, labels, metrics)
     text_columns: list[str] | None = None  # None: the task's own, or guessed from a local file's columns
     label_column: str = "label"
@@ -99,6 +102,17 @@ class TaskSpec(StandaloneSchema):
             value = [c.strip() for c in value.split(",") if c.strip()]
         if value is not None and not 1 <= len(value) <= 2:
             raise ValueError(f"text_columns takes one column or a pair, got {value!r}")
+        return value
+
+    @field_validator("encoding")
+    @classmethod
+    def _encoding(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                "".encode(value)  # LookupError: an unknown name or a bytes-to-bytes codec (base64, zlib)
+            except LookupError:
+                raise ValueError(f"unknown text encoding {value!r}: give a Python codec name such as utf-8, "
+                                 "latin-1, cp1252 or utf-16") from None
         return value
 
     @field_validator("seed", mode="before")

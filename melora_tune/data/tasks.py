@@ -94,9 +94,9 @@ def _looks_like_file(name: str) -> bool:
 def _load_local(spec: TaskSpec) -> TaskData:
     import pandas as pd  # heavy: keeps `import melora_tune.data` light
 
-    frames = [read_local(spec.path)]
+    frames = [read_local(spec.path, spec.encoding)]
     if spec.validation_path is not None:
-        frames.append(read_local(spec.validation_path))
+        frames.append(read_local(spec.validation_path, spec.encoding))
     files = [spec.path] + ([spec.validation_path] if spec.validation_path else [])
 
     glue = check_glue_task(spec.glue_task) if spec.glue_task else glue_name(spec.name)

@@ -7,6 +7,7 @@ would be written gets a probe file created and removed in it, a tracking server 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 import urllib.error
@@ -16,10 +17,33 @@ from pathlib import Path
 
 from melora_tune.errors import UsageError
 
+try:
+    import fcntl
+except ImportError:  # not POSIX: no lock (see sqlite_open_lock)
+    fcntl = None
+
 # MLflow 3.x tracking stores (mlflow.tracking._tracking_service.utils registers these; file stores are refused
 # by normalize_tracking_uri, as MLflow 3.13+ refuses them; databricks-uc / uc are model registries only)
 TRACKING_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql", "http", "https", "databricks")
 HTTP_TIMEOUT_S = 5.0
+
+
+@contextlib.contextmanager
+def sqlite_open_lock(uri: str):
+    """Hold an exclusive lock on a local SQLite database file while a store opens it. MLflow and Optuna create and
+    migrate their schema on first open, and two searches opening one new database together collide there (MLflow:
+    "table _alembic_tmp_tags already exists"). An advisory ``flock``, apart from SQLite's own locks; other URIs, or a
+    database whose folder does not exist yet, go unlocked."""
+    path = Path(uri[len("sqlite:///"):].split("?", 1)[0]).expanduser() if uri.startswith("sqlite:///") else None
+    if fcntl is None or path is None or not path.parent.is_dir():
+        yield
+        return
+    with open(path, "ab") as handle:  # a new database starts as the empty file SQLite reads as empty
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def probe_writable(path: str | Path, what: str, fix: str) -> None:

@@ -342,6 +342,7 @@ def run_confirm(
             f"cannot confirm {space.name}: confirmations score the test split and task.test_fraction is 0 (no test split); "
             "a search needs task.test_fraction > 0 from the start to be confirmed"
         )
+    ray_env.start_timeout(space.ray_start_timeout_s)  # a bad MELORA_RAY_START_TIMEOUT_S: one line before anything runs
     feasible = build_space(space, spec=spec)
     root = storage_path or space.storage_path or DEFAULT_STORAGE_PATH
     if name is None and "://" not in root and find_latest(Path(root).expanduser().resolve(), space.name) is None:
@@ -371,7 +372,7 @@ def run_confirm(
         return loaded["task"]
 
     inputs = task_inputs(load_the_task, CONFIRM_SPLITS)  # once, on the driver: the same entries on every run
-    started = ray_env.start_ray(address, verbose=False)
+    started = ray_env.start_ray(address, verbose=False, timeout_s=space.ray_start_timeout_s)
     try:
         result.baselines = log_baselines(mlf, parent, base_cfg, write, task=loaded.get("task"))
         trainable = tune.with_resources(confirm_trial, trial_resources(space))

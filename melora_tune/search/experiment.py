@@ -35,7 +35,7 @@ from melora_tune.search.space import FeasibleSpace, build_space
 from melora_tune.trial.ray_env import check_run_name
 
 # Keys of a space that may differ between a search and its --resume.
-RESUME_MAY_CHANGE = {"storage_path", "optuna_storage", "tracking_uri"}
+RESUME_MAY_CHANGE = {"storage_path", "optuna_storage", "tracking_uri", "ray_start_timeout_s"}
 
 
 

@@ -12,7 +12,7 @@ from melora_tune.data import TaskSpec, load_task
 from melora_tune.data.registry import BUILTIN_TASKS, INSTRUCT_TASKS, check_glue_task, glue_name, unknown_task
 from melora_tune.data.tasks import is_local
 from melora_tune.records.store import check_optuna_storage, check_tracking
-from melora_tune.trial.ray_env import check_ray_address, check_storage
+from melora_tune.trial.ray_env import check_ray_address, check_storage, start_timeout
 
 
 def check_task_data(space) -> None:
@@ -36,5 +36,6 @@ def check_start(space, *, storage: str, tracking: str, optuna_storage: str, addr
     tracking = check_tracking(tracking)
     check_optuna_storage(optuna_storage)
     check_ray_address(address)
+    start_timeout(space.ray_start_timeout_s)  # MELORA_RAY_START_TIMEOUT_S, when set, is a number
     check_task_data(space)
     return tracking

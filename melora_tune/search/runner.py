@@ -169,7 +169,7 @@ def run_search(
     fitting = False
     try:
         # Ray first: a cluster that cannot be joined or is too small leaves no MLflow run and no experiment folder
-        started_ray = ray_env.start_ray(address, verbose=verbose)
+        started_ray = ray_env.start_ray(address, verbose=verbose, timeout_s=space.ray_start_timeout_s)
         check_resources(space)
 
         # ---- MLflow: experiment per task, parent run per search

@@ -268,6 +268,8 @@ class SearchSpace(Schema):
     storage_path: str | None = None  # None: ./melora_runs
     optuna_storage: str | None = None  # None: sqlite:///<storage_path>/optuna.db
     tracking_uri: str | None = None  # None: sqlite:///mlflow.db in the working directory
+    # Seconds a local Ray may take to start (its GCS server; MELORA_RAY_START_TIMEOUT_S wins). None: Ray's own 30 s.
+    ray_start_timeout_s: float | None = Field(None, gt=0, allow_inf_nan=False)
 
     @field_validator("name")
     @classmethod

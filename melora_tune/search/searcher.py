@@ -54,6 +54,7 @@ import optuna
 from optuna.trial import TrialState
 from ray.tune.search.optuna import OptunaSearch
 
+from melora_tune.records.store import sqlite_open_lock
 from melora_tune.search.samplers import make_sampler
 # GridSampler stays importable from here: searcher snapshots of grid searches started before it moved name this path
 from melora_tune.search.samplers.brute_force import GridSampler  # noqa: F401
@@ -120,9 +121,11 @@ class BudgetOptunaSearch(OptunaSearch):
         if tell_policy not in TELL_POLICIES:
             raise ValueError(f"unknown tell_policy {tell_policy!r}: choose from {', '.join(TELL_POLICIES)}")
         if isinstance(storage, str):
-            storage = optuna.storages.RDBStorage(storage) if "://" in storage else optuna.storages.JournalStorage(
-                optuna.storages.journal.JournalFileBackend(storage)
-            )
+            if "://" in storage:
+                with sqlite_open_lock(storage):  # a new SQLite study database is created by one search at a time
+                    storage = optuna.storages.RDBStorage(storage)
+            else:
+                storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(storage))
         super().__init__(
             space=space,
             metric=metric,

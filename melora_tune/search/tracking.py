@@ -31,7 +31,7 @@ from melora_tune.records import (
     rank_key,
 )
 from melora_tune.records import finite as _finite
-from melora_tune.records.store import artifact_location, normalize_tracking_uri  # noqa: F401  (re-exported)
+from melora_tune.records.store import artifact_location, normalize_tracking_uri, sqlite_open_lock  # noqa: F401  (re-exported)
 from melora_tune.search.searcher import ENDED_STATUSES, outcome
 
 log = logging.getLogger("melora_tune.search")
@@ -46,7 +46,10 @@ INFO_KEYS = {"status", "reason", "trial_name", "step", "total_steps", "world_siz
 
 
 def client(tracking_uri: str):
-    return MlflowClient(tracking_uri=tracking_uri)
+    with sqlite_open_lock(tracking_uri):  # a new SQLite store is created once, not by two searches at a time
+        mlf = MlflowClient(tracking_uri=tracking_uri)
+        mlf.search_experiments(max_results=1)  # opens the store (creating and migrating its schema) under the lock
+    return mlf
 
 
 def get_or_create_experiment(mlf, name: str, tracking_uri: str) -> str:

@@ -23,7 +23,7 @@ from melora_tune.trial.config import load_trial_config
 from melora_tune.trial.driver import run_trial
 from melora_tune.trial.memory import check_fits, estimate, gpu_memory
 from melora_tune.trial.prepare import prepare_trial
-from melora_tune.trial.ray_env import check_ray_address, check_run_name, check_storage
+from melora_tune.trial.ray_env import check_ray_address, check_run_name, check_storage, start_timeout
 
 DEFAULT_STORAGE = "melora_runs"
 
@@ -124,6 +124,7 @@ def train_command(args: argparse.Namespace) -> int:
         check_run_name(args.name, "--name")
     check_storage(str(args.storage_path), "give a folder you can write with --storage-path")
     check_ray_address(args.ray_address, "--ray-address")
+    start_timeout()  # a bad MELORA_RAY_START_TIMEOUT_S: one line before anything runs
     if args.num_cpus is not None and not args.ray_address:
         res = prepared.cfg.resources
         need = res.num_workers * res.cpus_per_worker

@@ -6,6 +6,8 @@ publish an evaluation with its checkpoint. The checkpoint's layout and its DeepS
 from __future__ import annotations
 
 import contextlib
+import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -14,6 +16,39 @@ from typing import Any
 from melora_tune.adapters.inject import save_adapter
 from melora_tune.trial import checkpoint as ckpt_io
 from melora_tune.trial.ranks import Ranks
+
+
+STAGING_PREFIX = "melora-ckpt-"
+# melora-ckpt-r<rank>-p<pid>-<random>: the pid tells a later start whether the worker that wrote it is gone
+STAGING_NAME = re.compile(re.escape(STAGING_PREFIX) + r"r\d+-p(\d+)-")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def remove_stale_staging(root: str | Path | None = None) -> list[Path]:
+    """Remove the staging folders (``melora-ckpt-r*-p<pid>-*`` in the temp folder) that workers killed mid-report left:
+    this user's, whose process is gone. Every trial start on a node calls it; returns what it removed."""
+    root = Path(root or tempfile.gettempdir())
+    removed = []
+    with contextlib.suppress(OSError):
+        for entry in os.scandir(root):
+            match = STAGING_NAME.match(entry.name)
+            if not match or not entry.is_dir(follow_symlinks=False) or _alive(int(match.group(1))):
+                continue
+            with contextlib.suppress(OSError):
+                if entry.stat(follow_symlinks=False).st_uid != os.getuid():
+                    continue
+                shutil.rmtree(entry.path)
+                removed.append(Path(entry.path))
+    return removed
 
 
 class TrialCheckpoints:
@@ -30,6 +65,7 @@ class TrialCheckpoints:
         self.reporter = reporter
         self.zero3 = zero3
         self.resume_from = resume_from
+        remove_stale_staging()  # what a worker killed mid-report on this node left in the temp folder
 
     def restore(self, total_steps: int) -> dict[str, Any] | None:
         """The saved state from the reporter's latest checkpoint (weights, optimizer, RNG loaded); None if fresh."""
@@ -79,7 +115,7 @@ class TrialCheckpoints:
     def report(self, metrics: dict[str, Any], state: dict[str, Any], *, full_checkpoint: bool) -> None:
         """Report with a checkpoint (Train V2 keeps metrics only of reports that carry one): the full checkpoint,
         or only the trial state (a diverged trial)."""
-        tmp = Path(tempfile.mkdtemp(prefix=f"melora-ckpt-r{self.ranks.rank}-"))
+        tmp = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}r{self.ranks.rank}-p{os.getpid()}-"))
         try:
             if full_checkpoint:
                 self.save(tmp, state)
