@@ -15,6 +15,7 @@ from typing import Any, Callable
 import ray
 from ray import tune
 
+from melora_tune import drill
 from melora_tune.adapters.hyperparams import HYPERPARAMS
 from melora_tune.records import META_NAME, SCORED, rank_key
 from melora_tune.search import tracking as trk
@@ -187,9 +188,11 @@ def run_search(
         tuner = _build_tuner(space, feasible, base_trial, storage, exp_name, optuna_storage, study_name, tracking,
                              experiment_id, parent, resume, write)
         fitting = True
+        drill.point("search.before_fit")
         grid = tuner.fit()
         result = collect(grid, space, feasible, exp_name, storage, parent, study_name, optuna_storage, tracking, experiment_id)
         status = result.status
+        drill.point("search.collected")
         if status == "finished" and space.confirm.enabled:
             (write or print)(f"confirming the best {space.confirm.top_k} configuration(s) per method with "
                              f"{space.confirm.seeds} new seed(s) each, scored on the test split")
