@@ -30,6 +30,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from melora_tune import drill
 from melora_tune.adapters.registry import table_hyperparams
 from melora_tune.errors import UsageError
 from melora_tune.records import read
@@ -236,6 +237,7 @@ def build_report(
         try:
             for path in files:
                 mlf.log_artifact(info.run_id, str(path), artifact_path="report")
+                drill.point("report.log_artifact")
             logged = True
         except Exception as exc:  # noqa: BLE001
             warnings.append(f"could not log the report on run {info.run_id}: {exc}")

@@ -42,6 +42,7 @@ from mlflow.entities import Metric, Param
 from ray import tune
 from ray.tune import Callback
 
+from melora_tune import drill
 from melora_tune.adapters import describe, get_method
 from melora_tune.data import load_task
 from melora_tune.errors import UsageError
@@ -188,6 +189,8 @@ class ConfirmTrackingCallback(MlflowTrialCallback):
     """The search's trial callback, for confirmations: one child run per (trial confirmed, seed), found again
     by those tags on resume; the parent's best-score metrics stay the search's."""
 
+    DRILL = "confirm"
+
     def _flat(self, trial) -> dict[str, Any]:
         item = trial.config.get(CONFIRM_KEY) or {}
         base = dict(trial.config.get(TRIAL_KEY) or {})
@@ -216,6 +219,7 @@ class ConfirmTrackingCallback(MlflowTrialCallback):
             run = self.mlf.create_run(self.experiment_id, run_name=f"confirm {describe(item['sampled'])} seed {item['seed']}",
                                       tags=tags)
             run_id = run.info.run_id
+            drill.point(f"{self.DRILL}.mlflow_create")
             self._last_step[tid] = -1
         self._runs[tid] = run_id
         log_params_once(self.mlf, run_id, trial_params(self._flat(trial), self.budget, self.min_fraction))
@@ -375,6 +379,7 @@ def run_confirm(
     started = ray_env.start_ray(address, verbose=False, timeout_s=space.ray_start_timeout_s)
     try:
         result.baselines = log_baselines(mlf, parent, base_cfg, write, task=loaded.get("task"))
+        drill.point("confirm.planned")
         trainable = tune.with_resources(confirm_trial, trial_resources(space))
 
         def callbacks(total):

@@ -118,12 +118,8 @@ def plan_paths(space: SearchSpace, *, storage_path: str | None, name: str | None
             if found is None:
                 raise UsageError(f"nothing to resume: no search of {space.name!r} under {root} (start one without --resume)")
             exp_dir = found
-        if not has_snapshot(exp_dir):
-            raise UsageError(
-                f"cannot resume {exp_dir}: the search was interrupted before Ray wrote its first snapshot "
-                f"(no experiment_state file); start it again with --name {exp_dir.name} and without --resume "
-                "(its Optuna trials and MLflow runs are reused)"
-            )
+        # no experiment_state file (interrupted before Ray's first snapshot): run_search starts Tune afresh under
+        # the same name, reusing the search's MLflow parent run and Optuna study (melora_search.json)
         return str(root), exp_dir.name, exp_dir
     name = name or f"{space.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     exp_dir = root / name

@@ -15,13 +15,14 @@ from typing import Any, Callable
 import ray
 from ray import tune
 
+from melora_tune import drill
 from melora_tune.adapters.hyperparams import HYPERPARAMS
 from melora_tune.data import TaskSpec, load_task
 from melora_tune.records import META_NAME, SCORED, SEARCH_SPLITS, rank_key
 from melora_tune.records.inputs import task_inputs
 from melora_tune.search import tracking as trk
 from melora_tune.search.confirm import run_confirm
-from melora_tune.search.experiment import comparable, is_remote, prepare_search, write_meta
+from melora_tune.search.experiment import comparable, has_snapshot, is_remote, prepare_search, write_meta
 from melora_tune.search.progress import ProgressCallback, TrialRow, summary_table
 from melora_tune.search.reaper import PlacementGroupReaper
 from melora_tune.search.resources import check_resources, reuse_actors, trial_resources
@@ -186,12 +187,16 @@ def run_search(
             num_samples=space.num_samples, created=meta.get("created") or time.strftime("%Y-%m-%dT%H:%M:%S"),
         )
         write_meta(exp_dir, meta)
+        # killed before Tune's first snapshot: nothing to restore, a fresh Tune run reuses the study and the parent run
+        restore = resume and (exp_dir is None or has_snapshot(exp_dir))
         tuner = _build_tuner(space, feasible, base_trial, storage, exp_name, optuna_storage, study_name, tracking,
-                             experiment_id, parent, resume, write)
+                             experiment_id, parent, restore, write)
         fitting = True
+        drill.point("search.before_fit")
         grid = tuner.fit()
         result = collect(grid, space, feasible, exp_name, storage, parent, study_name, optuna_storage, tracking, experiment_id)
         status = result.status
+        drill.point("search.collected")
         if status == "finished" and space.confirm.enabled:
             (write or print)(f"confirming the best {space.confirm.top_k} configuration(s) per method with "
                              f"{space.confirm.seeds} new seed(s) each, scored on the test split")

@@ -54,6 +54,7 @@ import optuna
 from optuna.trial import TrialState
 from ray.tune.search.optuna import OptunaSearch
 
+from melora_tune import drill
 from melora_tune.records.store import sqlite_open_lock
 from melora_tune.search.samplers import make_sampler
 # GridSampler stays importable from here: searcher snapshots of grid searches started before it moved name this path
@@ -208,6 +209,7 @@ class BudgetOptunaSearch(OptunaSearch):
             self._completed_trials.add(trial_id)
             return
         ot_trial.set_user_attr(STATUS_ATTR, kind)
+        drill.point("searcher.tell")
         if kind == "completed" and _finite(value):
             self._ot_study.tell(ot_trial, float(value), state=TrialState.COMPLETE)
         elif kind == "failed":
@@ -217,6 +219,7 @@ class BudgetOptunaSearch(OptunaSearch):
                 ot_trial.set_user_attr("melora.reason", (result or {}).get("reason"))
                 ot_trial.set_constraint("diverged", 1.0)
             self._ot_study.tell(ot_trial, None, state=TrialState.PRUNED)
+        drill.point("searcher.told")
         self._completed_trials.add(trial_id)
 
     def _retell(self, frozen: optuna.trial.FrozenTrial, kind: str, value: Any) -> None:

@@ -24,6 +24,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param
 from ray.tune import Callback
 
+from melora_tune import drill
 from melora_tune.adapters import describe, get_method
 from melora_tune.errors import innermost_error_line
 from melora_tune.records import (
@@ -135,6 +136,8 @@ def best_checkpoint(trial_path: str | None) -> tuple[float | None, Path | None]:
 class MlflowTrialCallback(Callback):
     """Child run per trial under ``parent_run_id``; the parent gets the best score so far."""
 
+    DRILL = "search"  # prefix of its kill-drill points (melora_tune.drill)
+
     def __init__(self, tracking_uri: str, experiment_id: str, parent_run_id: str, *, budget: int, min_fraction: float,
                  max_t: float, time_attr: str = "epoch", search_name: str = "", inputs: list | None = None) -> None:
         self.tracking_uri = tracking_uri
@@ -187,6 +190,7 @@ class MlflowTrialCallback(Callback):
                 tags[OPTUNA_TAG] = str(number)
             run = self.mlf.create_run(self.experiment_id, run_name=describe(config), tags=tags)
             run_id = run.info.run_id
+            drill.point(f"{self.DRILL}.mlflow_create")
             self._last_step[tid] = -1
         self._runs[tid] = run_id
         log_params_once(self.mlf, run_id, trial_params(config, self.budget, self.min_fraction))
@@ -204,6 +208,7 @@ class MlflowTrialCallback(Callback):
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         self._safe(self._log_result, trial, result)
+        drill.point(f"{self.DRILL}.result")
 
     def _log_result(self, trial, result: dict[str, Any]) -> None:
         run_id = self.run_id(trial)
@@ -248,6 +253,7 @@ class MlflowTrialCallback(Callback):
                 log.warning("could not upload the adapter of trial %s: %s", trial.trial_id, exc)
         for key, value in tags.items():
             self.mlf.set_tag(run_id, key, value)
+        drill.point(f"{self.DRILL}.mlflow_finish")
         self.mlf.set_terminated(run_id, status="FAILED" if status in ("failed", "diverged") else "FINISHED")
         final = result.get("score") if status in SCORED else None
         self._finished[trial.trial_id] = (trial.config.get("method"), status, final if _finite(final) else None)

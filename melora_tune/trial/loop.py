@@ -12,6 +12,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
+from melora_tune import drill
 from melora_tune.trial.batches import epoch_loader, to_device
 from melora_tune.trial.checkpoint import COMPLETED, DIVERGED, RUNNING
 from melora_tune.trial.config import TrainingSection
@@ -194,6 +195,7 @@ class TrainLoop:
                 flush=True,
             )
         self.report(metrics, state, full_checkpoint=True)
+        drill.point("worker.reported")
         return True
 
     def test_metrics(self, val_metrics: dict[str, float]) -> dict[str, float]:
