@@ -1,4 +1,4 @@
-"""Test helpers that are not fixtures: tiny model configs and a saved tiny classifier.
+"""Test helpers that are not fixtures: tiny model configs, a saved tiny classifier, a headless browser.
 
 Tests import them as `helpers` (``from helpers import save_tiny_classifier``): tests/ has no
 __init__.py, so pytest puts it on sys.path when it imports tests/conftest.py (and each test file).
@@ -6,7 +6,15 @@ __init__.py, so pytest puts it on sys.path when it imports tests/conftest.py (an
 
 from __future__ import annotations
 
+import os
 import re
+import socket
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
 
 
 def tiny_bert_config(num_labels: int = 3):
@@ -194,3 +202,48 @@ def assert_self_contained(page: str) -> int:
     assert not re.search(r"<link\b|<script\b|@import|url\(\s*['\"]?https?:", page, flags=re.I)
     assert not re.search(r"""href\s*=\s*["']https?:""", page, flags=re.I)
     return len(srcs)
+
+
+# ---- a real browser on a local server (the MLflow UI tests) ----------------------------------------------
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(url: str, timeout: float, proc) -> None:
+    """Until url answers 200 (fails when proc, the server, exits first or the time runs out)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"melora-tune ui exited with {proc.returncode} before {url} answered")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as resp:
+                if resp.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.5)
+    raise AssertionError(f"{url} did not answer within {timeout:.0f} s")
+
+
+def browser():
+    """Headless Debian chromium via chromedriver; fails (does not skip) when they are missing."""
+    if os.environ.get("MELORA_NO_BROWSER") == "1":
+        pytest.skip("MELORA_NO_BROWSER=1")
+    missing = [p for p in ("/usr/bin/chromium", "/usr/bin/chromedriver") if not Path(p).is_file()]
+    if missing:
+        pytest.fail(f"{', '.join(missing)} missing: install Debian's chromium and chromium-driver (bash .ci/setup does), "
+                    "or set MELORA_NO_BROWSER=1 to skip this test")
+    try:
+        from selenium import webdriver
+        from selenium.webdriver.chrome.service import Service
+    except ImportError:
+        pytest.fail("selenium is not installed: pip install -e '.[test]'")
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = "/usr/bin/chromium"
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                "--disable-dev-shm-usage", "--window-size=1600,1200", f"--user-data-dir={tempfile.mkdtemp(prefix='chromium-')}"):
+        opts.add_argument(arg)
+    return webdriver.Chrome(options=opts, service=Service("/usr/bin/chromedriver"))

@@ -6,10 +6,14 @@ confirmation are shared by the tests of this module (fixtures); no mocks.
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
-from helpers import save_tiny_classifier
+from helpers import browser, free_port, save_tiny_classifier, wait_http
 
 from melora_tune.errors import UsageError
 
@@ -244,3 +248,42 @@ def test_the_confirmed_winners_are_in_the_model_registry_and_export_from_it(conf
             a = load_file(str(next((tmp_path / f"folder-{method}" / sub).glob("*.safetensors"))))
             b = load_file(str(next((tmp_path / f"registry-{method}" / sub).glob("*.safetensors"))))
             assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
+
+
+@pytest.mark.slow
+def test_the_registered_model_shows_in_the_mlflow_ui(confirmed, tmp_path):
+    """`melora-tune ui` on the confirmed search's store: the Model Registry page lists the dataset's registered model
+    with a version per cell and its aliases, where MLflow users look for the model to use."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    _, result, _ = confirmed
+    mlf, _, _ = runs_of(result)
+    model = mlf.get_registered_model("melora-rotten_tomatoes")
+    port = free_port()
+    log = open(tmp_path / "ui.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "melora_tune.cli", "ui", "--tracking-uri", result.tracking_uri,
+                             "--port", str(port)], stdout=log, stderr=subprocess.STDOUT,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"}, cwd=tmp_path)
+    driver = None
+    try:
+        wait_http(f"http://127.0.0.1:{port}/health", 120, proc)
+        driver = browser()
+        wait = WebDriverWait(driver, 90)
+        body = lambda: driver.find_element(By.TAG_NAME, "body").text  # noqa: E731
+        driver.get(f"http://127.0.0.1:{port}/#/models/{model.name}")
+        wait.until(lambda d: model.name in body() and "Version" in body())
+        for alias in model.aliases:  # lora-b<budget>, melora-b<budget>: one per cell
+            wait.until(lambda d, a=alias: a in body())
+        driver.save_screenshot(str(tmp_path / "registry.png"))
+    finally:
+        if driver is not None:
+            driver.quit()
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(30)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            log.close()
+

@@ -12,10 +12,8 @@ import json
 import math
 import os
 import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -23,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from melora_tune.cli import main
-from helpers import assert_self_contained, md_section, md_table_rows, save_tiny_classifier
+from helpers import assert_self_contained, browser, free_port, md_section, md_table_rows, save_tiny_classifier, wait_http
 
 DATASET = "rotten_tomatoes"
 
@@ -513,48 +511,6 @@ def test_export_from_a_real_search(searched, tiny_model, tmp_path, capsys):
     assert main(["export", "--dataset", DATASET, "--method", "../lora", "--tracking-uri", uri, "--out", str(tmp_path / "x")]) == 2
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_http(url: str, timeout: float, proc) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"melora-tune ui exited with {proc.returncode} before {url} answered")
-        try:
-            with urllib.request.urlopen(url, timeout=2) as resp:
-                if resp.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.5)
-    raise AssertionError(f"{url} did not answer within {timeout:.0f} s")
-
-
-def browser():
-    """Headless Debian chromium via chromedriver; fails (does not skip) when they are missing."""
-    if os.environ.get("MELORA_NO_BROWSER") == "1":
-        pytest.skip("MELORA_NO_BROWSER=1")
-    missing = [p for p in ("/usr/bin/chromium", "/usr/bin/chromedriver") if not Path(p).is_file()]
-    if missing:
-        pytest.fail(f"{', '.join(missing)} missing: install Debian's chromium and chromium-driver (bash .ci/setup does), "
-                    "or set MELORA_NO_BROWSER=1 to skip this test")
-    try:
-        from selenium import webdriver
-        from selenium.webdriver.chrome.service import Service
-    except ImportError:
-        pytest.fail("selenium is not installed: pip install -e '.[test]'")
-    opts = webdriver.ChromeOptions()
-    opts.binary_location = "/usr/bin/chromium"
-    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                "--disable-dev-shm-usage", "--window-size=1600,1200", f"--user-data-dir={tempfile.mkdtemp(prefix='chromium-')}"):
-        opts.add_argument(arg)
-    return webdriver.Chrome(options=opts, service=Service("/usr/bin/chromedriver"))
-
-
 @pytest.mark.slow
 def test_mlflow_ui_lists_the_search_and_its_trials_in_a_browser(searched, tmp_path):
     from mlflow import MlflowClient
@@ -567,14 +523,14 @@ def test_mlflow_ui_lists_the_search_and_its_trials_in_a_browser(searched, tmp_pa
     children = client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{result.parent_run_id}'")
     assert len(children) == len(result.trials)
 
-    port = _free_port()
+    port = free_port()
     log = open(tmp_path / "ui.log", "w")
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "melora_tune.cli", "ui", "--tracking-uri", uri, "--port", str(port)],
                             stdout=log, stderr=subprocess.STDOUT, env=env, cwd=tmp_path)
     driver = None
     try:
-        _wait_http(f"http://127.0.0.1:{port}/health", 120, proc)
+        wait_http(f"http://127.0.0.1:{port}/health", 120, proc)
         printed = (tmp_path / "ui.log").read_text()
         assert f"http://127.0.0.1:{port}" in printed
         runs_url = f"http://127.0.0.1:{port}/#/experiments/{exp.experiment_id}/runs?workflowType=machine_learning"
