@@ -121,7 +121,7 @@ def test_export_base_model_load_report_is_silenced_but_errors_are_not(tmp_path, 
 
     from melora_tune.adapters.inject import save_adapter
     from melora_tune.errors import UsageError
-    from melora_tune.report.export_peft import load_base_model, quiet_transformers, write_peft
+    from melora_tune.adapters.peft_folder import load_base_model, quiet_transformers, write_peft
 
     torch.manual_seed(0)
     config = BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
