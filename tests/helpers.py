@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import socket
 import tempfile
 import time
@@ -247,3 +248,16 @@ def browser():
                 "--disable-dev-shm-usage", "--window-size=1600,1200", f"--user-data-dir={tempfile.mkdtemp(prefix='chromium-')}"):
         opts.add_argument(arg)
     return webdriver.Chrome(options=opts, service=Service("/usr/bin/chromedriver"))
+
+
+def stop_ui(proc, log) -> None:
+    """Stop a `melora-tune ui` process as a user's Ctrl-C would (SIGTERM: it stops its server, workers included),
+    killing it only if it has not exited within 30 s; then close its log."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        log.close()
+

@@ -7,13 +7,12 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from helpers import browser, free_port, save_tiny_classifier, wait_http
+from helpers import browser, free_port, save_tiny_classifier, stop_ui, wait_http
 
 from melora_tune.errors import UsageError
 
@@ -279,11 +278,5 @@ def test_the_registered_model_shows_in_the_mlflow_ui(confirmed, tmp_path):
     finally:
         if driver is not None:
             driver.quit()
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(30)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-            log.close()
+        stop_ui(proc, log)
 

@@ -12,14 +12,12 @@ import os
 import sqlite3
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import yaml
 
 from helpers import save_tiny_classifier
-from melora_tune.cli import main
 from melora_tune.errors import MachineError, UsageError
 from melora_tune.trial import ray_env
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -21,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from melora_tune.cli import main
-from helpers import assert_self_contained, browser, free_port, md_section, md_table_rows, save_tiny_classifier, wait_http
+from helpers import assert_self_contained, browser, free_port, md_section, md_table_rows, save_tiny_classifier, stop_ui, wait_http
 
 DATASET = "rotten_tomatoes"
 
@@ -572,13 +571,7 @@ def test_mlflow_ui_lists_the_search_and_its_trials_in_a_browser(searched, tmp_pa
     finally:
         if driver is not None:
             driver.quit()
-        proc.send_signal(signal.SIGTERM)  # melora-tune ui stops its server, workers included
-        try:
-            proc.wait(30)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-            log.close()
+        stop_ui(proc, log)
     assert proc.returncode == 0, (tmp_path / "ui.log").read_text()[-2000:]
     with pytest.raises(OSError):
         urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
