@@ -195,8 +195,13 @@ def test_glue_spaces_validate_offline(path):
     space, feasible = prep.space, prep.feasible
     assert space.model == "roberta-base" and space.adapter.alpha == 16 and space.adapter.dropout == 0.05
     assert feasible.target_modules == ["query", "value"] and space.resources.gpus_per_worker == 1
-    assert feasible.size("lora") == 2 and feasible.size("melora") >= 8
-    assert all(c.adapter_params <= 73728 for m in feasible.methods for c in feasible.candidates[m])
+    # a frontier: 2 methods x 4 levels (1, 2, 4, 8 units of 36,864), LoRA r = the level's units, 6 trials each
+    assert sorted(feasible.cells) == sorted((m, 36864 * u) for m in ("melora", "lora") for u in (1, 2, 4, 8))
+    assert [c.r for c in feasible.candidates["lora"]] == [1, 2, 4, 8] and not feasible.infeasible
+    assert {c.n for c in feasible.candidates["melora"]} == {2, 4, 8, 16} and space.num_samples == 48
+    for (method, level), cell in feasible.cells.items():
+        assert all(level // 2 < c.adapter_params <= level for c in cell.candidates[method])
+    assert set(prep.shares.values()) == {6}
 
 
 def test_glue_space_dry_run_through_the_hub_cache(tmp_path):
@@ -618,3 +623,28 @@ def test_grid_resumed_after_a_killed_driver_still_covers_each_point_once(tmp_pat
     assert rest[:2] == lost  # the orphans are handed out again first
     assert sorted(taken + rest) == sorted({(k[0], k[1], k[2], lr) for k in fs.reachable() for lr in (1e-3, 1e-2)})
     assert len(restored._ot_study.trials) == fs.grid_size() == 16
+
+
+@pytest.mark.parametrize("name,fair", [("llama2_7b_instruct", False), ("llama2_7b_instruct_fair", True)])
+def test_llama_reproduction_is_labelled_unequal_and_its_fair_variant_is_not(name, fair):
+    """The official script's one-learning-rate pair stays as a labelled reproduction (its dry run warns that the
+    methods are not tuned); the fair variant trains every cell at the same few rates. Llama-2-7B's shapes from
+    its config alone (meta device, no download)."""
+    from transformers import LlamaConfig
+
+    from melora_tune.adapters.accounting import ModelSpec
+    from melora_tune.search.cells import effort_warnings
+    from melora_tune.search.experiment import with_shares
+    from melora_tune.search.schema import load_space
+    from melora_tune.search.space import build_space
+
+    spec = ModelSpec.from_config(LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                                             num_attention_heads=32, vocab_size=32000), task="causal_lm",
+                                 name="meta-llama/Llama-2-7b-hf")
+    space, _ = load_space(SPACES / f"{name}.yaml")
+    feasible = build_space(space, spec=spec)
+    assert sorted(feasible.cells) == [("lora", 524288), ("lora", 33554432), ("melora", 524288), ("melora", 33554432)]
+    _, shares = with_shares(space, feasible)
+    assert set(shares.values()) == ({3} if fair else {1})
+    warnings = effort_warnings(space, feasible)
+    assert (warnings == []) if fair else ("not a tuned comparison" in warnings[0])

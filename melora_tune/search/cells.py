@@ -68,8 +68,8 @@ def cell_lines(feasible, shares: dict[str, int]) -> list[str]:
                 cell = feasible.cells[key]
                 params = sorted({c.adapter_params for c in cell.candidates[method]})
                 size = f"{params[0]:,}" if len(params) == 1 else f"{params[0]:,}-{params[-1]:,}"
-                out.append(f"  {label:<16} {shares.get(label, 0):>3} trials over {cell.size(method):>4} configs "
-                           f"({size} params)")
+                configs = f"{cell.size(method)} config" + ("s" if cell.size(method) != 1 else "")
+                out.append(f"  {label:<16} {shares.get(label, 0):>3} trials over {configs:>12} ({size} params)")
             elif key in feasible.infeasible:
                 out.append(f"  {label:<16}   - no cell: {feasible.infeasible[key]}")
     return out
