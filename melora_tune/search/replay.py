@@ -324,8 +324,8 @@ def replay(level: Level, strategy: str, seed: int, *, concurrency: int = 4, max_
         while len(queue) < concurrency and started < num_samples:
             trial_id = f"{started:05d}"
             sampled = searcher.suggest(trial_id)
-            if sampled is None:
-                return
+            if not isinstance(sampled, dict):
+                return  # None: nothing to propose now; FINISHED: a finite space has run every configuration
             key = level.key_of(sampled)
             cfg = level.configs[key]
             s = int(rng.integers(len(cfg.seeds)))
