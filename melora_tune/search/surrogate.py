@@ -141,7 +141,7 @@ def leave_one_lr_out(level, which: str = "val") -> pd.DataFrame:
             elif len(keep) >= 2:
                 pred = pchip(sc.x[keep], means[keep])(sc.x[k])
             for e in range(rec.shape[2]):
-                rows.append(dict(method=shape[0], shape=shape, epoch=e + 1, lr=float(sc.lrs[k]), end=end,
+                rows.append(dict(method=shape[0], key=shape, epoch=e + 1, lr=float(sc.lrs[k]), end=end,
                                  actual=100 * means[k, e], predicted=100 * float(pred[e]),
                                  error=100 * abs(float(pred[e]) - means[k, e]),
                                  seed_spread=100 * float(np.ptp(rec[k, :, e])) / 2))
