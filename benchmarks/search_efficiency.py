@@ -15,6 +15,9 @@ error over replay seeds) and the compute needed to come within 0.5 point of y* (
 seeds, a seed that never gets there counting as infinite; and how many got there); a regret-vs-compute plot (one panel per level) goes to ``--out``. The method
 and its conventions are in ``melora_tune/search/replay.py``. ``--synthetic PATH`` writes a made-up table of
 the real size (6 configurations x 4 lrs x 2 seeds x 3 epochs per level) to develop and time against.
+``--continuous-lr`` replays the search a user runs over a continuous lr range on the table's surrogate
+(``melora_tune/search/surrogate.py``); ``--surrogate-loo`` prints that surrogate's leave-one-lr-out errors.
+Both leave the default output unchanged.
 """
 
 from __future__ import annotations
@@ -85,6 +88,11 @@ def main() -> None:
                          "SAMPLER[+SCHEDULER][-stock] also works, e.g. random+fifo")
     ap.add_argument("--out", default="benchmarks/tables/")
     ap.add_argument("--synthetic", metavar="PATH", help="write a synthetic table of the real size there and exit")
+    ap.add_argument("--continuous-lr", action="store_true",
+                    help="replay a continuous lr (space.lr = the recorded range) on the surrogate of "
+                         "melora_tune/search/surrogate.py; the default strategies less grid")
+    ap.add_argument("--surrogate-loo", action="store_true",
+                    help="print the surrogate's leave-one-lr-out errors (score points) per level and exit")
     args = ap.parse_args()
     if args.synthetic:
         synthetic_table().to_csv(args.synthetic, index=False)
@@ -93,11 +101,19 @@ def main() -> None:
 
     logging.getLogger("melora_tune.search").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore")
-    from melora_tune.search.replay import STRATEGIES, load_table, replay
+    from melora_tune.search.replay import STRATEGIES, ContinuousLevel, load_table, replay
 
     strategies = args.strategies.split(",") if args.strategies else list(STRATEGIES)
     t0 = time.perf_counter()
     levels = load_table(args.table)
+    if args.surrogate_loo:
+        print_loo(levels)
+        return
+    if args.continuous_lr:
+        levels = {budget: ContinuousLevel(level) for budget, level in levels.items()}
+        strategies = [s for s in strategies if s != "grid"] if not args.strategies else strategies
+        print("continuous lr: space.lr log-uniform over the recorded range; each trial's curves from the surrogate "
+              "(melora_tune/search/surrogate.py); compute in units of the recorded grid's")
     curves: dict[int, dict[str, list]] = {}
     for budget, level in levels.items():
         best = level.best
@@ -128,6 +144,25 @@ def main() -> None:
     # stderr: stdout is the committed text (benchmarks/tables/*.txt, compared byte for byte by
     # tests/test_reproducible.py), so it holds nothing that changes from run to run or with --out
     print(f"wall time {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+
+
+def print_loo(levels) -> None:
+    """The surrogate's leave-one-lr-out error (melora_tune/search/surrogate.py), validation and test, per level."""
+    import pandas as pd
+
+    from melora_tune.search.surrogate import leave_one_lr_out, loo_summary
+
+    pd.set_option("display.width", 160)
+    for budget, level in levels.items():
+        for which in ("val", "test"):
+            print(f"\nbudget {budget:,}, {which} score: leave-one-lr-out error in points (end: an end lr, "
+                  "extrapolated; the replay never extrapolates)")
+            print(loo_summary(level, which).round(2).to_string(index=False))
+        df = leave_one_lr_out(level, "val")
+        worst = df[~df.end].sort_values("error", ascending=False).head(5)
+        print(f"  worst interior points (val): " + "; ".join(
+            f"{r.method} {r.key[1:-2]} lr={r.lr:g} epoch {r.epoch}: {r.error:.1f} pt (actual {r.actual:.1f}, "
+            f"predicted {r.predicted:.1f})" for r in worst.itertuples()))
 
 
 def plot(curves: dict[int, dict[str, list]], out: Path) -> None:

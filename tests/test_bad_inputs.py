@@ -75,7 +75,7 @@ SPACES = {
     "offload_params_zero2": ("training", {"epochs": 2, "offload_params": True}),
     "instruct_metric": ("task", {"name": "trec_instruct", "metric": "f1"}),
     "bad_sampler": ("sampler", "tpee"),
-    "bad_scheduler": ("scheduler", "hyperband"),
+    "bad_scheduler": ("scheduler", "pbt"),
     "latin1": ("task", {"name": "local", "path": "{A}/latin1.csv"}),
     "bad_encoding": ("task", {"name": "local", "path": "{A}/good.csv", "encoding": "nope"}),
     "levels_empty": ("budget", {"levels": []}),
@@ -323,9 +323,9 @@ ROWS = [
     ("dry-instruct-metric", "search {A}/sp_instruct_metric.yaml --dry-run", "metric 'f1' does not apply"),
     ("dry-bad-sampler", "search {A}/sp_bad_sampler.yaml --dry-run",
      "sampler: unknown sampler 'tpee' (did you mean 'tpe'?): choose from tpe, random, grid"),
-    ("dry-bad-scheduler", "search {A}/sp_bad_scheduler.yaml --dry-run", "scheduler: unknown scheduler 'hyperband'"
+    ("dry-bad-scheduler", "search {A}/sp_bad_scheduler.yaml --dry-run", "scheduler: unknown scheduler 'pbt'"
      ": choose from asha, fifo"),
-    ("search-bad-scheduler", "search {A}/sp_bad_scheduler.yaml", "unknown scheduler 'hyperband'"),
+    ("search-bad-scheduler", "search {A}/sp_bad_scheduler.yaml", "unknown scheduler 'pbt'"),
     ("dry-address-dead", "search {A}/space.yaml --dry-run --address 127.0.0.1:1", "nothing answers there"),
     ("dry-address-garbage", "search {A}/space.yaml --dry-run --address host:notaport", "is not HOST:PORT"),
     ("dry-name-escapes", "search {A}/space.yaml --dry-run --name ../evil", "--name '../evil'"),

@@ -524,7 +524,9 @@ def test_grid_covers_the_feasible_space_exactly_once_with_concurrent_trials(tmp_
     from melora_tune.trial.config import TrialConfig
 
     base = space.base_trial_dict(fs.target_modules, fs.modules_to_save)
-    sampled = s.suggest("extra") or {}
+    # the grid is covered: a further proposal would re-run a configuration, so the search is finished
+    assert s.suggest("extra") == s.FINISHED
+    sampled = hp
     cfg = TrialConfig.from_sampled(base, {**sampled, "seed": 3})
     assert cfg.training.seed == 3 and trial_params({**sampled, "seed": 3, "trial": base}, 768, 0.5)["training.seed"] == 3
 

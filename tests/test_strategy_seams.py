@@ -105,7 +105,7 @@ def test_registered_strategies_are_listed_and_unregistered_after(plugins, capsys
 
 
 def test_the_fixture_leaves_the_registries_as_they_were():
-    assert sampler_names() == ("tpe", "random", "grid") and scheduler_names() == ("asha", "fifo")
+    assert sampler_names() == ("tpe", "random", "grid", "gp", "bohb") and scheduler_names() == ("asha", "fifo", "hyperband")
 
 
 def test_registered_strategies_in_search_dry_run(plugins, tiny_model_dir, tmp_path, capsys):
@@ -156,8 +156,8 @@ def test_an_older_search_record_still_resumes(tiny_model_dir, tmp_path):
 
 
 BAD = [
-    ({"sampler": "tagg"}, "sampler: unknown sampler 'tagg' (did you mean 'tagging'?): choose from tpe, random, grid, tagging"),
-    ({"scheduler": "first"}, "scheduler: unknown scheduler 'first' (did you mean 'first-result'?): choose from asha, fifo, first-result"),
+    ({"sampler": "tagg"}, "sampler: unknown sampler 'tagg' (did you mean 'tagging'?): choose from tpe, random, grid, gp, bohb, tagging"),
+    ({"scheduler": "first"}, "scheduler: unknown scheduler 'first' (did you mean 'first-result'?): choose from asha, fifo, hyperband, first-result"),
     ({"scheduler": "first-result", "asha": {"enabled": False}},
      "asha.enabled: false means no early stopping, and scheduler is first-result: drop one of them"),
 ]
@@ -202,7 +202,10 @@ def test_registered_strategies_in_the_replay(plugins, level):
     run = replay(level, f"{sampler}+{scheduler}", 0, concurrency=2, num_samples=6, max_fraction=10)
     study = run.searcher._ot_study
     assert isinstance(study.sampler, TaggingRandomSampler)
-    assert len(study.trials) == len(run.trials) == 6 and all(t.system_attrs[TAG] == "tagging" for t in study.trials)
+    assert all(t.system_attrs[TAG] == "tagging" for t in study.trials)
+    # the 8-point space never re-runs a configuration: a repeated proposal is answered from the record, untrained
+    ran = [t for t in study.trials if "melora.duplicate_of" not in t.user_attrs]
+    assert len(ran) == len(run.trials) == len({k for k, _ in run.trials.values()}) == 6
     # the scheduler's decisions: every trial stopped at its first result
     assert [(e.epoch, e.decision, e.ended) for e in run.events] == [(1, "STOP", "stopped_early")] * 6
     assert {t.state for t in study.trials} == {optuna.trial.TrialState.PRUNED}
@@ -217,6 +220,6 @@ def test_registered_strategies_in_the_replay(plugins, level):
 def test_unknown_replay_strategy_names_the_known_ones(level):
     from melora_tune.errors import UsageError
 
-    with pytest.raises(UsageError, match="unknown strategy 'tpe\\+hyperband'.*a scheduler from asha, fifo"):
-        replay(level, "tpe+hyperband", 0)
+    with pytest.raises(UsageError, match="unknown strategy 'tpe\\+pbt'.*a scheduler from asha, fifo"):
+        replay(level, "tpe+pbt", 0)
     assert get_sampler("grid").enumerates and not get_scheduler("fifo").stops_early

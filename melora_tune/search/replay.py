@@ -52,6 +52,7 @@ trainable registry lookup, no cluster).
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 import math
 from dataclasses import dataclass, field
@@ -73,6 +74,7 @@ from melora_tune.search.schedulers import get_scheduler, scheduler_names
 from melora_tune.search.schema import Asha
 from melora_tune.search.searcher import BudgetOptunaSearch
 from melora_tune.search.space import FeasibleSpace
+from melora_tune.search.surrogate import shape_curves, shape_of, with_lr
 
 METRIC = "score"
 KEY_COLUMNS = ("method", *HYPERPARAMS, "lr", "alpha", "dropout")
@@ -189,12 +191,68 @@ class Level:
             raise ValueError(f"budget {self.budget}: two table configurations share one path of the search tree")
         return space
 
+    def lookup(self, sampled: dict[str, Any]) -> tuple[tuple, Config]:
+        """The table key and recorded curves of a sampled configuration."""
+        key = self.key_of(sampled)
+        return key, self.configs[key]
+
     def key_of(self, sampled: dict[str, Any]) -> tuple:
         key = tuple(sampled[k] if k == "method" else (float(sampled[k]) if k in ("lr", "alpha", "dropout")
                     else int(sampled[k])) for k in KEY_COLUMNS)
         if key not in self.configs:
             raise KeyError(f"sampled configuration {key} is not in the table")
         return key
+
+
+class ContinuousLevel(Level):
+    """A level whose learning rate is continuous (``search.surrogate``): space.lr is the recorded range, a
+    sampled lr's curves come from the surrogate, and y* / y_worst are taken over a dense lr grid.
+
+    * A trial's curves: ``ShapeCurves.at(lr)``: the seed-mean PCHIP over log10(lr) plus the drawn seed's
+      residual, per epoch; at a recorded lr exactly the recorded rows. Its quality is the seed mean there.
+    * y* = the seed-mean final test score at the (shape, lr) whose seed-mean final validation score is highest,
+      over the recorded lrs and ``dense`` log-spaced lrs per shape; y_worst the lowest seed-mean final test
+      there. Both can only move outwards from the discrete level's (the recorded lrs are on the grid).
+    * Compute stays in units of the recorded grid's compute (its configurations x recorded lrs): what a user
+      who ran that grid would have spent.
+    """
+
+    def __init__(self, level: Level, dense: int = 61) -> None:
+        super().__init__(level.budget, level.epochs, level.configs)
+        self.discrete = level
+        self.shapes = shape_curves(level)
+        lows = {float(sc.lrs[0]) for sc in self.shapes.values()}
+        highs = {float(sc.lrs[-1]) for sc in self.shapes.values()}
+        if len(lows) != 1 or len(highs) != 1:
+            raise ValueError(f"budget {level.budget}: shapes were recorded over different lr ranges")
+        self.lr_range = (lows.pop(), highs.pop())
+        grid = np.geomspace(*self.lr_range, dense)
+        self.candidates = [self.curves(shape, float(lr)) for shape, sc in self.shapes.items()
+                           for lr in sorted({*grid.tolist(), *sc.lrs.tolist()})]
+
+    def curves(self, shape: tuple, lr: float) -> Config:
+        sc = self.shapes[shape]
+        at = sc.at(lr)
+        any_cfg = self.configs[with_lr(shape, float(sc.lrs[0]))]
+        return Config(with_lr(shape, lr), any_cfg.candidate, sc.seeds, at["val"], at["test"], at["step"], at["cost"])
+
+    @property
+    def best(self) -> Config:
+        return max(self.candidates, key=lambda c: c.final_val)
+
+    @property
+    def y_worst(self) -> float:
+        return min(c.final_test for c in self.candidates)
+
+    def space(self) -> FeasibleSpace:
+        """The discrete level's space with space.lr the recorded range (log) instead of lr_choices."""
+        return dataclasses.replace(self.discrete.space(), lr=(*self.lr_range, True), lr_choices=None)
+
+    def lookup(self, sampled: dict[str, Any]) -> tuple[tuple, Config]:
+        lr = float(sampled["lr"])
+        recorded = self.discrete.key_of({**sampled, "lr": self.lr_range[0]})
+        cfg = self.curves(shape_of(recorded), lr)
+        return cfg.key, cfg
 
 
 def load_table(table: str | Path | pd.DataFrame) -> dict[int, Level]:
@@ -286,9 +344,11 @@ def make_searcher(level: Level, strategy: str, seed: int, n_startup_trials: int 
     )
 
 
-def make_replay_scheduler(level: Level, scheduler: str, reduction_factor: float = 3):
-    """The registered scheduler as a search builds it (asha: FiniteASHA, stop_last_trials=False; fifo: FIFO)."""
-    section = Asha(time_attr="epoch", grace_period=1, reduction_factor=reduction_factor, brackets=1)
+def make_replay_scheduler(level: Level, scheduler: str, reduction_factor: float = 3, grace_period: int = 1,
+                          brackets: int = 1):
+    """The registered scheduler as a search builds it (asha: FiniteASHA, stop_last_trials=False; fifo: FIFO;
+    hyperband: HyperbandASHA, brackets 1 = every bracket that fits), from an ``asha`` section of these settings."""
+    section = Asha(time_attr="epoch", grace_period=grace_period, reduction_factor=reduction_factor, brackets=brackets)
     scheduler = get_scheduler(scheduler).make(section, level.epochs)
     scheduler.set_search_properties(METRIC, "max")  # what tune.run does with TuneConfig(metric, mode)
     return scheduler
@@ -296,17 +356,20 @@ def make_replay_scheduler(level: Level, scheduler: str, reduction_factor: float 
 
 def replay(level: Level, strategy: str, seed: int, *, concurrency: int = 4, max_fraction: float = 1.0,
            reduction_factor: float = 3, n_startup_trials: int = 6, num_samples: float | None = None,
-           points: list[dict[str, Any]] | None = None) -> ReplayRun:
+           points: list[dict[str, Any]] | None = None, grace_period: int = 1, brackets: int = 1) -> ReplayRun:
     """Run one strategy on one level with the simulated clock (deterministic given ``seed``).
 
     ``num_samples``: most trials to start (Ray's; default: the grid's size for ``grid``, else unbounded).
     ``points``: configurations the searcher tries first (``points_to_evaluate``), in order.
+    ``reduction_factor``, ``grace_period``, ``brackets``: the scheduler's ``asha`` settings.
     """
     sampler, _, scheduler_name = parse_strategy(strategy)
     run = ReplayRun(level, strategy)
     searcher = run.searcher = make_searcher(level, strategy, seed, n_startup_trials, points)
-    scheduler = make_replay_scheduler(level, scheduler_name, reduction_factor)
+    scheduler = make_replay_scheduler(level, scheduler_name, reduction_factor, grace_period, brackets)
     rng = np.random.default_rng(seed)
+    if get_sampler(sampler).enumerates and isinstance(level, ContinuousLevel):
+        raise UsageError(f"{strategy}: a grid needs recorded learning rates; replay it on the discrete level")
     if num_samples is None:
         num_samples = len(level.configs) if get_sampler(sampler).enumerates else math.inf
     target = max_fraction * level.grid_compute
@@ -317,17 +380,18 @@ def replay(level: Level, strategy: str, seed: int, *, concurrency: int = 4, max_
     clock = compute = 0.0
     started = 0
     best: tuple | None = None  # (rank_key, -start order): the earliest trial wins a tie, as in the report
-    incumbent: tuple | None = None  # its configuration key
+    incumbent: Config | None = None  # its configuration's curves
+    curves: dict[str, Config] = {}  # trial id -> the curves it replays
 
     def start(now: float) -> None:
         nonlocal started
         while len(queue) < concurrency and started < num_samples:
             trial_id = f"{started:05d}"
             sampled = searcher.suggest(trial_id)
-            if sampled is None:
-                return
-            key = level.key_of(sampled)
-            cfg = level.configs[key]
+            if not isinstance(sampled, dict):
+                return  # None: nothing to propose now; FINISHED: a finite space has run every configuration
+            key, cfg = level.lookup(sampled)
+            curves[trial_id] = cfg
             s = int(rng.integers(len(cfg.seeds)))
             trial = trials[trial_id] = Trial("replay", config=sampled, trial_id=trial_id, stub=True)
             scheduler.on_trial_add(None, trial)
@@ -345,7 +409,7 @@ def replay(level: Level, strategy: str, seed: int, *, concurrency: int = 4, max_
         # the busy count changes only at events, so compute is exact piecewise-linear worker-seconds
         clock, compute = finish, spent
         key, seed_value = run.trials[trial_id]
-        cfg = level.configs[key]
+        cfg = curves[trial_id]
         s = cfg.seeds.index(seed_value)
         score = float(cfg.val[s, epoch - 1])
         result = {METRIC: score, "epoch": epoch, "training_iteration": epoch, "step": int(cfg.step[s, epoch - 1]),
@@ -361,12 +425,12 @@ def replay(level: Level, strategy: str, seed: int, *, concurrency: int = 4, max_
             ended = "completed" if epoch == E else "stopped_early"
             rk = (rank_key(ended, score), -order)
             if best is None or rk > best:
-                best, incumbent = rk, key
+                best, incumbent = rk, cfg
         else:
             heapq.heappush(queue, (clock + cfg.cost[s, epoch], order, trial_id, epoch + 1))
         run.events.append(Event(clock, compute, trial_id, epoch, score, decision, ended))
         if incumbent is not None:
-            run.trace.append((compute / level.grid_compute, level.regret(level.configs[incumbent].final_test)))
+            run.trace.append((compute / level.grid_compute, level.regret(incumbent.final_test)))
         start(clock)
     if queue:
         compute = target  # the in-flight epochs ran until the budget was spent
