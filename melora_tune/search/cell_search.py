@@ -38,12 +38,16 @@ class CellSearcher(Searcher):
         return min(open_cells, key=lambda c: self.counts[c])  # ties: the first in cell order
 
     def suggest(self, trial_id: str) -> dict | None:
-        cell = self.owner.get(trial_id)
-        if cell is None:
-            cell = self.next_cell()
+        while True:
+            cell = self.owner.get(trial_id) or self.next_cell()
             if cell is None:
                 return Searcher.FINISHED
-        config = self.searchers[cell].suggest(trial_id)
+            config = self.searchers[cell].suggest(trial_id)
+            if config != Searcher.FINISHED or trial_id in self.owner:
+                break
+            # the cell ran every configuration of its finite space once: it is done, the others go on
+            log.info("cell %s ran all %d of its configurations", cell, self.counts[cell])
+            self.shares[cell] = self.counts[cell]
         if config is None or config == Searcher.FINISHED:
             return config
         if trial_id not in self.owner:
