@@ -398,6 +398,15 @@ def curves_frame(mlf, trials, metric: str = "score"):
     return pd.DataFrame(rows, columns=columns).astype({"step": "int64", "epoch": float, "score": float})
 
 
+def score_histories(mlf, run_ids, metric: str = "score") -> dict[str, list[float]]:
+    """{run id: its finite ``metric`` values in step order} (a confirmation's validation score per evaluation)."""
+    out = {}
+    for run_id in run_ids:
+        history = sorted(mlf.get_metric_history(run_id, metric), key=lambda m: (m.step, m.timestamp))
+        out[run_id] = [m.value for m in history if math.isfinite(m.value)]
+    return out
+
+
 def normalize_frame(df):
     """Numeric dtypes for the parameter and metric columns (params come back from MLflow as strings)."""
     import pandas as pd  # heavy: pandas, loaded where tables are built
