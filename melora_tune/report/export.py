@@ -83,7 +83,7 @@ def export_best(
     method = check_method(method)
     registry = alias is not None or model_version is not None
     if registry and (method is not None or search is not None or budget is not None):
-        raise UsageError("--alias and --model-version name the adapter themselves: leave out --method, --budget and --search")
+        raise UsageError("--alias and --model-version name the adapter themselves: leave out --method and --search (and --budget)")
     if alias is not None and model_version is not None:
         raise UsageError("give --alias or --model-version, not both")
     out = check_out_dir(out, force)

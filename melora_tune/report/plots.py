@@ -269,9 +269,9 @@ def lr_curves(df, path: str | Path, lr_low: float | None = None, lr_high: float 
             idx = levels.index(float(budget)) if levels and budget == budget and budget is not None else 0
             color = cmap(idx / max(1, len(levels) - 1) * 0.85)
             label = f"{int(budget):,} params" if budget is not None and budget == budget else "trials"
-            ax.plot(group["lr"], group["score"], color=color, lw=1, alpha=0.6)
             full = group[group["status"] == "completed"]
             early = group[group["status"] != "completed"]
+            ax.plot(full["lr"], full["score"], color=color, lw=1, alpha=0.6)  # a line only joins full-fidelity scores
             ax.scatter(full["lr"], full["score"], color=color, label=label, zorder=3)
             ax.scatter(early["lr"], early["score"], facecolors="none", edgecolors=color, zorder=3)
         for bound in (lr_low, lr_high):
