@@ -237,3 +237,24 @@ def test_export_budget_naming_no_level_is_refused(store, tmp_path, capsys):
     assert not out.exists() and list(tmp_path.iterdir()) == []
     assert main(["export", "--dataset", DATASET, "--alias", "lora-b512", "--budget", "512", "--out", str(out)]) == 2
     assert "leave out --method and --search (and --budget)" in capsys.readouterr().err
+
+
+def test_confirmation_plan_is_the_top_k_of_each_cell_on_shared_seeds(store):
+    from melora_tune.records import read
+    from melora_tune.search.confirm import plan
+    from melora_tune.search.schema import parse_space
+
+    uri, client, parent, trial_runs, _ = store
+    space = parse_space({
+        "name": "f", "model": "minilm", "task": {"name": "rotten_tomatoes"}, "methods": ["melora", "lora"],
+        "budget": {"max_params": 2048, "min_fraction": 0.25}, "space": {"lr": {"low": 1e-4, "high": 1e-2}},
+        "training": {"epochs": 2, "seed": 10}, "num_samples": 8, "confirm": {"top_k": 1, "seeds": 2},
+    }, source="test")
+    planned = plan(space, read.trials_frame(client, _search(client, parent)))
+    assert [(p.cell, p.confirms, p.seed) for p in planned] == [
+        (cell, trial_runs[key], seed) for cell, key in (("melora@512", "m512"), ("melora@2048", "m2048"),
+                                                        ("lora@512", "l512"), ("lora@2048", "l2048")) for seed in (11, 12)]
+    assert {p.budget for p in planned} == {512, 2048} and planned[0].config_key == "melora n=2 r=2 lr=3.0e-3 @512"
+    assert planned[0].tune_config()["budget"] == 512  # what the confirmation's run records as its cell
+    two = plan(space, read.trials_frame(client, _search(client, parent)), top_k=2)
+    assert sum(p.cell == "melora@2048" for p in two) == 2 * 2  # its stopped-early trial is its second best
