@@ -258,3 +258,13 @@ def test_confirmation_plan_is_the_top_k_of_each_cell_on_shared_seeds(store):
     assert planned[0].tune_config()["budget"] == 512  # what the confirmation's run records as its cell
     two = plan(space, read.trials_frame(client, _search(client, parent)), top_k=2)
     assert sum(p.cell == "melora@2048" for p in two) == 2 * 2  # its stopped-early trial is its second best
+
+
+def test_best_per_method_table_shows_cells_when_there_are_several_levels(store, tmp_path):
+    uri, *_ = store
+    out = tmp_path / "report"
+    assert main(["report", "--dataset", DATASET, "--tracking-uri", uri, "--out", str(out), "--no-log"]) == 0
+    best = md_table_rows(md_section((out / "report.md").read_text(), "Best configuration per method"))
+    # the search's ranking (final validation score), one row per cell
+    assert [(r["method"], r["cell"]) for r in best] == [("lora", "lora@2048"), ("melora", "melora@2048"),
+                                                        ("melora", "melora@512"), ("lora", "lora@512")]

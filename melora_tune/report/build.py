@@ -174,7 +174,7 @@ def build_report(
         (out / name).unlink(missing_ok=True)
 
     ranked = read.rank_trials(trials)
-    best = read.best_per_method(trials)
+    best = read.best_per_cell(trials)  # one level: the best per method
     notes = []
     if info.status == "running":
         notes.append("This search is still running (or was killed without closing its run): the report shows the trials so far.")

@@ -19,7 +19,7 @@ from melora_tune.report.frontier import cell_text
 # The hyperparameter columns are the registered untied ones (adapters.registry.table_hyperparams: n, r, u, m).
 def best_columns() -> list[tuple[str, str]]:
     return [
-        ("method", "method"), ("score", "score"), ("best_score", "best ckpt score"), ("status", "status"),
+        ("method", "method"), ("cell", "cell"), ("score", "score"), ("best_score", "best ckpt score"), ("status", "status"),
         *((k, k) for k in table_hyperparams()), ("lr", "lr"), ("alpha", "alpha"), ("adapter_params", "adapter params"),
         ("equivalent_rank", "equivalent rank"), ("trial_id", "trial id"), ("optuna_trial", "optuna trial"),
         ("run_id", "MLflow run"),
@@ -130,6 +130,8 @@ def columns_for(df, spec: list[tuple[str, str]]) -> list[tuple[str, str]]:
         if col not in df.columns:
             continue
         if col in optional_columns() and df[col].isna().all():
+            continue
+        if col == "cell" and df["cell"].nunique() <= df["method"].nunique():  # one level: the method says it all
             continue
         out.append((col, head))
     return out
