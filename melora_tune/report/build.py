@@ -195,7 +195,7 @@ def build_report(
     on_plot = " Grey horizontal lines: the baselines' validation scores." if lines else ""
     figures = [
         Figure("frontier", "Score vs adapter parameters (budget frontier)",
-               plots.frontier(trials, out / "frontier.png", budget, baselines=lines),
+               plots.frontier(trials, out / "frontier.png", read.levels_of(info) or budget, baselines=lines),
                "One series per method; hollow markers: trials ASHA stopped early (their score is from fewer epochs). "
                "The line is each method's best score at or below that many parameters." + on_plot),
     ]

@@ -66,8 +66,10 @@ def _baseline_lines(ax, baselines: dict[str, float] | None) -> None:
                    label=f"{BASELINE_LABELS.get(name, name)} {float(score):.3f}")
 
 
-def frontier(df, path: str | Path, budget: float | None = None, baselines: dict[str, float] | None = None) -> Path | None:
-    """Score vs trainable adapter parameters, one series per method, with each method's best-so-far frontier."""
+def frontier(df, path: str | Path, budget: float | list[int] | None = None,
+             baselines: dict[str, float] | None = None) -> Path | None:
+    """Score vs trainable adapter parameters, one series per method, with each method's best-so-far frontier;
+    ``budget``: the search's budget, or its levels (a dashed line each)."""
     data = _scored(df).dropna(subset=["adapter_params"])
     if data.empty:
         return None
@@ -77,8 +79,10 @@ def frontier(df, path: str | Path, budget: float | None = None, baselines: dict[
         _series(ax, group, "adapter_params", method)
         best = group.groupby("adapter_params")["score"].max().sort_index()
         ax.step(best.index.astype(float), best.cummax().values, where="post", color=_style(method)[0], alpha=0.5, lw=1.2)
-    if budget:
-        ax.axvline(float(budget), color="grey", ls="--", lw=1, label=f"budget {int(budget):,}")
+    levels = budget if isinstance(budget, (list, tuple)) else [budget] if budget else []
+    for i, level in enumerate(levels):  # several levels (cells): one line each, one legend entry
+        ax.axvline(float(level), color="grey", ls="--", lw=1,
+                   label=(f"budget {int(level):,}" if len(levels) == 1 else "budget levels") if i == 0 else None)
     _baseline_lines(ax, baselines)
     ax.set_xlabel("trainable adapter parameters")
     ax.set_ylabel("score")
