@@ -82,8 +82,8 @@ TRIAL_COLS = ("method", "r", "n", "lr", "score", "status", "epochs", "adapter_pa
 CONFIRM_COLS = ("method", "config", "seed", "status", "val_score", "test_score")
 
 
-def space_data(model: Path, folder: Path, num_samples: int = 3, methods=("lora", "melora"), epochs: int = 2,
-               samples: int = 128, points: list[dict] | None = None) -> dict:
+def space_data(model: Path, folder: Path, num_samples: int = 4, methods=("lora", "melora"), epochs: int = 2,
+               samples: int = 128, points: list[dict] | None = None, budget: dict | None = None) -> dict:
     if points is None:  # the last trial is sampled (TPE's random start-up)
         points = [{"method": "lora", "r": 2, "lr": 1e-2}, {"method": "melora", "n": 4, "r": 1, "lr": 1e-2}][: num_samples - 1]
     return {
@@ -91,7 +91,7 @@ def space_data(model: Path, folder: Path, num_samples: int = 3, methods=("lora",
         "model": str(model),
         "task": {"name": "rotten_tomatoes", "max_train_samples": samples, "max_eval_samples": 64},
         "adapter": {"target_modules": ["query", "value"], "modules_to_save": ["classifier"], "alpha": 16},
-        "budget": {"max_params": 512, "min_fraction": 0.5},
+        "budget": budget or {"max_params": 512, "min_fraction": 0.5},
         "methods": list(methods),
         "space": {"lr": {"low": 1e-4, "high": 3e-2}, "r": [1, 2], **({"n": [2, 4]} if "melora" in methods else {})},
         "training": {"epochs": epochs, "micro_batch_size": 32, "max_length": 32, "zero_stage": 0},
@@ -163,9 +163,10 @@ def deterministic(folder: Path) -> dict:
 
 def check(folder: Path, num_samples: int, reference: dict | None) -> list[str]:
     """The failed checks (empty: all passed)."""
-    import optuna
     from mlflow import MlflowClient
     from optuna.trial import TrialState
+
+    from melora_tune.search.cells import cell_studies
 
     failed = []
     meta = json.loads((folder / "runs" / "drill" / "melora_search.json").read_text())
@@ -177,9 +178,16 @@ def check(folder: Path, num_samples: int, reference: dict | None) -> list[str]:
                            max_results=1000)
     confirms = [r for r in runs if r.data.tags.get("melora.kind") == "confirmation"]
     trials = [r for r in runs if r.data.tags.get("melora.kind") != "confirmation"]
-    numbers = sorted(int(r.data.tags.get("melora.optuna_trial", -1)) for r in trials)
-    if len(trials) != num_samples or len(set(numbers)) != len(numbers):
-        failed.append(f"mlflow trial runs {len(trials)} (optuna numbers {numbers}), want {num_samples}")
+    # Optuna numbers its trials per study, and a search has one study per cell
+    numbers = {}
+    for r in trials:
+        numbers.setdefault(r.data.tags.get("melora.cell"), []).append(int(r.data.tags.get("melora.optuna_trial", -1)))
+    numbers = {cell: sorted(v) for cell, v in numbers.items()}
+    if len(trials) != num_samples or any(len(set(v)) != len(v) for v in numbers.values()):
+        failed.append(f"mlflow trial runs {len(trials)} (optuna numbers per cell {numbers}), want {num_samples}")
+    shares = {cell: len(v) for cell, v in numbers.items()}
+    if len(set(shares.values())) > 1:
+        failed.append(f"unequal shares after the kill: {shares}")
     if any(r.info.status != "FINISHED" for r in trials):
         failed.append("mlflow trial runs not FINISHED: " + ",".join(r.info.status for r in trials))
     keys = [(r.data.tags.get("melora.confirms"), r.data.tags.get("melora.seed")) for r in confirms]
@@ -190,15 +198,18 @@ def check(folder: Path, num_samples: int, reference: dict | None) -> list[str]:
         failed.append("confirmation runs: " + ",".join(f"{r.info.status}/{r.data.tags.get('melora.status')}" for r in confirms))
     if any(not r.data.params.get("lr") for r in runs):
         failed.append("a run without params")
-    study = optuna.load_study(study_name=meta["study_name"], storage=meta["optuna_storage"])
-    states = [t.state.name for t in study.trials]
-    if len(study.trials) != num_samples or any(s in ("RUNNING", "WAITING") for s in states):
-        failed.append(f"optuna trials {len(study.trials)} {states}, want {num_samples} ended")
-    if sorted(t.number for t in study.trials) != numbers:
-        failed.append(f"optuna numbers {[t.number for t in study.trials]} != mlflow {numbers}")
-    unfinished = [t.number for t in study.trials if t.state not in (TrialState.COMPLETE, TrialState.PRUNED)]
-    if unfinished:
-        failed.append(f"optuna trials not COMPLETE/PRUNED: {unfinished}")
+    studies = cell_studies(meta["study_name"], meta["optuna_storage"])
+    if set(studies) != set(numbers):
+        failed.append(f"optuna studies {sorted(studies)} != mlflow cells {sorted(numbers)}")
+    for cell, study in studies.items():
+        states = [t.state.name for t in study.trials]
+        if len(study.trials) != shares.get(cell) or any(s in ("RUNNING", "WAITING") for s in states):
+            failed.append(f"{cell}: optuna trials {len(study.trials)} {states}, want {shares.get(cell)} ended")
+        if sorted(t.number for t in study.trials) != numbers.get(cell):
+            failed.append(f"{cell}: optuna numbers {[t.number for t in study.trials]} != mlflow {numbers.get(cell)}")
+        unfinished = [t.number for t in study.trials if t.state not in (TrialState.COMPLETE, TrialState.PRUNED)]
+        if unfinished:
+            failed.append(f"{cell}: optuna trials not COMPLETE/PRUNED: {unfinished}")
     if reference is not None:
         got = deterministic(folder)
         for key in ("trials", "confirmations"):
@@ -263,7 +274,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--points", default=None, help="comma-separated point names (default: all)")
     ap.add_argument("--keep", default=None, help="work folder to keep (default: a temporary one, removed)")
-    ap.add_argument("--num-samples", type=int, default=3)
+    ap.add_argument("--num-samples", type=int, default=4)  # 2 per cell (lora, melora)
     args = ap.parse_args(argv)
     from helpers import save_tiny_classifier
 

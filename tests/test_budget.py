@@ -17,12 +17,13 @@ SHAPES = [LinearShape("a", 12, 12), LinearShape("b", 12, 6)]
 
 
 def brute_force(method, budget, min_fraction=0.0, m_choices=(1, 2, 4), u_choices=None):
-    """Construct the real layers for every tuple in a box larger than anything feasible."""
+    """Construct the real layers for every tuple in a box larger than anything feasible. By default a method's
+    cell holds only that method: MELoRA n=1 and PRoLoRA u=r (nothing shared) are LoRA, so they are left out."""
     found = set()
-    ns = range(1, 13) if method == "melora" else [1]
+    ns = range(2, 13) if method == "melora" else [1]
     ms = m_choices if method == "prolora" else [1]
     for n, r in itertools.product(ns, range(1, 13)):
-        for u in (range(0, r + 1) if u_choices is None else u_choices) if method == "prolora" else [0]:
+        for u in (range(0, r) if u_choices is None else u_choices) if method == "prolora" else [0]:
             for m in ms:
                 try:
                     cfg = AdapterConfig(method=method, n=n, r=r, u=u, m=m)
@@ -48,7 +49,8 @@ def test_enumerator_equals_brute_force(method, budget, min_fraction):
 
 def test_melora_respects_divisibility_and_per_mini_rank():
     got = enumerate_feasible(SHAPES, "melora", 10_000)
-    assert {c.n for c in got} == {1, 2, 3, 6}  # common divisors of 12 and 6
+    assert {c.n for c in got} == {2, 3, 6}  # common divisors of 12 and 6 but 1 (LoRA itself)
+    assert {c.n for c in enumerate_feasible(SHAPES, "melora", 10_000, n=[1, 2])} == {1, 2}  # listed: kept
     assert all(c.r <= 6 // c.n for c in got)
     assert all(c.equivalent_rank == c.n * c.r <= 6 for c in got)
 

@@ -34,7 +34,7 @@ def test_budget_lists_feasible_configs(tmp_path):
     assert {r["method"] for r in rows} == {"melora", "lora"}
     # q_proj 64->64 and v_proj 64->32 on 2 layers: r (64+64 + 64+32) * 2 = 448 r
     assert {(r["method"], r["r"]) for r in rows} == {("lora", 2)} | {("melora", 2)}
-    assert {r["n"] for r in rows if r["method"] == "melora"} == {1, 2, 4, 8, 16}
+    assert {r["n"] for r in rows if r["method"] == "melora"} == {2, 4, 8, 16}  # n=1 (LoRA itself) only when listed
 
 
 def test_readable_table_without_json():

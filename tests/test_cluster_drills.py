@@ -268,6 +268,8 @@ def assert_one_record_per_trial(d: dict, name: str, n: int) -> None:
     import optuna
     from mlflow.tracking import MlflowClient
 
+    from melora_tune.search.cells import cell_studies
+
     meta = json.loads((d["root"] / "runs" / name / "melora_search.json").read_text())
     client = MlflowClient(tracking_uri=d["state"]["tracking_uri"])
     children = client.search_runs(
@@ -275,7 +277,9 @@ def assert_one_record_per_trial(d: dict, name: str, n: int) -> None:
     )
     assert len(children) == n, [r.info.run_name for r in children]
     assert all(r.info.status == "FINISHED" for r in children), [r.info.status for r in children]
-    study = optuna.load_study(study_name=meta["study_name"], storage=meta["optuna_storage"])
+    studies = cell_studies(meta["study_name"], meta["optuna_storage"])
+    assert list(studies) == ["lora@512"]  # one method, one level: one cell, one study
+    study = studies["lora@512"]
     assert len(study.trials) == n, [(t.number, t.params, t.state) for t in study.trials]
     assert len({tuple(sorted(t.params.items())) for t in study.trials}) == n
     assert all(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials), [t.state for t in study.trials]

@@ -70,11 +70,11 @@ def mlflow_children(tracking_uri: str, parent: str):
 
 
 def test_search_end_to_end(tiny_model, tmp_path):
-    import optuna
     import ray
     from optuna.trial import TrialState
 
     from melora_tune.search import run_search
+    from melora_tune.search.cells import cell_studies
 
     if ray.is_initialized():
         ray.shutdown()
@@ -102,12 +102,12 @@ def test_search_end_to_end(tiny_model, tmp_path):
     assert set(result.best) == {"melora", "lora"} and all(b.checkpoint for b in result.best.values())
 
     # Optuna: one trial per Ray trial; stopped -> PRUNED with intermediate values, full fidelity -> COMPLETE
-    study = optuna.load_study(study_name=result.study_name, storage=result.optuna_storage)
-    assert len(study.trials) == 6
-    states = {t.number: t.state for t in study.trials}
+    studies = cell_studies(result.study_name, result.optuna_storage)  # one per cell: melora@512, lora@512
+    assert {cell: len(s.trials) for cell, s in studies.items()} == {"melora@512": 3, "lora@512": 3}
     for row in result.trials:
+        states = {t.number: t.state for t in studies[row.cell].trials}
         assert states[row.optuna_trial] == (TrialState.COMPLETE if row.status == "completed" else TrialState.PRUNED)
-    for t in study.trials:
+    for t in (t for s in studies.values() for t in s.trials):
         assert t.constraints["budget"] <= 0 and 256 <= t.user_attrs["adapter_params"] <= 512
         assert t.intermediate_values  # every evaluation was reported
     assert Path(result.optuna_storage.removeprefix("sqlite:///")) == tmp_path / "runs" / "optuna.db"
@@ -116,9 +116,9 @@ def test_search_end_to_end(tiny_model, tmp_path):
     client, exp, runs = mlflow_children(result.tracking_uri, result.parent_run_id)
     assert len(runs) == 6
     assert len({r.data.tags["melora.trial_id"] for r in runs}) == 6
-    by_trial = {int(r.data.tags["melora.optuna_trial"]): r for r in runs}
+    by_trial = {(r.data.tags["melora.cell"], int(r.data.tags["melora.optuna_trial"])): r for r in runs}
     for row in result.trials:
-        run = by_trial[row.optuna_trial]
+        run = by_trial[(row.cell, row.optuna_trial)]
         p = run.data.params
         assert p["method"] == row.method and int(p["r"]) == row.r and float(p["lr"]) == pytest.approx(row.lr, rel=1e-5)
         assert int(p["adapter_params"]) == row.adapter_params and int(p["budget"]) == 512
@@ -154,8 +154,9 @@ def _wait_for(predicate, timeout: float, what: str, proc=None):
 
 
 def test_killed_search_resumes_without_duplicates(tiny_model, tmp_path):
-    import optuna
     from optuna.trial import TrialState
+
+    from melora_tune.search.cells import cell_studies
 
     data = space(tiny_model, tmp_path, num_samples=4, points_to_evaluate=[], training={
         "epochs": 2, "micro_batch_size": 32, "max_length": 32, "zero_stage": 2})
@@ -190,14 +191,17 @@ def test_killed_search_resumes_without_duplicates(tiny_model, tmp_path):
     assert result["status"] == "finished" and len(result["trials"]) == 4
     assert all(t["status"] in ("completed", "stopped_early") for t in result["trials"])
 
-    study = optuna.load_study(study_name="resumable", storage=result["optuna_storage"])
-    assert len(study.trials) == 4  # no orphaned or duplicated Optuna trials
-    assert all(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in study.trials)
-    assert sorted(t["optuna_trial"] for t in result["trials"]) == [0, 1, 2, 3]
+    studies = cell_studies("resumable", result["optuna_storage"])
+    # no orphaned or duplicated Optuna trials, and each cell kept its share across the kill
+    assert {cell: len(s.trials) for cell, s in studies.items()} == {"melora@512": 2, "lora@512": 2}
+    assert all(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for s in studies.values() for t in s.trials)
+    assert sorted((t["cell"], t["optuna_trial"]) for t in result["trials"]) == [
+        ("lora@512", 0), ("lora@512", 1), ("melora@512", 0), ("melora@512", 1)]
 
     _, _, runs = mlflow_children(result["tracking_uri"], result["parent_run_id"])
     assert len(runs) == 4  # one child run per trial, reused across the kill
-    assert sorted(int(r.data.tags["melora.optuna_trial"]) for r in runs) == [0, 1, 2, 3]
+    assert sorted((r.data.tags["melora.cell"], int(r.data.tags["melora.optuna_trial"])) for r in runs) == [
+        ("lora@512", 0), ("lora@512", 1), ("melora@512", 0), ("melora@512", 1)]
     assert all(r.info.status == "FINISHED" for r in runs)
 
 

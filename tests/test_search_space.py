@@ -191,7 +191,8 @@ def test_glue_spaces_validate_offline(path):
     from melora_tune.search.experiment import dry_run
 
     spec = ModelSpec.from_config(RobertaConfig(max_position_embeddings=514, type_vocab_size=1), task="seq_cls", name="roberta-base")
-    space, feasible = dry_run(path, spec=spec)
+    prep = dry_run(path, spec=spec)
+    space, feasible = prep.space, prep.feasible
     assert space.model == "roberta-base" and space.adapter.alpha == 16 and space.adapter.dropout == 0.05
     assert feasible.target_modules == ["query", "value"] and space.resources.gpus_per_worker == 1
     assert feasible.size("lora") == 2 and feasible.size("melora") >= 8
@@ -466,7 +467,7 @@ SAMPLER_BAD = [
     ({"space.lr": DELETE, "space.lr_choices": [1e-3], "sampler": "grid", "record_test": True},
      "record_test scores the test split at every evaluation"),  # ASHA still on
     ({"space.lr": DELETE, "space.lr_choices": [1e-3], "sampler": "grid", "num_samples": 20},
-     "num_samples=20 exceeds the grid's 8 points (sampler grid runs each once): leave num_samples out"),
+     "cell melora@768 gets 10 trials but its grid has 6 points (sampler grid runs each once)"),
     ({"training.test_every_eval": True}, "a search's trials never see the test split"),
 ]
 
@@ -500,7 +501,7 @@ def test_grid_covers_the_feasible_space_exactly_once_with_concurrent_trials(tmp_
 
     space, fs = grid_space(tiny_model_dir, space={"seeds": [0, 3]})
     assert fs.grid_size() == len(fs.reachable()) * 2 * 2 == 32
-    assert dry_run(space)[0].num_samples == 32  # num_samples defaults to the grid's size
+    assert dry_run(space).space.num_samples == 32  # num_samples defaults to the grid's size
     s = BudgetOptunaSearch(fs, storage=f"sqlite:///{tmp_path}/optuna.db", study_name="g", seed=0, max_t=2, sampler="grid")
     seen, running = [], []
     for i in range(32):  # Ray asks while earlier trials still run: running trials count as taken

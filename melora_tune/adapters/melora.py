@@ -90,7 +90,8 @@ class MELoRA(Method):
     hyperparams = ("n", "r")
     declares = (
         HyperParam("n", "MELoRA: number of mini-LoRAs", 1, title="MELoRA n (number of minis)",
-                   choices=lambda shapes, chosen: common_divisors(shapes),
+                   # n=1 is LoRA itself: a MELoRA cell holds MELoRA only unless space.n lists 1
+                   choices=lambda shapes, chosen: [d for d in common_divisors(shapes) if d > 1],
                    column="MELoRA mini-LoRAs (1 for other methods)"),
     )
     layer = MELoRALinear

@@ -113,10 +113,11 @@ class PRoLoRA(Method):
     hyperparams = ("r", "u", "m", "m_b")
     declares = (
         HyperParam("u", "PRoLoRA: unshared ranks", 0, at_most="r", default=0, title="PRoLoRA unshared ranks u",
-                   choices=lambda shapes, chosen: range(0, chosen["r"] + 1),
+                   # u=r leaves nothing shared (LoRA): a PRoLoRA cell holds PRoLoRA only unless space.u lists it
+                   choices=lambda shapes, chosen: range(0, chosen["r"]),
                    column="PRoLoRA unshared ranks (0 for other methods)"),
         HyperParam("m", "PRoLoRA: sharing rate of A", 1, title="PRoLoRA sharing rate m",
-                   choices=lambda shapes, chosen: DEFAULT_SHARING_RATES,
+                   choices=lambda shapes, chosen: DEFAULT_SHARING_RATES[1:],  # m=1 shares nothing: LoRA
                    column="PRoLoRA sharing rate of A (1 for other methods)"),
         HyperParam("m_b", "PRoLoRA: sharing rate of B (default: tied to m)", 1, tied_to="m", default=None,
                    title="PRoLoRA sharing rate m_b", choices=lambda shapes, chosen: DEFAULT_SHARING_RATES,

@@ -55,6 +55,7 @@ STATUS_TAG = "melora.status"
 SEARCH_TAG = "melora.search"
 TRIAL_TAG = "melora.trial_id"
 OPTUNA_TAG = "melora.optuna_trial"
+CELL_TAG = "melora.cell"  # a trial's cell: <method>@<budget level> (its Optuna study; optuna_trial counts per cell)
 REASON_TAG = "melora.reason"
 CHECKPOINT_TAG = "melora.best_checkpoint"
 CONFIRM_KIND = "confirmation"

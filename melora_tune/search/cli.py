@@ -17,6 +17,7 @@ import json
 import os
 import sys
 
+from melora_tune.search.cells import cell_label, cell_lines, effort_warnings
 from melora_tune.search.samplers import all_samplers, get_sampler
 from melora_tune.search.schedulers import all_schedulers, get_scheduler
 
@@ -95,19 +96,35 @@ def search_command(args) -> int:
 def _dry_run(args) -> int:
     from melora_tune.search.experiment import dry_run  # heavy (torch, transformers): not for --help
 
-    space, feasible = dry_run(args.space, num_samples=args.num_samples, storage_path=args.storage_path,
-                              tracking_uri=args.tracking_uri, name=args.name, resume=args.resume, address=args.address)
+    prep = dry_run(args.space, num_samples=args.num_samples, storage_path=args.storage_path,
+                   tracking_uri=args.tracking_uri, name=args.name, resume=args.resume, address=args.address)
+    space, feasible, shares = prep.space, prep.feasible, prep.shares
     total = sum(feasible.size(m) for m in feasible.methods)
     scheduler = get_scheduler(space.scheduler_name)
     asha = scheduler.phrase(space.asha, space.max_t)
     res = space.resources
+    levels = space.budget.level_list
     print(f"{space.name}: {space.model} on {space.task.name}, {feasible.shapes_summary}")
-    print(f"budget {space.budget.max_params:,} adapter params (min fraction {space.budget.min_fraction:g}): {total} feasible configurations")
+    if len(levels) == 1:
+        print(f"budget {levels[0]:,} adapter params (min fraction {space.budget.fraction:g}): {total} feasible configurations")
+    else:
+        floor = (f"min fraction {space.budget.min_fraction:g} of each" if space.budget.min_fraction is not None
+                 else "each level's configurations use more than the level below")
+        print(f"budget levels {' / '.join(f'{v:,}' for v in levels)} adapter params ({floor}): "
+              f"{len(feasible.cells)} cells")
     for line in feasible.summary_lines():
         print(line)
+    print("cells (method@budget level), tuned alike: each its own Optuna study, its share of the trials, "
+          "early stopping among its own trials")
+    for line in cell_lines(feasible, shares):
+        print(line)
+    for line in effort_warnings(space, feasible):
+        print(f"warning: {line}")
     sampler = get_sampler(space.sampler).phrase(feasible)
     policy = ", stopped trials told as COMPLETE (stock)" if space.tell_policy == "stock" and scheduler.stops_early else ""
-    print(f"{space.num_samples} trials by {sampler}, at most {space.max_concurrent_trials} at once, {asha}{policy}"
+    share = set(shares.values())
+    each = f" ({share.pop()} per cell)" if len(share) == 1 else ""
+    print(f"{space.num_samples} trials{each} by {sampler}, at most {space.max_concurrent_trials} at once, {asha}{policy}"
           + ("; test scored at every evaluation (record_test)" if space.record_test else ""))
     where = "trained in the Tune trial process" if res.num_workers == 1 else f"{res.num_workers} Ray Train workers"
     print(f"each trial: {where}, {res.cpus_per_worker:g} CPU" + (" each" if res.num_workers > 1 else "")
@@ -118,6 +135,8 @@ def _dry_run(args) -> int:
             print(line)
     if args.json:
         out = {m: [c.to_dict() for c in feasible.candidates[m]] for m in feasible.methods}
+        out["cells"] = {label: {"trials": n} for label, n in shares.items()}  # beside the methods' candidate lists
+        out["infeasible_cells"] = {cell_label(m, v): why for (m, v), why in feasible.infeasible.items()}
         if feasible.memory is not None:
             out["memory"] = feasible.memory.to_dict()  # beside the methods' candidate lists
         print(json.dumps(out))

@@ -27,6 +27,7 @@ from melora_tune.errors import UsageError
 from melora_tune.records import META_NAME
 from melora_tune.records.store import absolute_sqlite
 from melora_tune.search.preflight import check_start
+from melora_tune.search.cells import cell_label, split_shares
 from melora_tune.search.samplers import get_sampler
 from melora_tune.search.schema import DEFAULT_STORAGE_PATH, DEFAULT_TRACKING_URI, SearchSpace, load_space, parse_space
 from melora_tune.search.memcheck import search_memory
@@ -59,19 +60,34 @@ def with_num_samples(space: SearchSpace, num_samples: int | None) -> SearchSpace
     return space.model_copy(update={"num_samples": num_samples})
 
 
-def with_grid_size(space: SearchSpace, feasible: FeasibleSpace) -> SearchSpace:
-    """A grid's num_samples: the grid's size unless given (fewer runs part of it; more cannot be distinct)."""
-    if not get_sampler(space.sampler).enumerates:
-        return space
-    size = feasible.grid_size()
-    if "num_samples" not in space.model_fields_set:
-        return space.model_copy(update={"num_samples": size})
-    if space.num_samples > size:
-        raise UsageError(
-            f"num_samples={space.num_samples} exceeds the grid's {size} points (sampler {space.sampler} runs each once): "
-            f"leave num_samples out to run the whole grid"
-        )
-    return space
+def with_shares(space: SearchSpace, feasible: FeasibleSpace) -> tuple[SearchSpace, dict[str, int]]:
+    """Every cell's share of the trials (equal), and the space with num_samples = their sum.
+
+    ``trials_per_cell`` gives the share; otherwise ``num_samples`` is split evenly (refused when it does not
+    divide). A grid (an enumerating sampler) runs each cell's whole grid unless a share is given; a share
+    larger than a cell's grid is refused (a grid point runs once).
+    """
+    labels = {cell_label(m, level): cell for (m, level), cell in feasible.cells.items()}
+    given = "num_samples" in space.model_fields_set
+    tpc = space.trials_per_cell
+    if tpc is not None and given and space.num_samples != tpc * len(labels):
+        raise UsageError(f"num_samples={space.num_samples} and trials_per_cell={tpc} disagree: {len(labels)} cells x "
+                         f"{tpc} = {tpc * len(labels)} trials; give one of them")
+    if get_sampler(space.sampler).enumerates and tpc is None and (not given or space.num_samples == feasible.grid_size()):
+        shares = {label: cell.grid_size() for label, cell in labels.items()}
+    else:
+        try:
+            shares = split_shares(space.num_samples, list(labels), tpc)
+        except ValueError as err:
+            raise UsageError(str(err)) from None
+        if get_sampler(space.sampler).enumerates:
+            for label, cell in labels.items():
+                if shares[label] > cell.grid_size():
+                    raise UsageError(
+                        f"cell {label} gets {shares[label]} trials but its grid has {cell.grid_size()} points (sampler "
+                        f"{space.sampler} runs each once): lower trials_per_cell/num_samples, or leave both out to run "
+                        "every cell's whole grid")
+    return space.model_copy(update={"num_samples": sum(shares.values())}), shares
 
 
 def is_remote(path: str) -> bool:
@@ -206,6 +222,7 @@ class PreparedSearch:
     feasible: FeasibleSpace
     base_trial: dict[str, Any]
     plan: StartPlan
+    shares: dict[str, int]  # cell label (method@level) -> its trials
 
 
 def prepare_search(space: SearchSpace | dict | str | os.PathLike, *, spec=None, num_samples: int | None = None,
@@ -218,16 +235,15 @@ def prepare_search(space: SearchSpace | dict | str | os.PathLike, *, spec=None, 
     space, text, filename = resolve_space(space)
     space = with_num_samples(space, num_samples)
     feasible = build_space(space, spec=spec)
-    space = with_grid_size(space, feasible)
+    space, shares = with_shares(space, feasible)
     base_cfg = space.base_trial(feasible.target_modules, feasible.modules_to_save)
     feasible.memory = search_memory(space, feasible, base_cfg)  # a trial that cannot fit its GPU is refused here
     base_trial = base_cfg.to_dict()  # Tune's param_space: plain JSON
     plan = plan_start(space, storage_path=storage_path, name=name, resume=resume, tracking_uri=tracking_uri, address=address)
-    return PreparedSearch(space, text, filename, feasible, base_trial, plan)
+    return PreparedSearch(space, text, filename, feasible, base_trial, plan, shares)
 
 
-def dry_run(space: SearchSpace | dict | str | os.PathLike, **kwargs) -> tuple[SearchSpace, FeasibleSpace]:
+def dry_run(space: SearchSpace | dict | str | os.PathLike, **kwargs) -> PreparedSearch:
     """``search --dry-run``: the checks of a real start (``prepare_search``), nothing started or written;
-    ``feasible.memory`` holds the memory estimates."""
-    prep = prepare_search(space, **kwargs)
-    return prep.space, prep.feasible
+    ``feasible.memory`` holds the memory estimates, ``shares`` each cell's trials."""
+    return prepare_search(space, **kwargs)

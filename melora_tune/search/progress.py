@@ -142,6 +142,8 @@ class TrialRow:
     optuna_trial: int | None = None
     checkpoint: str | None = None
     best: bool = False
+    budget: int | None = None  # the trial's budget level (its cell is method@budget)
+    cell: str | None = None
 
     def __getattr__(self, name: str) -> Any:
         if name in HYPERPARAMS:
@@ -168,13 +170,16 @@ class TrialRow:
 def summary_table(rows: list[TrialRow]) -> str:
     """One line per trial; the best trial of each method is marked with '*'."""
     groups = column_groups()  # n, r, u/m: hyperparameters the same methods use share a column
-    header = ["", "trial", "method", *("/".join(g) for g in groups), "lr", "params", "eq.rank", "epochs", "score", "status"]
+    levels = len({r.budget for r in rows}) > 1  # several budget levels: a budget column, rows by level
+    header = ["", "trial", *(["budget"] if levels else []), "method", *("/".join(g) for g in groups), "lr", "params",
+              "eq.rank", "epochs", "score", "status"]
     cells = []
-    for row in sorted(rows, key=lambda r: (r.method, -(r.score if r.score is not None else -math.inf))):
+    for row in sorted(rows, key=lambda r: (r.budget or 0, r.method, -(r.score if r.score is not None else -math.inf))):
         uses = set(get_method(row.method).hyperparams)
         cells.append([
             "*" if row.best else "",
             str(row.optuna_trial if row.optuna_trial is not None else row.trial_id),
+            *([f"{row.budget:,}" if row.budget else ""] if levels else []),
             row.method,
             *("/".join(str(row.hyperparams.get(k)) for k in g) if set(g) <= uses else "" for g in groups),
             format_lr(row.lr),
@@ -185,7 +190,8 @@ def summary_table(rows: list[TrialRow]) -> str:
             row.status.replace("_", " "),
         ])
     widths = [max(len(h), *(len(c[i]) for c in cells)) if cells else len(h) for i, h in enumerate(header)]
-    line = lambda vals: "  ".join(v.ljust(w) if i in (0, 2, len(header) - 1) else v.rjust(w) for i, (v, w) in enumerate(zip(vals, widths))).rstrip()  # noqa: E731
+    left = (0, header.index("method"), len(header) - 1)
+    line = lambda vals: "  ".join(v.ljust(w) if i in left else v.rjust(w) for i, (v, w) in enumerate(zip(vals, widths))).rstrip()  # noqa: E731
     out = [line(header), line(["-" * w for w in widths]), *(line(c) for c in cells)]
-    out.append("* best of its method (full-fidelity trials first)")
+    out.append("* best of its cell: method" + (" x budget level" if levels else "") + " (full-fidelity trials first)")
     return "\n".join(out)

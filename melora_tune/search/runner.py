@@ -21,6 +21,8 @@ from melora_tune.data import TaskSpec, load_task
 from melora_tune.records import META_NAME, SCORED, SEARCH_SPLITS, rank_key
 from melora_tune.records.inputs import task_inputs
 from melora_tune.search import tracking as trk
+from melora_tune.search.cell_search import CellScheduler, CellSearcher
+from melora_tune.search.cells import RUNGS_NAME, cell_label, cell_study_name
 from melora_tune.search.confirm import run_confirm
 from melora_tune.search.experiment import comparable, has_snapshot, is_remote, prepare_search, write_meta
 from melora_tune.search.progress import ProgressCallback, TrialRow, summary_table
@@ -49,7 +51,7 @@ class SearchResult:
     name: str
     status: str  # finished | interrupted | failed
     trials: list  # TrialRow
-    best: dict[str, Any]  # method -> TrialRow (full-fidelity trials first)
+    best: dict[str, Any]  # cell (method@level; the method alone with one level) -> TrialRow, full fidelity first
     parent_run_id: str
     experiment_path: str
     study_name: str
@@ -95,8 +97,8 @@ def search_params(space: SearchSpace, feasible: FeasibleSpace, num_samples: int,
         "model": space.model,
         "task": space.task.name,
         "methods": space.methods,
-        "budget": space.budget.max_params,
-        "min_fraction": space.budget.min_fraction,
+        "budget": space.budget.top,
+        "min_fraction": space.budget.fraction,
         "num_samples": num_samples,
         "max_concurrent_trials": space.max_concurrent_trials,
         "seed": space.seed,
@@ -129,6 +131,12 @@ def search_params(space: SearchSpace, feasible: FeasibleSpace, num_samples: int,
         out["scheduler"] = space.scheduler  # only when the space names another: older records stay as they were
     for method in feasible.methods:
         out[f"feasible_{method}"] = feasible.size(method)
+    out["budget_levels"] = ",".join(str(v) for v in space.budget.level_list)
+    out["cells"] = ",".join(cell_label(m, v) for m, v in feasible.cells)
+    out["trials_per_cell"] = space.trials_per_cell if space.trials_per_cell is not None else (
+        num_samples // len(feasible.cells) if num_samples % len(feasible.cells) == 0 else "grid")
+    if feasible.infeasible:
+        out["infeasible_cells"] = "; ".join(f"{cell_label(m, v)}: {why}" for (m, v), why in feasible.infeasible.items())
     return out
 
 
@@ -156,6 +164,7 @@ def run_search(
                           tracking_uri=tracking_uri, name=name, resume=resume, address=address)
     space, text, filename, feasible, base_trial, plan = (prep.space, prep.text, prep.filename, prep.feasible,
                                                           prep.base_trial, prep.plan)
+    shares = prep.shares
     storage, exp_name, exp_dir, meta = plan.storage, plan.exp_name, plan.exp_dir, plan.meta
     tracking, optuna_storage, study_name = plan.tracking, plan.optuna_storage, plan.study_name
     # Ray Tune: our progress lines instead of its tables; forced snapshots after checkpoints are wanted
@@ -189,8 +198,8 @@ def run_search(
         write_meta(exp_dir, meta)
         # killed before Tune's first snapshot: nothing to restore, a fresh Tune run reuses the study and the parent run
         restore = resume and (exp_dir is None or has_snapshot(exp_dir))
-        tuner = _build_tuner(space, feasible, base_trial, storage, exp_name, optuna_storage, study_name, tracking,
-                             experiment_id, parent, restore, write)
+        tuner = _build_tuner(space, feasible, shares, base_trial, storage, exp_name, optuna_storage, study_name,
+                             tracking, experiment_id, parent, restore, write)
         fitting = True
         drill.point("search.before_fit")
         grid = tuner.fit()
@@ -232,8 +241,8 @@ def run_search(
             ray.shutdown()
 
 
-def _build_tuner(space, feasible, base_trial, storage, exp_name, optuna_storage, study_name, tracking, experiment_id,
-                 parent, resume, write):
+def _build_tuner(space, feasible, shares, base_trial, storage, exp_name, optuna_storage, study_name, tracking,
+                 experiment_id, parent, resume, write):
     trainable = tune.with_resources(search_trial, trial_resources(space))
     # the splits a trial trains and is scored on, as MLflow dataset inputs: read once here, not once per trial
     inputs = task_inputs(lambda: load_task(TaskSpec(**space.task.model_dump())), SEARCH_SPLITS)
@@ -253,20 +262,26 @@ def _build_tuner(space, feasible, base_trial, storage, exp_name, optuna_storage,
             internal._run_config.callbacks = callbacks
             internal._run_config.verbose = 0
         return tuner
-    searcher = BudgetOptunaSearch(
-        feasible,
-        storage=optuna_storage,
-        study_name=study_name,
-        seed=space.seed,
-        n_startup_trials=space.startup_trials(),
-        max_t=space.max_t,
-        time_attr=space.asha.time_attr,
-        metric=METRIC,
-        mode=MODE,
-        points_to_evaluate=feasible.points,
-        sampler=space.sampler,
-        tell_policy=space.tell_policy,
-    )
+    searchers = {
+        cell_label(method, level): BudgetOptunaSearch(
+            cell,
+            storage=optuna_storage,
+            study_name=cell_study_name(study_name, method, level),
+            seed=space.seed,
+            n_startup_trials=space.startup_trials(shares[cell_label(method, level)]),
+            max_t=space.max_t,
+            time_attr=space.asha.time_attr,
+            metric=METRIC,
+            mode=MODE,
+            points_to_evaluate=cell.points,
+            sampler=space.sampler,
+            tell_policy=space.tell_policy,
+        )
+        for (method, level), cell in feasible.cells.items()
+    }
+    searcher = CellSearcher(searchers, shares, metric=METRIC, mode=MODE)
+    rungs = None if is_remote(exp_path) else Path(exp_path) / RUNGS_NAME
+    scheduler = CellScheduler(lambda: make_scheduler(space), list(searchers), rungs_path=rungs)
     return tune.Tuner(
         trainable,
         param_space={TRIAL_KEY: base_trial},
@@ -274,7 +289,7 @@ def _build_tuner(space, feasible, base_trial, storage, exp_name, optuna_storage,
             metric=METRIC,
             mode=MODE,
             search_alg=searcher,
-            scheduler=make_scheduler(space),
+            scheduler=scheduler,
             num_samples=space.num_samples,
             max_concurrent_trials=space.max_concurrent_trials,
             trial_dirname_creator=trial_dirname,
@@ -327,14 +342,19 @@ def collect(grid, space, feasible, exp_name, storage, parent, study_name, optuna
             epochs=last.get("epoch"),
             optuna_trial=cfg.get("optuna_trial"),
             checkpoint=str(adapter) if adapter is not None else None,
+            budget=int(cfg["budget"]) if cfg.get("budget") is not None else None,
+            cell=cfg.get("cell"),
         ))
+    # the best per cell; a search with one budget level keys them by method, as before levels
+    single = len(space.budget.level_list) == 1
     best: dict[str, TrialRow] = {}
     for row in rows:
         if row.score is None or row.status not in SCORED:
             continue
-        cur = best.get(row.method)
+        key = row.method if single else (row.cell or f"{row.method}@{row.budget}")
+        cur = best.get(key)
         if cur is None or rank_key(row.status, row.score) > rank_key(cur.status, cur.score):
-            best[row.method] = row
+            best[key] = row
     for row in best.values():
         row.best = True
     ended = sum(1 for r in rows if r.status != "interrupted")

@@ -11,13 +11,16 @@ See ``search_spaces/demo.yaml`` for every key with its meaning and default.
 
 from __future__ import annotations
 
+import math
 import re
+from fractions import Fraction
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
+from melora_tune.adapters.budget import budget_floor
 from melora_tune.adapters.config import check_alpha, check_dropout, check_targets, split_list
 from melora_tune.adapters.hyperparams import HYPERPARAMS, HyperParam, HyperparamSchema
 from melora_tune.adapters.registry import method_names, owners
@@ -46,8 +49,68 @@ class FixedAdapter(Schema):
 
 
 class Budget(Schema):
-    max_params: int = Field(ge=1)  # trainable adapter parameters (the head in modules_to_save is not counted)
-    min_fraction: float = Field(0.0, ge=0.0, le=1.0)  # keep configs using >= this fraction of max_params
+    """The parameter budget: one level (``max_params``) or several (``levels``), each a column of cells.
+
+    A cell is (method, level): the unit of a fair comparison. Its configurations use at most ``level``
+    trainable adapter parameters and at least its floor: ``min_fraction`` x level when given, otherwise (with
+    several levels) just above the level below, so the levels partition the parameter axis and a config
+    belongs to one cell only; the lowest level's floor continues the same ratio downwards (level x
+    level / next level, exclusive). One level without ``min_fraction``: no floor (0), as before levels.
+    """
+
+    max_params: int | None = Field(None, ge=1)  # one level (the search's budget)
+    levels: list[int] | None = None  # several levels, ascending: e.g. [9216, 18432, 36864]
+    min_fraction: float | None = Field(None, ge=0.0, le=1.0)  # floor of each level as a fraction of it
+
+    @field_validator("levels")
+    @classmethod
+    def _levels(cls, value: list[int] | None) -> list[int] | None:
+        if value is None:
+            return None
+        if not value:
+            raise ValueError("empty: give at least one level, e.g. [9216, 18432], or max_params")
+        bad = [v for v in value if isinstance(v, bool) or not isinstance(v, int) or v < 1]
+        if bad:
+            raise ValueError(f"budget levels must be integers >= 1, got {bad[0]!r}")
+        if len(set(value)) != len(value):
+            dup = next(v for v in value if value.count(v) > 1)
+            raise ValueError(f"budget level {dup} is given twice: each level once, ascending")
+        if value != sorted(value):
+            raise ValueError(f"budget.levels must be ascending, got {value}: write {sorted(value)}")
+        return value
+
+    @model_validator(mode="after")
+    def _one(self) -> "Budget":
+        if self.max_params is None and self.levels is None:
+            raise ValueError("give budget.max_params (one level) or budget.levels (several, ascending)")
+        if self.max_params is not None and self.levels is not None:
+            raise ValueError("give budget.max_params or budget.levels, not both (max_params is one level)")
+        return self
+
+    @property
+    def level_list(self) -> list[int]:
+        return list(self.levels) if self.levels is not None else [int(self.max_params)]
+
+    @property
+    def top(self) -> int:
+        return self.level_list[-1]
+
+    def floor(self, level: int) -> int:
+        """The fewest parameters a configuration of this level's cells may use (inclusive)."""
+        levels = self.level_list
+        if self.min_fraction is not None:
+            return budget_floor(self.min_fraction, level)
+        if len(levels) == 1:
+            return 0
+        i = levels.index(level)
+        if i > 0:
+            return levels[i - 1] + 1
+        return math.floor(Fraction(levels[0] * levels[0], levels[1])) + 1
+
+    @property
+    def fraction(self) -> float:
+        """The floor as a fraction of the level (the min_fraction recorded in MLflow; 0 without a floor)."""
+        return self.min_fraction if self.min_fraction is not None else 0.0
 
 
 class FloatRange(Schema):
@@ -244,9 +307,12 @@ class SearchSpace(Schema):
     space: SpaceSection = Field(default_factory=SpaceSection)
     training: SearchTraining = Field(default_factory=SearchTraining)
     asha: Asha = Field(default_factory=Asha)
+    # trials (all cells together): split evenly over the feasible cells (refused when it does not divide)
     num_samples: int = Field(8, ge=1)
+    # trials each cell (method, budget level) gets; num_samples is then cells x trials_per_cell
+    trials_per_cell: int | None = Field(None, ge=1)
     max_concurrent_trials: int = Field(1, ge=1)
-    n_startup_trials: int | None = Field(None, ge=0)  # random trials before TPE (None: about a third, 2..10)
+    n_startup_trials: int | None = Field(None, ge=0)  # random trials before TPE per cell (None: a third of a share, 2..10)
     # Which Optuna sampler proposes configurations, always over the feasible-only space: tpe (multivariate
     # TPE), random, or grid (Optuna's BruteForceSampler: every feasible configuration x space.lr_choices
     # [x space.seeds] exactly once; num_samples defaults to the grid's size). Any registered sampler
@@ -370,10 +436,12 @@ class SearchSpace(Schema):
         """ASHA's max fidelity: epochs (a report per epoch when time_attr is training_iteration)."""
         return self.training.epochs
 
-    def startup_trials(self) -> int:
+    def startup_trials(self, share: int | None = None) -> int:
+        """Random trials before a model-based sampler takes over, in each cell's study (``share``: its trials):
+        n_startup_trials, or about a third of the share within 2..10."""
         if self.n_startup_trials is not None:
             return self.n_startup_trials
-        return max(2, min(10, self.num_samples // 3))
+        return max(2, min(10, (share if share is not None else self.num_samples) // 3))
 
     def base_trial_dict(self, target_modules: list[str] | None = None, modules_to_save: list[str] | None = None) -> dict[str, Any]:
         """The TrialConfig dict every trial starts from (the adapter's searched values are filled per trial)."""

@@ -60,9 +60,14 @@ class FeasibleSpace:
     shapes_summary: str = ""
     spec: Any = field(default=None, repr=False, compare=False)  # the ModelSpec it was built from (meta device)
     memory: Any = field(default=None, repr=False, compare=False)  # search.memcheck.SearchMemory, set at start checks
+    floor: int | None = None  # the fewest params a configuration may use (None: min_fraction x budget)
 
     def __post_init__(self) -> None:
         self.points: list[dict[str, Any]] = []  # points_to_evaluate as Optuna parameter names
+        # the cells (method, level) -> single-method FeasibleSpace, and the empty ones with their reason
+        self.budget_levels: list[int] = [self.budget]
+        self.cells: dict[tuple[str, int], FeasibleSpace] = {}
+        self.infeasible: dict[tuple[str, int], str] = {}
         self.tree: dict[str, dict] = {}
         self.by_key: dict[tuple, Candidate] = {}
         for method in self.methods:
@@ -157,7 +162,7 @@ class FeasibleSpace:
             lr = trial.suggest_float("lr", low, high, log=log)
         alpha = trial.suggest_categorical("alpha", self.alpha_choices) if self.alpha_choices else self.alpha
         dropout = trial.suggest_categorical("dropout", self.dropout_choices) if self.dropout_choices else self.dropout
-        floor = budget_floor(self.min_fraction, self.budget)
+        floor = self.floor if self.floor is not None else budget_floor(self.min_fraction, self.budget)
         excess = max(cand.adapter_params - self.budget, floor - cand.adapter_params)
         if excess > 0:  # cannot happen: the tree holds feasible candidates only
             raise RuntimeError(f"infeasible candidate {cand} in the search tree (budget {self.budget})")
@@ -253,8 +258,33 @@ def _choices_for(space: SearchSpace, method: str) -> dict[str, Any]:
     return {k: getattr(space.space, k) for k in get_method(method).hyperparams}
 
 
+def _level_candidates(shapes, method: str, level: int, floor: int, base: AdapterConfig,
+                      choices: dict[str, Any]) -> list[Candidate]:
+    cands = enumerate_feasible(shapes, method, level, min_fraction=0.0, base=base, **choices)
+    return sorted((c for c in cands if c.adapter_params >= floor), key=candidate_key)
+
+
+def _why_empty(shapes, method: str, level: int, floor: int, base: AdapterConfig, choices: dict[str, Any],
+               budget) -> str:
+    """Why a cell (method, level) holds no configuration, and what to change (one line)."""
+    cheapest = smallest_config(shapes, method, base=base, **choices)
+    if cheapest.adapter_params > level:
+        return (f"its smallest configuration ({describe(cheapest.to_dict())}) needs {cheapest.adapter_params:,} "
+                f"params, over the level's {level:,}")
+    under = enumerate_feasible(shapes, method, level, min_fraction=0.0, base=base, **choices)
+    largest = max(c.adapter_params for c in under)
+    hint = (f"lower budget.min_fraction to <= {math.floor(largest / level * 1000) / 1000:g}"
+            if budget.min_fraction is not None else "add a level nearer it, or give budget.min_fraction")
+    return f"no configuration uses between {floor:,} and {level:,} params; the largest within it uses {largest:,}: {hint}"
+
+
 def build_space(space: SearchSpace, spec=None) -> FeasibleSpace:
-    """Enumerate every feasible configuration of every method (UsageError when a method has none)."""
+    """Enumerate every feasible configuration of every cell (method, budget level).
+
+    Returns the union over levels (what the memory check, the dry run and ``grid_size`` read) with ``cells``:
+    one single-method ``FeasibleSpace`` per feasible cell, and ``infeasible``: the cells that hold no
+    configuration, each with its reason. UsageError when a method has no feasible cell at any level.
+    """
     spec = spec if spec is not None else model_spec(space)
     targets = list(space.adapter.target_modules or default_target_modules(spec.model))
     heads = (
@@ -264,16 +294,15 @@ def build_space(space: SearchSpace, spec=None) -> FeasibleSpace:
     )
     shapes = spec.targets(targets)
     spec.head_params(heads)  # names a modules_to_save entry that matches nothing
-    budget, fraction = space.budget.max_params, space.budget.min_fraction
-    found: dict[str, list[Candidate]] = {}
+    budget = space.budget
+    levels = budget.level_list
+    single = len(levels) == 1
+    cell_cands: dict[tuple[str, int], list[Candidate]] = {}
+    infeasible: dict[tuple[str, int], str] = {}
     too_small: dict[str, Candidate] = {}
     for method in space.methods:
         base = AdapterConfig(method=method, alpha=space.adapter.alpha, target_modules=targets, modules_to_save=heads)
         choices = _choices_for(space, method)
-        cands = enumerate_feasible(shapes, method, budget, min_fraction=fraction, base=base, **choices)
-        if cands:
-            found[method] = sorted(cands, key=candidate_key)
-            continue
         cheapest = smallest_config(shapes, method, base=base, **choices)
         if cheapest is None:
             declared = ", ".join(f"space.{k}={v}" for k, v in choices.items() if v is not None) or "the defaults"
@@ -281,31 +310,41 @@ def build_space(space: SearchSpace, spec=None) -> FeasibleSpace:
                 f"no {method} configuration within {declared} fits the {len(shapes)} target layers "
                 f"({', '.join(targets)}): widen the choices"
             )
-        if cheapest.adapter_params > budget:
-            too_small[method] = cheapest
-            continue
-        under = enumerate_feasible(shapes, method, budget, min_fraction=0.0, base=base, **choices)
-        largest = max(c.adapter_params for c in under)
-        raise UsageError(
-            f"no {method} configuration uses between {budget_floor(fraction, budget):,} and {budget:,} params "
-            f"(budget.min_fraction={fraction:g}); the largest within budget uses {largest:,}: "
-            f"lower budget.min_fraction to <= {math.floor(largest / budget * 1000) / 1000:g}"
-        )
+        for level in levels:
+            floor = budget.floor(level)
+            cands = _level_candidates(shapes, method, level, floor, base, choices)
+            if cands:
+                cell_cands[(method, level)] = cands
+            else:
+                infeasible[(method, level)] = _why_empty(shapes, method, level, floor, base, choices, budget)
+        if not any(m == method for m, _ in cell_cands):
+            if cheapest.adapter_params > levels[-1]:
+                too_small[method] = cheapest
+                continue
+            if single:
+                level = levels[0]
+                under = enumerate_feasible(shapes, method, level, min_fraction=0.0, base=base, **choices)
+                largest = max(c.adapter_params for c in under)
+                fraction = budget.fraction
+                raise UsageError(
+                    f"no {method} configuration uses between {budget.floor(level):,} and {level:,} params "
+                    f"(budget.min_fraction={fraction:g}); the largest within budget uses {largest:,}: "
+                    f"lower budget.min_fraction to <= {math.floor(largest / level * 1000) / 1000:g}"
+                )
+            reasons = "; ".join(f"{level:,}: {infeasible[(method, level)]}" for level in levels)
+            raise UsageError(f"no budget level holds a {method} configuration ({reasons})")
     if too_small:
-        need = max(c.adapter_params for c in too_small.values())
         method, cheapest = max(too_small.items(), key=lambda kv: kv[1].adapter_params)
         others = f" ({', '.join(sorted(too_small))} all need more)" if len(too_small) > 1 else ""
+        need = cheapest.adapter_params
+        what = f"budget.max_params={levels[0]:,}" if single else f"the largest budget level ({levels[-1]:,})"
         raise UsageError(
-            f"budget.max_params={budget:,} fits no {method} configuration{others}: the smallest "
+            f"{what} fits no {method} configuration{others}: the smallest "
             f"({describe(cheapest.to_dict())}) needs {cheapest.adapter_params:,} params; "
             f"the smallest budget that fits every method is {need:,}"
         )
     s = space.space
-    feasible = FeasibleSpace(
-        methods=tuple(space.methods),
-        candidates=found,
-        budget=budget,
-        min_fraction=fraction,
+    common = dict(
         lr=(s.lr.low, s.lr.high, s.lr.log),
         alpha=space.adapter.alpha,
         dropout=space.adapter.dropout,
@@ -319,5 +358,38 @@ def build_space(space: SearchSpace, spec=None) -> FeasibleSpace:
         shapes_summary=f"{len(shapes)} layers ({', '.join(targets)})",
         spec=spec,
     )
+    cells = {
+        (method, level): FeasibleSpace(methods=(method,), candidates={method: cands}, budget=level,
+                                       min_fraction=budget.fraction, floor=budget.floor(level), **common)
+        for (method, level), cands in sorted(cell_cands.items(), key=lambda kv: (kv[0][1], space.methods.index(kv[0][0])))
+    }
+    union: dict[str, list[Candidate]] = {}
+    for (method, _), cands in cell_cands.items():
+        known = {candidate_key(c) for c in union.get(method, [])}
+        union.setdefault(method, []).extend(c for c in cands if candidate_key(c) not in known)
+    methods = tuple(m for m in space.methods if m in union)
+    feasible = FeasibleSpace(
+        methods=methods,
+        candidates={m: sorted(union[m], key=candidate_key) for m in methods},
+        budget=levels[-1],
+        min_fraction=budget.fraction,
+        floor=budget.floor(levels[0]),
+        **common,
+    )
+    feasible.budget_levels = levels
+    feasible.cells = cells
+    feasible.infeasible = infeasible
+    for cell in cells.values():
+        cell.budget_levels = [cell.budget]
+        cell.cells = {(cell.methods[0], cell.budget): cell}
+    # points_to_evaluate go to the cell whose level is the smallest that holds them
     feasible.points = [feasible.point_params(p, f"points_to_evaluate[{i}]") for i, p in enumerate(space.points_to_evaluate)]
+    for i, p in enumerate(space.points_to_evaluate):
+        for (method, level), cell in cells.items():
+            if method == p["method"]:
+                try:
+                    cell.points.append(cell.point_params(p, f"points_to_evaluate[{i}]"))
+                    break
+                except UsageError:
+                    continue
     return feasible

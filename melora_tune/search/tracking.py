@@ -28,7 +28,7 @@ from melora_tune import drill
 from melora_tune.adapters import describe, get_method
 from melora_tune.errors import innermost_error_line
 from melora_tune.records import (
-    CHECKPOINT_TAG, KIND_TAG, OPTUNA_TAG, PARENT_TAG, REASON_TAG, SCORED, SEARCH_KIND, SEARCH_TAG, STATUS_TAG, TRIAL_TAG,
+    CELL_TAG, CHECKPOINT_TAG, KIND_TAG, OPTUNA_TAG, PARENT_TAG, REASON_TAG, SCORED, SEARCH_KIND, SEARCH_TAG, STATUS_TAG, TRIAL_TAG,
     rank_key,
 )
 from melora_tune.records import finite as _finite
@@ -175,7 +175,10 @@ class MlflowTrialCallback(Callback):
         base = f"tags.`{PARENT_TAG}` = '{self.parent_run_id}'"
         found = self.mlf.search_runs([self.experiment_id], f"{base} and tags.`{TRIAL_TAG}` = '{tid}'", max_results=5)
         if not found and number is not None:
-            found = self.mlf.search_runs([self.experiment_id], f"{base} and tags.`{OPTUNA_TAG}` = '{number}'", max_results=5)
+            # Optuna numbers trials per study, and a search has one study per cell
+            cell = f" and tags.`{CELL_TAG}` = '{config['cell']}'" if config.get("cell") else ""
+            found = self.mlf.search_runs([self.experiment_id], f"{base} and tags.`{OPTUNA_TAG}` = '{number}'{cell}",
+                                         max_results=5)
         if found:
             run_id = found[0].info.run_id
             self.mlf.set_tag(run_id, TRIAL_TAG, tid)
@@ -188,12 +191,14 @@ class MlflowTrialCallback(Callback):
             tags = {PARENT_TAG: self.parent_run_id, TRIAL_TAG: tid, STATUS_TAG: "running", SEARCH_TAG: self.search_name}
             if number is not None:
                 tags[OPTUNA_TAG] = str(number)
+            if config.get("cell"):
+                tags[CELL_TAG] = str(config["cell"])
             run = self.mlf.create_run(self.experiment_id, run_name=describe(config), tags=tags)
             run_id = run.info.run_id
             drill.point(f"{self.DRILL}.mlflow_create")
             self._last_step[tid] = -1
         self._runs[tid] = run_id
-        log_params_once(self.mlf, run_id, trial_params(config, self.budget, self.min_fraction))
+        log_params_once(self.mlf, run_id, trial_params(config, config.get("budget", self.budget), self.min_fraction))
         self.log_inputs(run_id)
         return run_id
 
