@@ -81,7 +81,6 @@ VERSION_CELL_TAG = "melora.cell"  # the cell's alias: <method>-b<budget>
 # A cell is (method, budget level), the unit of equal tuning effort: trial and confirmation runs carry it as the tag
 # CELL_TAG = cell_label(method, level) ("melora@9216") and the param ``budget`` (the level). The parent run of a
 # search over several levels holds these params (a single-level search may lack them: its one level is ``budget``).
-CELL_TAG = "melora.cell"
 BUDGET_PARAM = "budget"  # on trials and confirmations: the cell's level; on the parent run: the search's (largest) level
 LEVELS_PARAM = "budget_levels"  # comma list of ints, ascending
 TRIALS_PER_CELL_PARAM = "trials_per_cell"
