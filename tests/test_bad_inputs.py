@@ -381,6 +381,10 @@ ROWS = [
      "not allowed with argument --alias"),
     ("export-alias-with-method", "export --dataset rotten_tomatoes --alias lora-b512 --method lora --out {A}/new",
      "leave out --method and --search"),
+    ("export-no-such-budget", "export --dataset rotten_tomatoes --budget 1024 --out {A}/new --tracking-uri {URI}",
+     "--budget 1024: search s1 has no such budget level (its levels: 512)"),
+    ("export-budget-not-int", "export --dataset rotten_tomatoes --budget lots --out {A}/new --tracking-uri {URI}",
+     "invalid int value: 'lots'"),
     ("export-not-registered", "export --dataset rotten_tomatoes --alias lora-b512 --out {A}/new --tracking-uri {URI}",
      "no registered model 'melora-rotten_tomatoes'"),
     # ---- table (a recorded grid -> CSV)

@@ -174,7 +174,8 @@ def test_report_leads_with_the_confirmed_results(store, tmp_path, capsys):
     assert "![Learning curves](learning_curves.png)" in md
 
     page = (out / "report.html").read_text()
-    assert assert_self_contained(page) == 4  # frontier, heatmap, lr sensitivity, learning curves (no study here)
+    # frontier, heatmap, lr sensitivity, learning curves (no study here), confirmed frontier, lr curves per method
+    assert assert_self_contained(page) == 6
     assert "<h2>Which method wins on this dataset</h2>" in page and "MELoRA beats LoRA on test accuracy by 7.0 points" in page
     assert "<td>0.8200 ± 0.0100</td>" in page and "<h2>Every confirmed configuration</h2>" in page
 

@@ -8,4 +8,6 @@ from melora_tune.records.schema import (  # noqa: F401
     SYSTEM_PREFIX, DATA_CONTEXT_TAG, SEARCH_SPLITS, CONFIRM_SPLITS, REGISTERED_ARTIFACT, VERSION_SEARCH_TAG,
     VERSION_PARENT_TAG, VERSION_CELL_TAG, VERSION_METHOD_TAG, VERSION_BUDGET_TAG, REGISTRY_TAGS, dataset_input_name,
     registered_model_name, cell_alias,
+    BUDGET_PARAM, LEVELS_PARAM, TRIALS_PER_CELL_PARAM, CELLS_PARAM, INFEASIBLE_PARAM, cell_label, parse_cell,
+    parse_infeasible,
 )

@@ -35,6 +35,8 @@ from melora_tune.errors import UsageError
 # Metric and param names of confirmations and of the parent run (records.schema).
 from melora_tune.records import (  # noqa: F401  (re-exported for callers of the report API)  # noqa: E402
     BASELINES,
+    BUDGET_PARAM,
+    CELL_TAG,
     CHECKPOINT_TAG,
     CONFIG_TAG,
     CONFIRM_KIND,
@@ -58,7 +60,11 @@ from melora_tune.records import (  # noqa: F401  (re-exported for callers of the
     TRIAL_TAG,
     VAL_SCORE,
     baseline_metric,
+    INFEASIBLE_PARAM,
+    LEVELS_PARAM,
+    cell_label,
     finite,
+    parse_infeasible,
 )
 from melora_tune.records.store import check_server, normalize_tracking_uri, tracking_scheme
 
@@ -75,14 +81,14 @@ def hp_columns() -> tuple[str, ...]:
 
 
 def int_columns() -> tuple[str, ...]:
-    return ("optuna_trial", *hp_columns(), "equivalent_rank", "adapter_params", "seed")
+    return ("optuna_trial", *hp_columns(), "equivalent_rank", "adapter_params", "seed", "budget")
 
 
 def trial_columns() -> tuple[str, ...]:
     """The columns of ``trials_frame``."""
     return (
-        "run_id", "run_name", "trial_id", "optuna_trial", "method", *hp_columns(), "lr", "alpha", "dropout",
-        "equivalent_rank", "adapter_params", "score", "best_score", "epoch", "status", "reason", "mlflow_status",
+        "run_id", "run_name", "trial_id", "optuna_trial", "method", "budget", "cell", *hp_columns(), "lr", "alpha",
+        "dropout", "equivalent_rank", "adapter_params", "score", "best_score", "epoch", "status", "reason", "mlflow_status",
         "start_time", "duration_s", "best_checkpoint",
     )
 
@@ -90,7 +96,8 @@ def trial_columns() -> tuple[str, ...]:
 def confirm_columns() -> tuple[str, ...]:
     """The columns of ``confirmations_frame``."""
     return (
-        "run_id", "run_name", "confirms", "confirms_trial", "config", "method", *hp_columns(), "lr", "alpha", "dropout",
+        "run_id", "run_name", "confirms", "confirms_trial", "config", "method", "budget", "cell", *hp_columns(), "lr",
+        "alpha", "dropout",
         "equivalent_rank", "adapter_params", "seed", "status", "mlflow_status", "val_score", "test_score", "score",
         "epoch", "start_time", "duration_s", "best_checkpoint",
     )
@@ -232,6 +239,39 @@ def _num(value: Any) -> float:
     return out
 
 
+def search_budget(search: SearchInfo) -> int | None:
+    """The parent run's ``budget`` param as an int (a single-level search's one level), or None."""
+    value = _num(search.params.get(BUDGET_PARAM))
+    return int(round(value)) if math.isfinite(value) else None
+
+
+def levels_of(search: SearchInfo) -> list[int]:
+    """The search's budget levels, ascending: the parent's ``budget_levels`` param, else its one ``budget``."""
+    text = search.params.get(LEVELS_PARAM)
+    if text:
+        values = [_num(v) for v in str(text).split(",")]
+        levels = sorted({int(round(v)) for v in values if math.isfinite(v)})
+        if levels:
+            return levels
+    budget = search_budget(search)
+    return [budget] if budget is not None else []
+
+
+def infeasible_of(search: SearchInfo) -> dict[tuple[str, int], str]:
+    """{(method, level): why it has no configuration} from the parent's ``infeasible_cells`` param."""
+    return parse_infeasible(search.params.get(INFEASIBLE_PARAM))
+
+
+def run_cell(run, search: SearchInfo) -> dict[str, Any]:
+    """{budget, cell} of a trial or confirmation run: its ``budget`` param (else the search's one budget, as
+    records before cells have it) and its ``melora.cell`` tag (else ``<method>@<budget>``)."""
+    value = _num(run.data.params.get(BUDGET_PARAM))
+    budget = int(round(value)) if math.isfinite(value) else search_budget(search)
+    method = run.data.params.get("method", "?")
+    cell = run.data.tags.get(CELL_TAG) or (cell_label(method, budget) if budget is not None else method)
+    return {"budget": budget, "cell": cell}
+
+
 def is_confirmation(run) -> bool:
     return run.data.tags.get(KIND_TAG) == CONFIRM_KIND
 
@@ -258,6 +298,7 @@ def trials_frame(mlf, search: SearchInfo):
             "trial_id": t.get(TRIAL_TAG),
             "optuna_trial": t.get(OPTUNA_TAG, p.get("optuna_trial")),
             "method": p.get("method", "?"),
+            **run_cell(run, search),
             **{k: p.get(k) for k in (*hp_columns(), "lr", "alpha", "dropout", "equivalent_rank", "adapter_params")},
             "score": m.get("score"),
             "best_score": m.get("best_score"),
@@ -292,6 +333,7 @@ def confirmations_frame(mlf, search: SearchInfo):
             "confirms_trial": t.get(CONFIRMS_TRIAL_TAG),
             "config": t.get(CONFIG_TAG),
             "method": p.get("method", "?"),
+            **run_cell(run, search),
             **{k: p.get(k) for k in (*hp_columns(), "lr", "alpha", "dropout", "equivalent_rank", "adapter_params")},
             "seed": t.get(SEED_TAG, p.get(SEED_PARAM)),
             "status": t.get(STATUS_TAG, "?"),
@@ -356,6 +398,15 @@ def curves_frame(mlf, trials, metric: str = "score"):
     return pd.DataFrame(rows, columns=columns).astype({"step": "int64", "epoch": float, "score": float})
 
 
+def score_histories(mlf, run_ids, metric: str = "score") -> dict[str, list[float]]:
+    """{run id: its finite ``metric`` values in step order} (a confirmation's validation score per evaluation)."""
+    out = {}
+    for run_id in run_ids:
+        history = sorted(mlf.get_metric_history(run_id, metric), key=lambda m: (m.step, m.timestamp))
+        out[run_id] = [m.value for m in history if math.isfinite(m.value)]
+    return out
+
+
 def normalize_frame(df):
     """Numeric dtypes for the parameter and metric columns (params come back from MLflow as strings)."""
     import pandas as pd  # heavy: pandas, loaded where tables are built
@@ -390,11 +441,19 @@ def best_per_method(df):
     return ranked.groupby("method", sort=False, as_index=False).head(1).reset_index(drop=True)
 
 
-def best_run(df, method: str | None = None):
-    """The best trial overall (or of ``method``) as a row, or None."""
+def best_per_cell(df):
+    """The best trial of each cell (method, budget level), in ``rank_trials`` order; one level: ``best_per_method``."""
+    ranked = rank_trials(df)
+    return ranked.groupby(["method", "budget"], sort=False, as_index=False, dropna=False).head(1).reset_index(drop=True)
+
+
+def best_run(df, method: str | None = None, budget: int | None = None):
+    """The best trial overall (or of ``method``, of the level ``budget``) as a row, or None."""
     ranked = rank_trials(df)
     if method is not None:
         ranked = ranked[ranked["method"] == method]
+    if budget is not None:
+        ranked = ranked[ranked["budget"] == int(budget)]
     return None if ranked.empty else ranked.iloc[0]
 
 

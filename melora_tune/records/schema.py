@@ -78,6 +78,14 @@ REGISTERED_ARTIFACT = "registered"  # the winning confirmation run's artifact fo
 VERSION_SEARCH_TAG = SEARCH_TAG  # the search's name
 VERSION_PARENT_TAG = "melora.search_run"  # the search's parent run id
 VERSION_CELL_TAG = "melora.cell"  # the cell's alias: <method>-b<budget>
+# A cell is (method, budget level), the unit of equal tuning effort: trial and confirmation runs carry it as the tag
+# CELL_TAG = cell_label(method, level) ("melora@9216") and the param ``budget`` (the level). The parent run of a
+# search over several levels holds these params (a single-level search may lack them: its one level is ``budget``).
+BUDGET_PARAM = "budget"  # on trials and confirmations: the cell's level; on the parent run: the search's (largest) level
+LEVELS_PARAM = "budget_levels"  # comma list of ints, ascending
+TRIALS_PER_CELL_PARAM = "trials_per_cell"
+CELLS_PARAM = "cells"  # comma list of cell labels
+INFEASIBLE_PARAM = "infeasible_cells"  # "dora@9216: <reason>; lora@64: <reason>" (absent: none)
 VERSION_METHOD_TAG = "melora.method"
 VERSION_BUDGET_TAG = "melora.budget"
 REGISTRY_TAGS = (VERSION_SEARCH_TAG, VERSION_PARENT_TAG, VERSION_CELL_TAG, VERSION_METHOD_TAG, VERSION_BUDGET_TAG,
@@ -104,6 +112,32 @@ def registered_model_name(dataset: str) -> str:
     refuses in a name ('/', ':') or a path ('.', spaces, ...) replaced by '-' (``glue/sst2`` -> ``melora-glue-sst2``)."""
     cleaned = re.sub(r"[^A-Za-z0-9_-]+", "-", dataset).strip("-") or "dataset"
     return f"melora-{cleaned}"
+
+
+def cell_label(method: str, budget: int) -> str:
+    """A cell's label in the records (tag ``CELL_TAG``, the parent's ``cells`` param, study names): ``melora@9216``."""
+    return f"{method}@{int(budget)}"
+
+
+CELL_RE = re.compile(r"([A-Za-z0-9_.-]+)@(\d+)")
+
+
+def parse_cell(label: str) -> tuple[str, int] | None:
+    """``melora@9216`` -> ("melora", 9216); anything else -> None."""
+    found = CELL_RE.fullmatch(str(label).strip())
+    return (found.group(1), int(found.group(2))) if found else None
+
+
+def parse_infeasible(text: str | None) -> dict[tuple[str, int], str]:
+    """The parent's ``infeasible_cells`` param as {(method, level): reason}. A reason may itself hold '; ', so the
+    text is split only where the next cell label starts."""
+    out: dict[tuple[str, int], str] = {}
+    for part in re.split(r";\s*(?=[A-Za-z0-9_.-]+@\d+\s*:)", text or ""):
+        label, _, reason = part.partition(":")
+        cell = parse_cell(label)
+        if cell is not None:
+            out[cell] = reason.strip()
+    return out
 
 
 def cell_alias(method: str, budget: int) -> str:

@@ -1,10 +1,11 @@
 """The confirmed winner rule, read from a search's confirmation runs (``read.confirmations_frame``): which runs count
-as seeds, and which configuration wins a method. The report's confirmed table (``report.confirmed``), the export
+as seeds, and which configuration wins a cell. The report's confirmed table (``report.confirmed``), the export
 and the Model Registry (``search.model_registry``) all choose with these functions.
 
-A method's winner is its configuration with the highest mean *validation* score over its completed seeds (ties:
-more seeds, then the configuration confirmed first); of the winner's seeds, the one with the best validation score
-gives the weights. Test never takes part in choosing.
+A cell is (method, budget level): a search over one level has one cell per method, so there a cell's winner is
+the method's winner. A cell's winner is its configuration with the highest mean *validation* score over its
+completed seeds (ties: more seeds, then the configuration confirmed first); of the winner's seeds, the one with the
+best validation score gives the weights. Test never takes part in choosing.
 """
 
 from __future__ import annotations
@@ -54,9 +55,20 @@ def _stats(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else math.nan)
 
 
+CELL_KEYS = ["method", "budget"]  # what a winner is chosen within
+
+
+def cell_budget(value) -> int | None:
+    """A frame's budget cell as an int (None: the run did not say, as records before budgets did not)."""
+    try:
+        return None if value is None or value != value else int(value)
+    except (TypeError, ValueError):
+        return None
+
+
 def confirmed_winners(confirmations) -> list[dict[str, Any]]:
-    """Per method with a completed seed, its winner: ``{"method", "config", "run" (the seed run's row), "seeds",
-    "val_mean", "val_std", "test_mean", "test_std"}``, in the frame's method order."""
+    """Per cell with a completed seed, its winner: ``{"method", "budget", "config", "run" (the seed run's row),
+    "seeds", "val_mean", "val_std", "test_mean", "test_std"}``, in the frame's cell order."""
     import pandas as pd  # heavy: pandas, loaded where tables are built
 
     if confirmations is None or confirmations.empty:
@@ -68,15 +80,17 @@ def confirmed_winners(confirmations) -> list[dict[str, Any]]:
         done = seeds[seeds["config"] == key]
         val_mean, val_std = _stats(list(done["val_score"]))
         test_mean, test_std = _stats(list(done["test_score"]))
-        rows.append({"config": key, "method": group.iloc[0]["method"], "seeds": len(done),
+        rows.append({"config": key, "method": group.iloc[0]["method"],
+                     "budget": cell_budget(group.iloc[0]["budget"]) if "budget" in group else None, "seeds": len(done),
                      "first_start": group["start_time"].min(), "val_mean": val_mean, "val_std": val_std,
                      "test_mean": test_mean, "test_std": test_std})
     table = pd.DataFrame(rows)
     out = []
-    for method, group in table.groupby("method", sort=False):
+    for (method, budget), group in table.groupby(CELL_KEYS, sort=False, dropna=False):
         top = by_validation(group).iloc[0].to_dict()
         if not math.isfinite(top["val_mean"]):  # no completed seed: no winner
             continue
-        out.append({"method": method, "config": top["config"], "run": best_seed(seeds, top["config"]),
+        out.append({"method": method, "budget": cell_budget(budget), "config": top["config"],
+                    "run": best_seed(seeds, top["config"]),
                     **{k: top[k] for k in ("seeds", "val_mean", "val_std", "test_mean", "test_std")}})
     return out

@@ -4,7 +4,12 @@ Files of one dataset's report (``reports/<dataset>/`` by default)::
 
     report.md           Markdown, images linked next to it
     report.html         one self-contained page (images embedded)
-    frontier.png        score vs adapter parameters, one series per method
+    frontier.png        score vs adapter parameters, one series per method (search trials, validation)
+    frontier_confirmed.png  confirmed test score (mean, 95% CI) vs each cell winner's adapter parameters (log x),
+                        one line per method across budget levels, baselines as horizontal lines
+    lr_curves.png       score vs learning rate over each cell's trials, one panel per method
+    frontier.csv        one row per cell (method, budget level): winner's parameters, seeds, test mean and CI,
+    frontier.json       validation mean, trials, epochs, compute seconds; the JSON adds the sentences and warnings
     heatmap_n_r.png     MELoRA: best score over n x r (when MELoRA was searched)
     lr_sensitivity.png  score vs learning rate (log x)
     learning_curves.png score at every evaluation vs epoch, one line per trial
@@ -14,7 +19,9 @@ Files of one dataset's report (``reports/<dataset>/`` by default)::
 
 When the search was confirmed (``melora-tune confirm``), the report leads with the confirmed results: each
 method's configuration with the best mean validation score over its seeds, its test score with a Student-t
-interval, the baselines, and which method wins (``report.confirmed``, ``report.stats``).
+interval, the baselines, and which method wins (``report.confirmed``, ``report.stats``). The frontier section
+(``report.frontier``) follows: the method x budget table, the comparisons within and across budget levels, the effort
+each cell got, and warnings that say what to change when the comparison is not settled.
 
 The same files are logged on the search's parent run under ``report/``.
 Several datasets (``--dataset a --dataset b`` or ``--dataset all``) give one
@@ -35,6 +42,7 @@ from melora_tune.adapters.registry import table_hyperparams
 from melora_tune.errors import UsageError
 from melora_tune.records import read
 from melora_tune.report import confirmed, plots
+from melora_tune.report import frontier as frontier_mod
 from melora_tune.report import importance as imp
 from melora_tune.report.render import (
     Figure,
@@ -47,7 +55,8 @@ from melora_tune.report.render import (
 
 log = logging.getLogger("melora_tune.report")
 
-FIGURE_FILES = ("frontier.png", "heatmap_n_r.png", "lr_sensitivity.png", "learning_curves.png", "importance.png")
+FIGURE_FILES = ("frontier.png", "heatmap_n_r.png", "lr_sensitivity.png", "learning_curves.png", "importance.png",
+                "frontier_confirmed.png", "lr_curves.png")
 IMBALANCED_SHARE = 0.7  # a validation split this dominated by one class makes accuracy mostly a majority-class count
 SETTINGS = [  # (parent run param, label)
     ("model", "model"), ("methods", "methods"), ("budget", "budget (adapter params)"), ("min_fraction", "min fraction of budget"),
@@ -77,13 +86,25 @@ def _settings(search: read.SearchInfo) -> dict[str, str]:
     out = {label: p[key] for key, label in SETTINGS if p.get(key) not in (None, "")}
     if p.get("lr_low") and p.get("lr_high"):
         out["lr range"] = f"{p['lr_low']} .. {p['lr_high']}" + (" (log)" if p.get("lr_log") == "True" else "")
+    levels = read.levels_of(search)
+    if len(levels) > 1:
+        out["budget levels (adapter params)"] = ", ".join(f"{b:,}" for b in levels)
+    if p.get("trials_per_cell"):
+        out["trials per cell"] = p["trials_per_cell"]
     budget = p.get("budget")
-    if budget:
+    if budget and len(levels) <= 1:
         try:
             out["budget (adapter params)"] = f"{int(float(budget)):,}"
         except ValueError:
             pass
     return out
+
+
+def _float(value) -> float | None:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
 
 
 def imbalance_note(baselines: read.Baselines) -> str | None:
@@ -153,7 +174,7 @@ def build_report(
         (out / name).unlink(missing_ok=True)
 
     ranked = read.rank_trials(trials)
-    best = read.best_per_method(trials)
+    best = read.best_per_cell(trials)  # one level: the best per method
     notes = []
     if info.status == "running":
         notes.append("This search is still running (or was killed without closing its run): the report shows the trials so far.")
@@ -174,7 +195,7 @@ def build_report(
     on_plot = " Grey horizontal lines: the baselines' validation scores." if lines else ""
     figures = [
         Figure("frontier", "Score vs adapter parameters (budget frontier)",
-               plots.frontier(trials, out / "frontier.png", budget, baselines=lines),
+               plots.frontier(trials, out / "frontier.png", read.levels_of(info) or budget, baselines=lines),
                "One series per method; hollow markers: trials ASHA stopped early (their score is from fewer epochs). "
                "The line is each method's best score at or below that many parameters." + on_plot),
     ]
@@ -214,12 +235,29 @@ def build_report(
             log.warning("cross-dataset table skipped: %s", exc)
             cross_rows = None
 
+    winner_runs = frontier_mod.winner_seed_runs(confirmations, confirmed_results)
+    curves = read.score_histories(mlf, [run for runs in winner_runs.values() for run in runs])
+    front = frontier_mod.build_frontier(info, trials, confirmations, confirmed_results, baselines, curves)
+    lr_low, lr_high = (_float(info.params.get(k)) for k in ("lr_low", "lr_high"))
+    frontier_figures = [
+        Figure("frontier_confirmed", "Parameter-efficiency frontier (confirmed, test)",
+               plots.confirmed_frontier(front.cells, out / "frontier_confirmed.png", baselines.split("test")),
+               "Each cell's confirmed winner: test score, mean and 95% CI over the shared seeds, at the winner's actual "
+               "adapter parameter count (log scale); one line per method across budget levels; grey: the baselines' "
+               "test scores."),
+        Figure("lr_curves", "Learning-rate curves per method",
+               plots.lr_curves(trials, out / "lr_curves.png", lr_low, lr_high),
+               "Validation score against learning rate over each cell's search trials, one line per budget level: where "
+               "each method's good range lies. Dashed verticals: the searched range."),
+    ]
+    files_extra = frontier_mod.write_files(front, out)
+
     data = ReportData(
         dataset=dataset, search_name=info.name, parent_run_id=info.run_id, experiment_id=info.experiment_id,
         tracking_uri=uri, search_status=info.status, generated=time.strftime("%Y-%m-%d %H:%M:%S"), trials=trials,
         best=best, top=ranked.head(top_k), top_k=top_k, figures=figures, importance=importance,
         settings=_settings(info), cross=cross_rows, notes=notes, confirmed=confirmed_results,
-        baselines=baselines if baselines.logged else None,
+        baselines=baselines if baselines.logged else None, frontier=front, frontier_figures=frontier_figures,
     )
     files = []
     (out / "report.md").write_text(render_markdown(data))
@@ -229,7 +267,7 @@ def build_report(
     if not confirmations.empty:
         confirmations.to_csv(out / "confirmations.csv", index=False)
         files.append(out / "confirmations.csv")
-    files += [f.path for f in figures if f.path is not None]
+    files += [f.path for f in [*figures, *frontier_figures] if f.path is not None] + files_extra
 
     warnings = []
     logged = False

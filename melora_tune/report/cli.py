@@ -49,7 +49,12 @@ def _confirmed_lines(confirmed) -> list[str]:
     if confirmed is None:
         return ["not confirmed yet: melora-tune confirm SPACE.yaml retrains the best configurations on several seeds"]
 
-    out = [f"confirmed {w['method']}: {w['configuration']} test {mean_std(w['test_mean'], w['test_std'], w['test_n']) or 'n/a'} "
+    levels = {w["budget"] for _, w in confirmed.winners.iterrows()} if "budget" in confirmed.winners else set()
+
+    def name(w) -> str:  # one level: the method, as before cells; several: the cell
+        return w["cell"] if len(levels) > 1 and w.get("cell") else w["method"]
+
+    out = [f"confirmed {name(w)}: {w['configuration']} test {mean_std(w['test_mean'], w['test_std'], w['test_n']) or 'n/a'} "
            f"({w['seeds']} seed{'s' if w['seeds'] != 1 else ''})" for _, w in confirmed.winners.iterrows()]
     return out + [c.sentence for c in confirmed.comparisons]
 

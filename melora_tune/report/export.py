@@ -13,7 +13,8 @@ confirm``): the configuration with the highest mean validation score over its
 seeds, and of its seeds the one with the best validation score (test never
 chooses). Without a confirmation, the search's best trial (completed before
 stopped early, then the highest final score), and the export says it is
-unconfirmed. ``--method`` restricts either to one method. ``--alias CELL`` (``<method>-b<budget>``) or ``--model-version N``
+unconfirmed. ``--method`` restricts either to one method; ``--budget B`` to one budget level of the search (with
+``--method``: that cell's winner; without: the best-validating winner among the level's cells). ``--alias CELL`` (``<method>-b<budget>``) or ``--model-version N``
 export a version of the dataset's registered model (``melora-<dataset>`` in MLflow's Model Registry, where every
 confirmation registers each method's winner) instead: the same files, from that version's adapter. A non-empty DIR is
 refused unless ``--force``; the export is written to a temporary sibling folder
@@ -39,7 +40,7 @@ from melora_tune.records import REGISTERED_ARTIFACT
 from melora_tune.report.export_choice import (
     confirmed_choice, download_adapter, plain, registry_choice, selection, trial_dict, write_trial_yaml,
 )
-from melora_tune.report.export_paths import check_method, check_out_dir, safe_path, swap_into_place
+from melora_tune.report.export_paths import check_budget, check_method, check_out_dir, safe_path, swap_into_place
 from melora_tune.adapters.peft_folder import write_peft
 from melora_tune.report.export_readme import decoder_override, peft_pooling, render_readme
 
@@ -74,13 +75,15 @@ def export_best(
     force: bool = False,
     alias: str | None = None,
     model_version: str | None = None,
+    budget: int | None = None,
 ) -> ExportResult:
     """``alias`` / ``model_version``: the registered model version of the dataset to export (the Model Registry,
-    ``search.model_registry``) instead of choosing from the search's records."""
+    ``search.model_registry``) instead of choosing from the search's records. ``budget``: a budget level of the
+    search (a cell with ``method``); a level the search does not have is a usage error naming its levels."""
     method = check_method(method)
     registry = alias is not None or model_version is not None
-    if registry and (method is not None or search is not None):
-        raise UsageError("--alias and --model-version name the adapter themselves: leave out --method and --search")
+    if registry and (method is not None or search is not None or budget is not None):
+        raise UsageError("--alias and --model-version name the adapter themselves: leave out --method and --search (and --budget)")
     if alias is not None and model_version is not None:
         raise UsageError("give --alias or --model-version, not both")
     out = check_out_dir(out, force)
@@ -94,14 +97,15 @@ def export_best(
         artifact = f"{REGISTERED_ARTIFACT}/adapter"
     else:
         info = read.resolve_search(mlf, dataset, search)
+        check_budget(budget, read.levels_of(info), info.name)
         trials = read.trials_frame(mlf, info)
-        chosen = confirmed_choice(read.confirmations_frame(mlf, info), method)
+        chosen = confirmed_choice(read.confirmations_frame(mlf, info), method, budget)
         if chosen is not None:
             row, confirmed = chosen
         else:
-            best = read.best_run(trials, method)
+            best = read.best_run(trials, method, budget)
             if best is None:
-                what = f"{method} trial" if method else "trial"
+                what = (f"{method} trial" if method else "trial") + (f" at budget level {budget:,}" if budget else "")
                 have = sorted(set(trials["method"])) if not trials.empty else []
                 hint = f" (methods searched: {', '.join(have)})" if have else ""
                 raise UsageError(f"search {info.name} has no scored {what} (completed or stopped early) to export{hint}")
@@ -132,6 +136,7 @@ def export_best(
                                                              "alpha": adapter_cfg.alpha, "dropout": adapter_cfg.dropout},
             "score": plain(row["score"]), "best_score": plain(row["best_score"]), "status": row["status"],
             "adapter_params": plain(row["adapter_params"]), "equivalent_rank": adapter_cfg.equivalent_rank,
+            "budget": plain(row.get("budget")), "cell": row.get("cell"),
             "model": cfg.model, "base_model_path": base_path, "task_type": cfg.task_type, "num_labels": num_labels,
             "tracking_uri": uri, "exported": time.strftime("%Y-%m-%dT%H:%M:%S"),
             "selection": chosen_how["kind"], "confirmed": chosen_how.get("confirmed"),
@@ -178,6 +183,9 @@ def add_export_parser(subparsers) -> argparse.ArgumentParser:
     )
     p.add_argument("--dataset", required=True, metavar="NAME", help="dataset = MLflow experiment (the task name)")
     p.add_argument("--method", default=None, metavar="M", help="best trial of this method only (lora, melora, prolora)")
+    p.add_argument("--budget", default=None, type=int, metavar="B",
+                   help="one budget level of the search (adapter params): that cell's confirmed winner (with --method), "
+                        "or the level's best winner")
     p.add_argument("--search", default=None, metavar="PARENT_RUN_ID",
                    help="the search's parent run id or search name (default: the newest search of the dataset)")
     p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: sqlite:///mlflow.db here)")
@@ -196,7 +204,7 @@ def add_export_parser(subparsers) -> argparse.ArgumentParser:
 def export_command(args) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     res = export_best(args.dataset, out=args.out, method=args.method, search=args.search, tracking_uri=args.tracking_uri,
-                      force=args.force, alias=args.alias, model_version=args.model_version)
+                      force=args.force, alias=args.alias, model_version=args.model_version, budget=args.budget)
     print(f"exported {res.run_name} (score {res.score:.4f}, {res.status.replace('_', ' ')}; MLflow run {res.run_id}) to {res.out_dir}")
     print(f"  {res.selection}")
     print(f"  train it again:  melora-tune train {res.trial_yaml}")

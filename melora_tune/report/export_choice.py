@@ -52,17 +52,20 @@ def download_adapter(mlf, row, dest: Path, artifact: str = "adapter") -> Path:
     return target
 
 
-def confirmed_choice(confirmations, method: str | None):
+def confirmed_choice(confirmations, method: str | None, budget: int | None = None):
     """(the confirmation run to export, its configuration's row of the confirmed table), or None.
 
-    The winner is chosen on validation only: the configuration with the highest mean validation score over
-    its seeds (``report.confirmed``), then that configuration's seed with the best validation score."""
+    The winner is chosen on validation only: among the cells' winners (of ``method``, at the level ``budget``, when
+    given) the configuration with the highest mean validation score over its seeds (``report.confirmed``), then
+    that configuration's seed with the best validation score."""
     if confirmations is None or confirmations.empty:
         return None
     table = confirmed_table(confirmations)
     winners = table[table["winner"]] if not table.empty else table
     if method is not None:
         winners = winners[winners["method"] == method]
+    if budget is not None:
+        winners = winners[winners["budget"] == int(budget)]
     if winners.empty:
         return None
     config = winners.sort_values("val_mean", ascending=False, kind="mergesort").iloc[0]

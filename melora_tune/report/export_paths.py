@@ -30,6 +30,14 @@ def check_method(method: str | None) -> str | None:
     return key
 
 
+def check_budget(budget: int | None, levels: list[int], search: str) -> None:
+    """A ``--budget`` that names one of the search's levels, or a one-line refusal naming them."""
+    if budget is None or budget in levels:
+        return
+    have = ", ".join(f"{b}" for b in levels) if levels else "none recorded"
+    raise UsageError(f"--budget {budget}: search {search} has no such budget level (its levels: {have})")
+
+
 def check_out_dir(out: str | Path, force: bool) -> Path:
     """DIR as a Path; refuses a file, a non-empty folder without --force, and folders --force must never replace."""
     out = Path(out).expanduser()

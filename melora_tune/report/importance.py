@@ -6,6 +6,9 @@ the study with those names folded to what a user searched (``method``, ``n``,
 ``r``, ``u``, ``m``, ``m_b``, ``lr``, ``alpha``, ``dropout``): once over every
 method (the parameters every trial has) and once per method. Only COMPLETE
 trials count (the full-fidelity ones; ASHA-stopped trials are PRUNED).
+
+A search over cells (a method at a budget level) keeps one study per cell, named ``<study_name>.<method>@<level>``:
+then each cell's study gives one scope, named by its cell; a search from before cells has the one study.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import warnings
 from dataclasses import dataclass, field
 
 from melora_tune.errors import first_line
+from melora_tune.records import parse_cell
 
 log = logging.getLogger("melora_tune.report")
 
@@ -136,8 +140,21 @@ def study_importance(study) -> Importance:
     return out
 
 
+def cell_studies(storage: str, study_name: str) -> list[str]:
+    """Names of the per-cell studies ``<study_name>.<method>@<level>`` in ``storage``, sorted by level then method."""
+    import optuna  # heavy: Optuna, loaded where a study is used
+
+    found = []
+    for name in optuna.get_all_study_names(storage=storage):
+        cell = parse_cell(name[len(study_name) + 1:]) if name.startswith(study_name + ".") else None
+        if cell is not None:
+            found.append((cell[1], cell[0], name))
+    return [name for _, _, name in sorted(found)]
+
+
 def search_importance(location: dict[str, str] | None) -> Importance:
-    """Load the study at ``location`` ({study_name, optuna_storage}) and compute its importances."""
+    """Load the study at ``location`` ({study_name, optuna_storage}) and compute its importances: one scope per cell
+    when the search kept a study per cell (``cell_studies``), else the one study's scopes."""
     if location is None:
         return Importance(error="the search's Optuna study was not found (its storage path is not recorded in MLflow "
                                 "and melora_search.json is not next to the trials' checkpoints)")
@@ -146,9 +163,33 @@ def search_importance(location: dict[str, str] | None) -> Importance:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     name, storage = location["study_name"], location["optuna_storage"]
     try:
+        cells = cell_studies(storage, name)
+    except Exception:  # noqa: BLE001  (an unreadable storage: the load below says why)
+        cells = []
+    if cells:
+        return _cells_importance(name, storage, cells)
+    try:
         study = optuna.load_study(study_name=name, storage=storage)
     except Exception as exc:  # noqa: BLE001
         return Importance(study_name=name, storage=storage, error=f"cannot load Optuna study {name!r} from {storage}: {exc}")
     result = study_importance(study)
     result.storage = storage
     return result
+
+
+def _cells_importance(name: str, storage: str, cells: list[str]) -> Importance:
+    import optuna  # heavy: Optuna, loaded where a study is used
+
+    out = Importance(study_name=name, storage=storage)
+    for study_name in cells:
+        scope = study_name[len(name) + 1:]
+        try:
+            got = study_importance(optuna.load_study(study_name=study_name, storage=storage))
+        except Exception as exc:  # noqa: BLE001  (one cell's study must not cost the others)
+            out.notes[scope] = f"cannot load Optuna study {study_name!r}: {first_line(exc)}"
+            continue
+        for values in got.scopes.values():  # a cell's study holds one method: its one scope is the cell
+            out.scopes[scope] = values
+        for note in got.notes.values():
+            out.notes.setdefault(scope, note)
+    return out

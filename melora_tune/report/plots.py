@@ -8,6 +8,7 @@ baseline as a labelled horizontal line: the trials' scores are validation scores
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from melora_tune.adapters.registry import all_methods, get_method
@@ -65,8 +66,10 @@ def _baseline_lines(ax, baselines: dict[str, float] | None) -> None:
                    label=f"{BASELINE_LABELS.get(name, name)} {float(score):.3f}")
 
 
-def frontier(df, path: str | Path, budget: float | None = None, baselines: dict[str, float] | None = None) -> Path | None:
-    """Score vs trainable adapter parameters, one series per method, with each method's best-so-far frontier."""
+def frontier(df, path: str | Path, budget: float | list[int] | None = None,
+             baselines: dict[str, float] | None = None) -> Path | None:
+    """Score vs trainable adapter parameters, one series per method, with each method's best-so-far frontier;
+    ``budget``: the search's budget, or its levels (a dashed line each)."""
     data = _scored(df).dropna(subset=["adapter_params"])
     if data.empty:
         return None
@@ -76,8 +79,10 @@ def frontier(df, path: str | Path, budget: float | None = None, baselines: dict[
         _series(ax, group, "adapter_params", method)
         best = group.groupby("adapter_params")["score"].max().sort_index()
         ax.step(best.index.astype(float), best.cummax().values, where="post", color=_style(method)[0], alpha=0.5, lw=1.2)
-    if budget:
-        ax.axvline(float(budget), color="grey", ls="--", lw=1, label=f"budget {int(budget):,}")
+    levels = budget if isinstance(budget, (list, tuple)) else [budget] if budget else []
+    for i, level in enumerate(levels):  # several levels (cells): one line each, one legend entry
+        ax.axvline(float(level), color="grey", ls="--", lw=1,
+                   label=(f"budget {int(level):,}" if len(levels) == 1 else "budget levels") if i == 0 else None)
     _baseline_lines(ax, baselines)
     ax.set_xlabel("trainable adapter parameters")
     ax.set_ylabel("score")
@@ -213,4 +218,74 @@ def importance_bars(scopes: dict[str, dict[str, float]], path: str | Path) -> Pa
         ax.set_xlabel("importance (fANOVA)")
         ax.grid(alpha=0.3, axis="x")
     fig.suptitle("Parameter importance")
+    return _save(fig, Path(path))
+
+
+def confirmed_frontier(cells: list[dict], path: str | Path, baselines: dict[str, float] | None = None,
+                       level: float = 0.95) -> Path | None:
+    """Confirmed test score (mean, ``level`` CI as error bars) against each cell winner's actual adapter parameter
+    count (log x), one line per method across its levels; ``baselines``: their *test* scores as horizontal lines.
+    ``cells``: ``report.frontier.Frontier.cells``."""
+    done = [c for c in cells if c.get("status") == "confirmed" and c.get("adapter_params") and c.get("test_mean") is not None
+            and math.isfinite(c["test_mean"])]
+    if not done:
+        return None
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for method in dict.fromkeys(c["method"] for c in done):
+        mine = sorted((c for c in done if c["method"] == method), key=lambda c: c["adapter_params"])
+        color, marker = _style(method)
+        x = [float(c["adapter_params"]) for c in mine]
+        y = [c["test_mean"] for c in mine]
+        err = [[c["test_mean"] - c["test_lo"] if c["test_lo"] is not None and math.isfinite(c["test_lo"]) else 0 for c in mine],
+               [c["test_hi"] - c["test_mean"] if c["test_hi"] is not None and math.isfinite(c["test_hi"]) else 0 for c in mine]]
+        label = get_method(method).label if any(m.name == method for m in all_methods()) else method
+        ax.errorbar(x, y, yerr=err, color=color, marker=marker, capsize=4, lw=1.4, label=label, zorder=3)
+    for name, score in (baselines or {}).items():
+        ax.axhline(float(score), color="#555555", ls=BASELINE_STYLES.get(name, "--"), lw=1.2, zorder=2,
+                   label=f"{BASELINE_LABELS.get(name, name)} {float(score):.3f} (test)")
+    ax.set_xscale("log")
+    ax.set_xlabel("trainable adapter parameters of the cell's winner (log scale)")
+    ax.set_ylabel(f"test score (mean, {100 * level:g}% CI over seeds)")
+    ax.set_title("Parameter-efficiency frontier (confirmed)")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    return _save(fig, Path(path))
+
+
+def lr_curves(df, path: str | Path, lr_low: float | None = None, lr_high: float | None = None) -> Path | None:
+    """Score against learning rate over each cell's trials: one panel per method, one line per budget level (trials
+    in lr order; hollow: stopped early); dashed verticals: the searched range."""
+    data = _scored(df).dropna(subset=["lr"])
+    data = data[data["lr"] > 0]
+    if data.empty:
+        return None
+    methods = list(dict.fromkeys(data["method"]))
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(methods), figsize=(4.2 * len(methods) + 0.6, 3.8), squeeze=False, sharey=True)
+    cmap = plt.get_cmap("viridis")
+    levels = sorted({float(b) for b in data["budget"].dropna()}) if "budget" in data else []
+    for ax, method in zip(axes[0], methods):
+        mine = data[data["method"] == method]
+        groups = mine.groupby("budget", sort=True, dropna=False) if "budget" in mine else [(None, mine)]
+        for budget, group in groups:
+            group = group.sort_values("lr")
+            idx = levels.index(float(budget)) if levels and budget == budget and budget is not None else 0
+            color = cmap(idx / max(1, len(levels) - 1) * 0.85)
+            label = f"{int(budget):,} params" if budget is not None and budget == budget else "trials"
+            full = group[group["status"] == "completed"]
+            early = group[group["status"] != "completed"]
+            ax.plot(full["lr"], full["score"], color=color, lw=1, alpha=0.6)  # a line only joins full-fidelity scores
+            ax.scatter(full["lr"], full["score"], color=color, label=label, zorder=3)
+            ax.scatter(early["lr"], early["score"], facecolors="none", edgecolors=color, zorder=3)
+        for bound in (lr_low, lr_high):
+            if bound:
+                ax.axvline(float(bound), color="grey", ls="--", lw=1)
+        ax.set_xscale("log")
+        ax.set_xlabel("learning rate (log scale)")
+        ax.set_title(get_method(method).label if any(m.name == method for m in all_methods()) else method, fontsize=10)
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=7)
+    axes[0][0].set_ylabel("score (validation)")
+    fig.suptitle("Learning-rate curves per method (hollow: stopped early; dashed: searched range)")
     return _save(fig, Path(path))

@@ -12,13 +12,14 @@ from typing import Any
 from melora_tune.adapters.registry import optional_hyperparams, table_hyperparams
 from melora_tune.records import BASELINE_LABELS, finite
 from melora_tune.report.confirmed import method_label
+from melora_tune.report.frontier import cell_text
 
 
 # (column, header) of the best-per-method table; method-specific columns are dropped when no row has them.
 # The hyperparameter columns are the registered untied ones (adapters.registry.table_hyperparams: n, r, u, m).
 def best_columns() -> list[tuple[str, str]]:
     return [
-        ("method", "method"), ("score", "score"), ("best_score", "best ckpt score"), ("status", "status"),
+        ("method", "method"), ("cell", "cell"), ("score", "score"), ("best_score", "best ckpt score"), ("status", "status"),
         *((k, k) for k in table_hyperparams()), ("lr", "lr"), ("alpha", "alpha"), ("adapter_params", "adapter params"),
         ("equivalent_rank", "equivalent rank"), ("trial_id", "trial id"), ("optuna_trial", "optuna trial"),
         ("run_id", "MLflow run"),
@@ -100,6 +101,8 @@ class ReportData:
     notes: list[str] = field(default_factory=list)
     confirmed: Any = None  # confirmed.ConfirmedResults, or None: no confirmation ran
     baselines: Any = None  # read.Baselines, or None
+    frontier: Any = None  # frontier.Frontier, or None
+    frontier_figures: list[Figure] = field(default_factory=list)  # drawn inside the frontier sections
 
 
 CONFIRM_COMMAND = "melora-tune confirm SPACE.yaml"
@@ -127,6 +130,8 @@ def columns_for(df, spec: list[tuple[str, str]]) -> list[tuple[str, str]]:
         if col not in df.columns:
             continue
         if col in optional_columns() and df[col].isna().all():
+            continue
+        if col == "cell" and df["cell"].nunique() <= df["method"].nunique():  # one level: the method says it all
             continue
         out.append((col, head))
     return out
@@ -286,6 +291,46 @@ def verdict_lines(data: ReportData) -> list[str]:
     return [c.sentence for c in comparisons]
 
 
+# ---- the frontier: cells shared by both renderers -----------------------------------------------------------
+
+EFFORT_HEADS = ["cell", "trials", "completed", "stopped early", "epochs trained", "compute s", "best lr",
+                "best trial (validation)", "status"]
+WARNINGS_TITLE = "Warnings: what would change the comparison"
+TABLE_TITLE = "Method x budget: confirmed test score"
+COMPARE_TITLE = "Comparisons within and across budget levels"
+EFFORT_TITLE = "Effort per cell"
+
+
+def frontier_table(data: ReportData) -> tuple[list[str], list[list[str]]]:
+    """Rows: methods; columns: budget levels; a cell: its winner's test mean [CI], parameters, seeds (or why not)."""
+    f = data.frontier
+    pct = f"{100 * f.level:g}%"
+    heads = ["method"] + [f"{b:,} (test, {pct} CI)" for b in f.levels]
+    rows = [[method_label(m)] + [cell_text(f.cell(m, b), f.level) for b in f.levels] for m in f.methods]
+    return heads, rows
+
+
+def effort_rows(data: ReportData) -> tuple[list[str], list[list[str]]]:
+    rows = []
+    for c in data.frontier.cells:
+        rows.append([c["cell"], str(c["trials"]), str(c["completed"]), str(c["stopped_early"]), fmt(c["epochs"], 4),
+                     f"{c['compute_s']:.0f}", fmt_lr(c["best_lr"]), fmt_score(c["best_search_score"]),
+                     c["status"] + (f": {c['reason']}" if c.get("reason") else "")])
+    return EFFORT_HEADS, rows
+
+
+def comparison_lines(data: ReportData) -> list[tuple[str, list[str]]]:
+    f = data.frontier
+    out = []  # the comparisons within a level are the "Which method wins" section's: not repeated here
+    if f.across:
+        out.append(("Across budget levels (a smaller adapter against a larger one, paired by seed)", f.across))
+    return out
+
+
+EFFORT_NOTE = ("Effort is what the search spent on each cell: its trials, the epochs they trained (summed over trials; "
+               "ASHA stops some early) and their wall time. A fair comparison gives every cell the same trials.")
+
+
 # ---- Markdown --------------------------------------------------------------------------------------
 
 def render_markdown(data: ReportData) -> str:
@@ -295,7 +340,10 @@ def render_markdown(data: ReportData) -> str:
     out.append("")
     for note in data.notes:
         out += [f"> {md_escape(note)}", ""]
+    if data.frontier is not None and data.frontier.warnings:
+        out += [f"## {WARNINGS_TITLE}", ""] + [f"- {md_escape(w)}" for w in data.frontier.warnings] + [""]
     out += _confirmed_markdown(data)
+    out += _frontier_markdown(data)
     out += ["## Best configuration per method", ""]
     if data.best.empty:
         out += ["No trial finished with a score (completed or stopped early).", ""]
@@ -318,6 +366,31 @@ def render_markdown(data: ReportData) -> str:
     if data.cross is not None and not data.cross.empty:
         out += ["## Best configuration by dataset", "", md_table(*table_rows(data.cross, cross_columns())), ""]
     return "\n".join(out).rstrip() + "\n"
+
+
+def _figure_markdown(fig: Figure) -> list[str]:
+    out = [f"## {fig.title}", ""]
+    if fig.note:
+        out += [fig.note, ""]
+    if fig.path is not None:
+        out += [f"![{fig.title}]({fig.path.name})", ""]
+    return out
+
+
+def _frontier_markdown(data: ReportData) -> list[str]:
+    if data.frontier is None or not data.frontier.cells:
+        return []
+    out = [f"## {TABLE_TITLE}", "", md_table(*frontier_table(data)), ""]
+    lines = comparison_lines(data)
+    if lines:
+        out += [f"## {COMPARE_TITLE}", ""]
+        for title, sentences in lines:
+            out += [f"{title}:", ""] + [f"- {md_escape(t)}" for t in sentences] + [""]
+    out += [f"## {EFFORT_TITLE}", "", md_table(*effort_rows(data)), "", EFFORT_NOTE, ""]
+    for fig in data.frontier_figures:
+        if fig.path is not None:
+            out += _figure_markdown(fig)
+    return out
 
 
 def _confirmed_markdown(data: ReportData) -> list[str]:
@@ -365,7 +438,11 @@ def render_html(data: ReportData) -> str:
     parts.append("</dl>")
     for note in data.notes:
         parts.append(f'<p class="note">{e(note)}</p>')
+    if data.frontier is not None and data.frontier.warnings:
+        parts.append(f"<h2>{e(WARNINGS_TITLE)}</h2>")
+        parts.append("<ul>" + "".join(f"<li>{e(w)}</li>" for w in data.frontier.warnings) + "</ul>")
     parts += _confirmed_html(data)
+    parts += _frontier_html(data)
     parts.append("<h2>Best configuration per method</h2>")
     if data.best.empty:
         parts.append("<p>No trial finished with a score (completed or stopped early).</p>")
@@ -390,6 +467,26 @@ def render_html(data: ReportData) -> str:
         parts.append(html_table(*table_rows(data.cross, cross_columns())))
     parts.append("</body></html>")
     return "\n".join(parts) + "\n"
+
+
+def _frontier_html(data: ReportData) -> list[str]:
+    e = html.escape
+    if data.frontier is None or not data.frontier.cells:
+        return []
+    parts = [f"<h2>{e(TABLE_TITLE)}</h2>", html_table(*frontier_table(data))]
+    lines = comparison_lines(data)
+    if lines:
+        parts.append(f"<h2>{e(COMPARE_TITLE)}</h2>")
+        for title, sentences in lines:
+            parts.append(f"<p>{e(title)}:</p><ul>" + "".join(f"<li>{e(t)}</li>" for t in sentences) + "</ul>")
+    parts += [f"<h2>{e(EFFORT_TITLE)}</h2>", html_table(*effort_rows(data)), f'<p class="note">{e(EFFORT_NOTE)}</p>']
+    for fig in data.frontier_figures:
+        if fig.path is not None:
+            parts.append(f"<h2>{e(fig.title)}</h2>")
+            if fig.note:
+                parts.append(f'<p class="note">{e(fig.note)}</p>')
+            parts.append(f'<img alt="{e(fig.title)}" src="{png_data_uri(fig.path)}">')
+    return parts
 
 
 def _confirmed_html(data: ReportData) -> list[str]:

@@ -4,12 +4,14 @@ A search picks its winner from one seed on the validation split, so the
 winner's score carries both the seed's luck and the selection's optimism. The
 confirmation stage answers "does it hold up?":
 
-1. the top ``confirm.top_k`` configurations per method, by the search's own
-   ranking (full-fidelity trials first, then the final validation score);
+1. the top ``confirm.top_k`` configurations of each cell (a method at a budget
+   level: the unit of equal tuning effort; a search over one level has one cell
+   per method), by the search's own ranking (full-fidelity trials first, then the
+   final validation score);
 2. each trained again at full fidelity (no early stopping) with ``confirm.seeds``
    new seeds, ``training.seed + 1 .. + seeds`` (initialisation, dropout and data
-   order); every configuration gets the same seeds, so methods can be compared
-   seed by seed (a paired comparison);
+   order); every configuration of every cell gets the same seeds, so cells can be
+   compared seed by seed (a paired comparison), within a level and across levels;
 3. each scored on validation after every epoch (as in the search) and, once,
    the final model on the test split, which no search trial ever loads
    (``training.score_test``);
@@ -17,8 +19,9 @@ confirmation stage answers "does it hold up?":
    the same splits and logged on the search's parent run.
 
 Records: one MLflow child run of the search's parent per (configuration, seed),
-tagged ``melora.kind=confirmation`` and linked to the trial it confirms
-(``melora.confirms``); see ``melora_tune.records.schema``. The Ray Tune
+tagged ``melora.kind=confirmation``, linked to the trial it confirms
+(``melora.confirms``) and carrying its cell (param ``budget``, tag ``melora.cell``);
+see ``melora_tune.records.schema``. The Ray Tune
 experiment is ``<search experiment>/confirm`` (then ``confirm-2``, ... when a
 later call adds configurations or seeds). Running it again resumes: an
 interrupted experiment is restored (its trials continue from their
@@ -50,8 +53,9 @@ from melora_tune.records import read
 from melora_tune.records.inputs import task_inputs
 from melora_tune.records import DEFAULT_STORAGE_PATH
 from melora_tune.records import (
-    CONFIG_TAG, CONFIRM_DIR, CONFIRM_KIND, CONFIRM_SPLITS, CONFIRMS_TAG, CONFIRMS_TRIAL_TAG, KIND_TAG, PARENT_TAG,
-    SEARCH_TAG, SEED_TAG, SCORE_METRIC_PARAM, STATUS_TAG, TEST_SCORE, TRIAL_TAG, VAL_SCORE, baseline_metric,
+    CELL_TAG, CONFIG_TAG, CONFIRM_DIR, CONFIRM_KIND, CONFIRM_SPLITS, CONFIRMS_TAG, CONFIRMS_TRIAL_TAG, KIND_TAG,
+    PARENT_TAG, SEARCH_TAG, SEED_TAG, SCORE_METRIC_PARAM, STATUS_TAG, TEST_SCORE, TRIAL_TAG, VAL_SCORE, baseline_metric,
+    cell_label,
 )
 from melora_tune.search.experiment import find_latest, plan_paths, read_meta, resolve_space
 from melora_tune.search.model_registry import register_safely
@@ -81,6 +85,11 @@ class Planned:
     sampled: dict[str, Any]  # method, its hyperparameters, lr, alpha, dropout: what TrialConfig.from_sampled merges
     adapter_params: int = 0
     search_score: float = math.nan
+    budget: int | None = None  # the cell's level (None: the search's one budget, as records before cells)
+
+    @property
+    def cell(self) -> str:
+        return cell_label(self.method, self.budget) if self.budget is not None else self.method
 
     @property
     def key(self) -> tuple[str, int]:
@@ -131,21 +140,39 @@ def _isna(value) -> bool:
         return True
 
 
+def trial_cells(methods, trials) -> list[tuple[str, int | None]]:
+    """The cells the trials fall in, ``methods``' order then ascending level; a trial without a level (records
+    before cells) is its method's one cell, (method, None)."""
+    out = []
+    for method in methods:
+        levels = {None if _isna(b) else int(b) for b in trials.loc[trials["method"] == method, "budget"]} \
+            if "budget" in trials else {None}
+        out += [(method, level) for level in sorted(levels, key=lambda b: (b is not None, b or 0))]
+    return out
+
+
 def plan(space, trials, *, top_k: int | None = None, seeds: list[int] | None = None) -> list[Planned]:
-    """The confirmations of a search: its top-k scored trials per method (the search's ranking) x the seeds."""
+    """The confirmations of a search: the top-k scored trials of each cell (the search's ranking) x the seeds, the
+    same seeds for every cell."""
     top_k = top_k or space.confirm.top_k
     seeds = seeds or seeds_for(space)
     ranked = read.rank_trials(trials)
     out: list[Planned] = []
-    for method_name in space.methods:
+    cells = trial_cells(space.methods, ranked)
+    # One configuration can fit two neighbouring levels (min_fraction): its key names the level, so the seeds of
+    # two cells never pool into one configuration.
+    several = len({level for _, level in cells if level is not None}) > 1
+    for method_name, level in cells:
         mine = ranked[ranked["method"] == method_name]
+        if "budget" in mine:
+            mine = mine[mine["budget"].isna()] if level is None else mine[mine["budget"] == level]
         method = get_method(method_name)
         seen: set[str] = set()
         for _, row in mine.iterrows():
             if len(seen) >= top_k:
                 break
             sampled = sampled_values(row.to_dict(), method)
-            key = describe(sampled)
+            key = f"{describe(sampled)} @{level}" if several else describe(sampled)
             if key in seen:  # TPE can sample one configuration twice: confirm it once
                 continue
             seen.add(key)
@@ -153,7 +180,7 @@ def plan(space, trials, *, top_k: int | None = None, seeds: list[int] | None = N
                 out.append(Planned(confirms=str(row["run_id"]), confirms_trial=str(row["trial_id"]), config_key=key,
                                    method=method_name, seed=int(seed), sampled=sampled,
                                    adapter_params=int(row["adapter_params"]) if not _isna(row["adapter_params"]) else 0,
-                                   search_score=float(row["score"])))
+                                   search_score=float(row["score"]), budget=level))
     return out
 
 
@@ -215,16 +242,21 @@ class ConfirmTrackingCallback(MlflowTrialCallback):
         else:
             tags = {PARENT_TAG: self.parent_run_id, KIND_TAG: CONFIRM_KIND, CONFIRMS_TAG: item["confirms"],
                     CONFIRMS_TRIAL_TAG: item["confirms_trial"], CONFIG_TAG: item["config_key"], SEED_TAG: str(item["seed"]),
-                    STATUS_TAG: "running", SEARCH_TAG: self.search_name, TRIAL_TAG: tid}
+                    STATUS_TAG: "running", SEARCH_TAG: self.search_name, TRIAL_TAG: tid,
+                    CELL_TAG: cell_label(item["sampled"]["method"], self._budget(item))}
             run = self.mlf.create_run(self.experiment_id, run_name=f"confirm {describe(item['sampled'])} seed {item['seed']}",
                                       tags=tags)
             run_id = run.info.run_id
             drill.point(f"{self.DRILL}.mlflow_create")
             self._last_step[tid] = -1
         self._runs[tid] = run_id
-        log_params_once(self.mlf, run_id, trial_params(self._flat(trial), self.budget, self.min_fraction))
+        log_params_once(self.mlf, run_id, trial_params(self._flat(trial), self._budget(item), self.min_fraction))
         self.log_inputs(run_id)
         return run_id
+
+    def _budget(self, item: dict[str, Any]) -> int:
+        # the cell's level; a plan pickled before cells existed (a resumed confirm) has none: the search's budget
+        return int(item.get("budget") or self.budget)
 
     def _finish(self, trials, trial, status: str, reason: str | None) -> None:
         if status == "stopped_early":  # no scheduler stops a confirmation: a report short of max_t means interrupted
@@ -428,21 +460,22 @@ def _finish(result: ConfirmResult, mlf, search, t0: float) -> ConfirmResult:
         result.rows.append({
             "run_id": run.info.run_id, "confirms": tags.get(CONFIRMS_TAG), "config": tags.get(CONFIG_TAG),
             "seed": int(tags.get(SEED_TAG, -1)), "status": tags.get(STATUS_TAG), "method": run.data.params.get("method"),
+            "cell": tags.get(CELL_TAG) or run.data.params.get("method"),
             "val_score": metrics.get(VAL_SCORE), "test_score": metrics.get(TEST_SCORE),
         })
-    result.rows.sort(key=lambda r: (r["method"] or "", r["config"] or "", r["seed"]))
+    result.rows.sort(key=lambda r: (r["method"] or "", r["cell"] or "", r["config"] or "", r["seed"]))
     result.wall_s = time.time() - t0
     return result
 
 
 def summary_lines(result: ConfirmResult) -> list[str]:
-    """Per configuration: seeds, validation and test mean ± std (the report adds the intervals)."""
+    """Per configuration (grouped by cell): seeds, validation and test mean ± std (the report adds the intervals)."""
     groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for row in result.rows:
         if row["status"] == "completed":
-            groups.setdefault((row["method"], row["config"]), []).append(row)
+            groups.setdefault((row["cell"], row["config"]), []).append(row)
     lines = []
-    for (method, config), rows in sorted(groups.items()):
+    for (_, config), rows in sorted(groups.items()):
         parts = []
         for key, label in (("val_score", "val"), ("test_score", "test")):
             values = [r[key] for r in rows if r[key] is not None]

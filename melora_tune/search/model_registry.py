@@ -1,7 +1,7 @@
 """The confirmed winners in MLflow's Model Registry, registered after every confirmation.
 
 - one registered model per dataset: ``records.registered_model_name`` (``melora-rotten_tomatoes``);
-- one version per search and cell (today a cell is a method at the search's budget), made from the winning
+- one version per search and cell (a method at a budget level), made from the winning
   confirmation run's artifact ``registered/``: ``adapter/`` (the native adapter, as the run logged it),
   ``peft/`` (the same adapter as a standard PEFT LoRA, built as ``melora-tune export`` builds it) and
   ``confirmed.json`` (the scores below);
@@ -75,9 +75,10 @@ def _existing(mlf, name: str) -> list:
 
 
 def register_winners(mlf, search, dataset: str, budget: int, cfg, write=None) -> list[dict[str, Any]]:
-    """Register each method's confirmed winner of ``search`` (a ``read.SearchInfo``) under ``dataset``'s model;
-    ``cfg``: the search's base trial config (its model and task type build the PEFT folder). Returns one
-    ``{"name", "version", "alias", "run_id", "method"}`` per cell."""
+    """Register each cell's confirmed winner of ``search`` (a ``read.SearchInfo``) under ``dataset``'s model;
+    ``budget``: the level of a winner whose runs do not record one (records before cells); ``cfg``: the search's base
+    trial config (its model and task type build the PEFT folder). Returns one
+    ``{"name", "version", "alias", "run_id", "method", "budget"}`` per cell."""
     winners = confirmed_winners(read.confirmations_frame(mlf, search))
     if not winners:
         return []
@@ -92,9 +93,10 @@ def register_winners(mlf, search, dataset: str, budget: int, cfg, write=None) ->
     out = []
     for winner in winners:
         method = winner["method"]
-        alias = cell_alias(method, budget)
+        level = winner["budget"] if winner.get("budget") is not None else budget
+        alias = cell_alias(method, level)
         run_id = str(winner["run"]["run_id"])
-        tags = version_tags(search, winner, method, budget)
+        tags = version_tags(search, winner, method, level)
         mine = [v for v in versions if v.tags.get(VERSION_PARENT_TAG) == search.run_id
                 and v.tags.get(VERSION_CELL_TAG) == alias and v.run_id == run_id]
         if mine:  # the same winner: its scores may have more seeds now
@@ -110,9 +112,10 @@ def register_winners(mlf, search, dataset: str, budget: int, cfg, write=None) ->
             source = f"{mlf.get_run(run_id).info.artifact_uri.rstrip('/')}/{REGISTERED_ARTIFACT}"
             version = mlf.create_model_version(name, source, run_id=run_id, tags=tags,
                                                description=f"{search.name}: confirmed winner of {method} at budget "
-                                                           f"{budget} ({winner['config']}, seed {tags[SEED_TAG]})").version
+                                                           f"{level} ({winner['config']}, seed {tags[SEED_TAG]})").version
         mlf.set_registered_model_alias(name, alias, version)
-        out.append({"name": name, "version": str(version), "alias": alias, "run_id": run_id, "method": method})
+        out.append({"name": name, "version": str(version), "alias": alias, "run_id": run_id, "method": method,
+                    "budget": int(level)})
         (write or print)(f"registered {name} version {version} (alias {alias}): {winner['config']}, "
                          f"test {float(winner['test_mean']):.4f} over {int(winner['seeds'])} seed(s)")
     return out
