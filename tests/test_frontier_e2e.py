@@ -8,7 +8,6 @@ confirmed winner."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 from helpers import md_section, md_table_rows, save_tiny_classifier

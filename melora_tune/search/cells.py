@@ -28,14 +28,10 @@ searcher and scheduler are in ``search.cell_search``.
 
 from __future__ import annotations
 
+from melora_tune.records.schema import cell_label  # noqa: F401  (re-exported: the search names cells as records do)
 
 CELL_KEY = "cell"  # the sampled config's key (and MLflow tag melora.cell) naming a trial's cell
 RUNGS_NAME = "rungs.jsonl"
-
-
-def cell_label(method: str, level: int) -> str:
-    """How records name a cell: ``melora@9216``."""
-    return f"{method}@{int(level)}"
 
 
 def cell_study_name(study_name: str, method: str, level: int) -> str:
