@@ -85,6 +85,7 @@ SPACES = {
     "tpc_zero": ("trials_per_cell", 0),
     "share_odd": ("num_samples", 3),
     "tpc_disagrees": ("trials_per_cell", 3),
+    "warm_missing": ("warm_start", ["nosuch"]),
     "ray_timeout_zero": ("ray_start_timeout_s", 0),
     "ray_timeout_word": ("ray_start_timeout_s", "soon"),
 }
@@ -301,6 +302,8 @@ ROWS = [
     ("search-share-odd", "search {A}/sp_share_odd.yaml", "give num_samples a multiple of 2"),
     ("dry-share-cli", "search {A}/space.yaml --dry-run --num-samples 5", "num_samples=5 does not split evenly"),
     ("dry-tpc-disagrees", "search {A}/sp_tpc_disagrees.yaml --dry-run", "num_samples=4 and trials_per_cell=3 disagree"),
+    ("dry-warm-missing", "search {A}/sp_warm_missing.yaml --dry-run", "warm_start: no search 'nosuch' under"),
+    ("search-warm-missing", "search {A}/sp_warm_missing.yaml", "give an earlier search's name"),
     ("dry-num-samples", "search {A}/space.yaml --dry-run --num-samples 0", "--num-samples must be >= 1"),
     ("dry-storage-proc", "search {A}/space.yaml --dry-run --storage-path /proc/x", "storage path /proc/x is not writable"),
     ("dry-storage-proc-in-space", "search {A}/sp_storage_proc.yaml --dry-run", "storage path /proc/x is not writable"),

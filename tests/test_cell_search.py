@@ -129,3 +129,53 @@ def test_asha_stops_a_trial_only_against_its_own_cell(tiny_model_dir, tmp_path):
         assert {trials[p].config["cell"] for p in line["peers"]} == {line["cell"]}
     assert [(x["trial_id"], x["decision"]) for x in lines] == [("m1", "CONTINUE"), ("m2", "CONTINUE"),
                                                                  ("l1", "CONTINUE"), ("l2", "STOP")]
+
+
+def test_warm_start_enqueues_each_cells_best_from_the_same_method_of_an_earlier_search(tiny_model_dir, tmp_path):
+    """An earlier search (its record under the storage path and its per-cell studies in SQLite, written by the
+    real searcher) starts a new search's cells: each cell gets its own method's best completed configurations,
+    the nearest level's when its own is missing, and never another method's."""
+    import json
+
+    from melora_tune.search.experiment import prepare_search
+    from melora_tune.search.searcher import WARM_ATTR
+
+    runs = tmp_path / "runs"
+    storage = f"sqlite:///{runs}/optuna.db"
+    runs.mkdir()
+    # the earlier search: one level (768), lora and melora, 3 trials each with known scores
+    old = space(tiny_model_dir, name="old", budget={"max_params": 768, "min_fraction": 0.75}, trials_per_cell=3)
+    fs = build_space(old)
+    old, shares = with_shares(old, fs)
+    s = searcher(old, fs, shares, storage, study="old-1")
+    scores = iter([0.61, 0.70, 0.80, 0.55, 0.66, 0.90])
+    sampled = {}
+    for i in range(6):
+        config = s.suggest(f"t{i}")
+        score = next(scores)
+        sampled.setdefault(config["cell"], []).append((score, config))
+        s.on_trial_complete(f"t{i}", {"score": score, "step": 2, "epoch": 2.0, "status": "completed"})
+    (runs / "old-1").mkdir()
+    (runs / "old-1" / "melora_search.json").write_text(json.dumps({"study_name": "old-1", "optuna_storage": storage}))
+
+    new = space(tiny_model_dir, name="new", warm_start=["old"], storage_path=str(runs),
+                tracking_uri=f"sqlite:///{tmp_path}/mlflow.db", trials_per_cell=3)
+    prep = prepare_search(new)
+    assert set(prep.warm) == {"melora@384", "lora@384", "melora@768", "lora@768"}
+    for label, points in prep.warm.items():
+        method, level = label.split("@")
+        best_score, best = max(sampled[f"{method}@768"], key=lambda x: x[0])
+        assert len(points) == 1 and points[0]["value"] == best_score  # share 3 // 3 = 1 configuration
+        assert points[0]["from"].startswith(f"old-1:{method}@768#")  # its own method, the nearest level
+        assert points[0]["params"]["method"] == method and points[0]["params"]["lr"] == best["lr"]
+        if level == "384":  # the earlier level's rank (r=2) does not fit r=1: left to the sampler, the lr kept
+            assert not any(k.endswith(".r") or ".r|" in k for k in points[0]["params"])
+    sub = BudgetOptunaSearch(prep.feasible.cells[("melora", 768)], storage=storage, study_name="new-1.melora@768",
+                             seed=0, max_t=2, warm=prep.warm["melora@768"])
+    first = sub.suggest("w0")
+    assert first["lr"] == prep.warm["melora@768"][0]["params"]["lr"] and first["n"] == sampled_best_n(sampled)
+    assert sub._ot_trials["w0"].user_attrs[WARM_ATTR] == prep.warm["melora@768"][0]["from"]
+
+
+def sampled_best_n(sampled):
+    return max(sampled["melora@768"], key=lambda x: x[0])[1]["n"]

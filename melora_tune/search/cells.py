@@ -71,7 +71,7 @@ def cell_lines(feasible, shares: dict[str, int]) -> list[str]:
     return out
 
 
-def effort_warnings(space, feasible) -> list[str]:
+def effort_warnings(space, feasible, warm: dict[str, list] | None = None) -> list[str]:
     """Why a space's comparison is not equal-effort, one sentence each (the dry run and the report print them)."""
     out = []
     lr = space.space
@@ -84,7 +84,24 @@ def effort_warnings(space, feasible) -> list[str]:
     if methods_with_points and methods_with_points != set(feasible.methods):
         out.append(f"points_to_evaluate seed only {', '.join(sorted(methods_with_points))}: those cells start from "
                    "known configurations and the others do not (not equal-effort)")
+    if warm:
+        cold = sorted(label for label, points in warm.items() if not points)
+        if cold and len(cold) < len(warm):
+            out.append(f"warm start reaches only some cells ({', '.join(cold)} start cold): those cells are not "
+                       "tuned alike; warm-start from a search of every method, or none")
     return out
+
+
+def warm_lines(warm: dict[str, list[dict]]) -> list[str]:
+    """The dry run's lines: what each cell starts from (``search.warm_start``)."""
+    lines = []
+    for label, points in warm.items():
+        if points:
+            lines.append(f"  {label:<16} starts with {len(points)} configuration(s) from "
+                         + ", ".join(f"{p['from']} ({p['value']:.4f})" for p in points))
+        else:
+            lines.append(f"  {label:<16} starts cold: no completed configuration of its method fits it")
+    return lines
 
 
 def cell_studies(study_name: str, storage) -> dict[str, "optuna.Study"]:  # noqa: F821

@@ -17,7 +17,7 @@ import json
 import os
 import sys
 
-from melora_tune.search.cells import cell_label, cell_lines, effort_warnings
+from melora_tune.search.cells import cell_label, cell_lines, effort_warnings, warm_lines
 from melora_tune.search.samplers import all_samplers, get_sampler
 from melora_tune.search.schedulers import all_schedulers, get_scheduler
 
@@ -118,7 +118,11 @@ def _dry_run(args) -> int:
           "early stopping among its own trials")
     for line in cell_lines(feasible, shares):
         print(line)
-    for line in effort_warnings(space, feasible):
+    if prep.warm:
+        print(f"warm start from {', '.join(space.warm_start)} (each cell from its own method's best):")
+        for line in warm_lines(prep.warm):
+            print(line)
+    for line in effort_warnings(space, feasible, prep.warm):
         print(f"warning: {line}")
     sampler = get_sampler(space.sampler).phrase(feasible)
     policy = ", stopped trials told as COMPLETE (stock)" if space.tell_policy == "stock" and scheduler.stops_early else ""

@@ -328,6 +328,9 @@ class SearchSpace(Schema):
     # a full grid without early stopping, where nothing is selected inside the search.
     record_test: bool = False
     seed: int = Field(0, ge=0)
+    # Earlier searches (experiment folder or space name, same storage path) whose best configurations of each
+    # method start this search's cells of that method (search/warm_start.py).
+    warm_start: list[str] = Field(default_factory=list)
     points_to_evaluate: list[dict[str, Any]] = Field(default_factory=list)  # configs to try first, e.g. {method: lora, r: 8, lr: 5e-4}
     resources: Resources = Field(default_factory=Resources)
     confirm: Confirm = Field(default_factory=Confirm)

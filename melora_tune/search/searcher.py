@@ -64,6 +64,7 @@ log = logging.getLogger("melora_tune.search")
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 STATUS_ATTR = "melora.status"
+WARM_ATTR = "melora.warm_start_from"  # an enqueued configuration an earlier search found best (search.warm_start)
 DUPLICATE_ATTR = "melora.duplicate_of"  # a proposal answered from an earlier trial's record, never trained
 # Duplicate proposals in a row before an untaken configuration is drawn instead: a model sure of its optimum
 # proposes it again however often it is told (GP's acquisition barely moves for a repeated point, and each of
@@ -121,6 +122,7 @@ class BudgetOptunaSearch(OptunaSearch):
         metric: str = "score",
         mode: str = "max",
         points_to_evaluate: list[dict] | None = None,
+        warm: list[dict] | None = None,
         sampler: str = "tpe",
         tell_policy: str = "fidelity",
     ) -> None:
@@ -147,6 +149,8 @@ class BudgetOptunaSearch(OptunaSearch):
         # Ray would enqueue these again on every fresh start of the same study; skip_if_exists does not
         for point in points_to_evaluate or []:
             self._ot_study.enqueue_trial(point, skip_if_exists=True)
+        for point in warm or []:  # after the space's own points; each says where it came from
+            self._ot_study.enqueue_trial(point["params"], user_attrs={WARM_ATTR: point["from"]}, skip_if_exists=True)
 
     # ---- suggestions ---------------------------------------------------------------------
     def _owned_numbers(self) -> set[int]:
