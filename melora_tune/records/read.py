@@ -231,7 +231,8 @@ def resolve_search(mlf, dataset: str, search: str | None = None) -> SearchInfo:
     return SearchInfo.from_run(run, exp.name)
 
 
-def _num(value: Any) -> float:
+def as_number(value: Any) -> float:
+    """A record's value as a float (NaN when it is missing or not a number)."""
     try:
         out = float(value)
     except (TypeError, ValueError):
@@ -241,7 +242,7 @@ def _num(value: Any) -> float:
 
 def search_budget(search: SearchInfo) -> int | None:
     """The parent run's ``budget`` param as an int (a single-level search's one level), or None."""
-    value = _num(search.params.get(BUDGET_PARAM))
+    value = as_number(search.params.get(BUDGET_PARAM))
     return int(round(value)) if math.isfinite(value) else None
 
 
@@ -249,7 +250,7 @@ def levels_of(search: SearchInfo) -> list[int]:
     """The search's budget levels, ascending: the parent's ``budget_levels`` param, else its one ``budget``."""
     text = search.params.get(LEVELS_PARAM)
     if text:
-        values = [_num(v) for v in str(text).split(",")]
+        values = [as_number(v) for v in str(text).split(",")]
         levels = sorted({int(round(v)) for v in values if math.isfinite(v)})
         if levels:
             return levels
@@ -265,7 +266,7 @@ def infeasible_of(search: SearchInfo) -> dict[tuple[str, int], str]:
 def run_cell(run, search: SearchInfo) -> dict[str, Any]:
     """{budget, cell} of a trial or confirmation run: its ``budget`` param (else the search's one budget, as
     records before cells have it) and its ``melora.cell`` tag (else ``<method>@<budget>``)."""
-    value = _num(run.data.params.get(BUDGET_PARAM))
+    value = as_number(run.data.params.get(BUDGET_PARAM))
     budget = int(round(value)) if math.isfinite(value) else search_budget(search)
     method = run.data.params.get("method", "?")
     cell = run.data.tags.get(CELL_TAG) or (cell_label(method, budget) if budget is not None else method)
@@ -414,10 +415,10 @@ def normalize_frame(df):
     df = df.copy()
     for col in int_columns():
         if col in df:
-            df[col] = pd.to_numeric(df[col].map(_num), errors="coerce").round().astype("Int64")
+            df[col] = pd.to_numeric(df[col].map(as_number), errors="coerce").round().astype("Int64")
     for col in FLOAT_COLUMNS:
         if col in df:
-            df[col] = pd.to_numeric(df[col].map(_num), errors="coerce").astype(float)
+            df[col] = pd.to_numeric(df[col].map(as_number), errors="coerce").astype(float)
     return df
 
 

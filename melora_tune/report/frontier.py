@@ -76,14 +76,6 @@ def _jsonable(row: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _num(value: Any) -> float:
-    try:
-        out = float(value)
-    except (TypeError, ValueError):
-        return math.nan
-    return out
-
-
 def _methods(search: read.SearchInfo, trials, confirmed: ConfirmedResults | None) -> list[str]:
     """The space's order (the parent's ``methods`` param), else the confirmed table's, then the trials'."""
     named = [m.strip() for m in str(search.params.get("methods") or "").strip("[]").replace("'", "").split(",") if m.strip()]
@@ -107,8 +99,8 @@ def effort(trials) -> dict[tuple[str, int | None], dict[str, Any]]:
             "stopped_early": int((group["status"] == "stopped_early").sum()),
             "epochs": float(group["epoch"].fillna(0).sum()),
             "compute_s": float(group["duration_s"].astype(float).fillna(0).sum()),
-            "best_lr": _num(top["lr"]) if top is not None else math.nan,
-            "best_search_score": _num(top["score"]) if top is not None else math.nan,
+            "best_lr": read.as_number(top["lr"]) if top is not None else math.nan,
+            "best_search_score": read.as_number(top["score"]) if top is not None else math.nan,
         }
     return out
 
@@ -144,8 +136,8 @@ def build_frontier(search: read.SearchInfo, trials, confirmations, confirmed: Co
             row.update(status="infeasible", reason=infeasible[(method, budget)])
         elif w is not None:
             row.update(status="confirmed", adapter_params=_int(w["adapter_params"]), configuration=w["configuration"],
-                       seeds=int(w["seeds"]), test_mean=_num(w["test_mean"]), test_lo=_num(w["test_lo"]),
-                       test_hi=_num(w["test_hi"]), val_mean=_num(w["val_mean"]))
+                       seeds=int(w["seeds"]), test_mean=read.as_number(w["test_mean"]), test_lo=read.as_number(w["test_lo"]),
+                       test_hi=read.as_number(w["test_hi"]), val_mean=read.as_number(w["val_mean"]))
         else:
             row.update(status="searched" if row["trials"] else "no trial")
         cells.append(row)
@@ -159,7 +151,7 @@ def build_frontier(search: read.SearchInfo, trials, confirmations, confirmed: Co
 
 
 def _int(value: Any) -> int | None:
-    v = _num(value)
+    v = read.as_number(value)
     return int(round(v)) if math.isfinite(v) else None
 
 
@@ -227,10 +219,10 @@ def warnings(search: read.SearchInfo, trials, frontier: Frontier, baselines, cur
              seed_runs: dict[str, list[str]]) -> list[str]:
     out = []
     p = search.params
-    low, high = _num(p.get("lr_low")), _num(p.get("lr_high"))
+    low, high = read.as_number(p.get("lr_low")), read.as_number(p.get("lr_high"))
     log = str(p.get("lr_log", "True")) != "False"
     for c in frontier.cells:
-        edge = lr_edge(_num(c["best_lr"]), low, high, log)
+        edge = lr_edge(read.as_number(c["best_lr"]), low, high, log)
         if edge:
             bound, change = ("lr_low", "lower") if edge == "lower" else ("lr_high", "raise")
             out.append(f"{c['cell']}: the best learning rate {c['best_lr']:.2e} sits at the {edge} edge of the searched "
