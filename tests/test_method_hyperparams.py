@@ -158,7 +158,7 @@ def test_records_and_report_columns(lorak):
     from melora_tune.report import render, table
     from melora_tune.search.progress import TrialRow, summary_table
 
-    assert read.hp_columns() == ("n", "r", "u", "m", "m_b", "k") and read.COLUMNS[5:11] == read.hp_columns()
+    assert read.hp_columns() == ("n", "r", "u", "m", "m_b", "k") and read.COLUMNS[7:13] == read.hp_columns()  # after method, budget, cell
     row = {c: None for c in read.trial_columns()}
     row.update(run_id="x", method=lorak, r="2", k="4", n="1", u="0", m="1", lr="0.001", score="0.5", status="completed")
     frame = read.normalize_frame(pd.DataFrame([row], columns=list(read.trial_columns())))

@@ -179,7 +179,8 @@ def test_shipped_offline_spaces_dry_run(capsys):
         assert code == 0, err
         assert "feasible configs" in out and "melora" in out and "lora" in out
     code, out, _ = cli(["search", str(SPACES / "demo.yaml"), "--dry-run"], capsys)
-    assert "12 layers (query, value)" in out and "8 feasible configurations" in out
+    assert "12 layers (query, value)" in out and "4 feasible configurations" in out  # all 18,432 params
+    assert "melora@18432       3 trials over    3 configs" in out and "lora@18432         3 trials over     1 config" in out
 
 
 @pytest.mark.parametrize("path", sorted(glob.glob(str(SPACES / "glue_*_roberta_base.yaml"))), ids=lambda p: Path(p).stem)
