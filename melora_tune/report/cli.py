@@ -67,8 +67,10 @@ def report_command(args) -> int:
     for res in results:
         best = res.data.best
         print(f"{res.dataset}: search {res.data.search_name} ({len(res.data.trials)} trials) -> {res.out_dir}/report.html")
+        levels = best["budget"].nunique() if "budget" in best else 1
         for _, row in best.iterrows():
-            print(f"  best {row['method']}: {row['run_name']} score {row['score']:.4f} ({row['status'].replace('_', ' ')})")
+            who = row["cell"] if levels > 1 and "cell" in best else row["method"]  # several levels: name the cell
+            print(f"  best {who}: {row['run_name']} score {row['score']:.4f} ({row['status'].replace('_', ' ')})")
         if best.empty:
             print("  no scored trial yet")
         for line in _confirmed_lines(res.data.confirmed):

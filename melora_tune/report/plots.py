@@ -245,6 +245,12 @@ def confirmed_frontier(cells: list[dict], path: str | Path, baselines: dict[str,
         ax.axhline(float(score), color="#555555", ls=BASELINE_STYLES.get(name, "--"), lw=1.2, zorder=2,
                    label=f"{BASELINE_LABELS.get(name, name)} {float(score):.3f} (test)")
     ax.set_xscale("log")
+    # the winners' own counts as ticks: log scale's default decades say little across two or three levels
+    counts = sorted({float(c["adapter_params"]) for c in done})
+    ax.set_xticks(counts, [f"{v:,.0f}" for v in counts])
+    ax.minorticks_off()
+    if len(counts) > 1:
+        ax.set_xlim(counts[0] / 1.25, counts[-1] * 1.25)
     ax.set_xlabel("trainable adapter parameters of the cell's winner (log scale)")
     ax.set_ylabel(f"test score (mean, {100 * level:g}% CI over seeds)")
     ax.set_title("Parameter-efficiency frontier (confirmed)")
