@@ -40,6 +40,10 @@ A = {"method": "lora", "r": 2, "lr": 1e-2}
 # at epoch 1 too, so it is not stopped and its final metrics can be compared.
 B = {"method": "melora", "n": 2, "r": 1, "lr": 1e-2}
 STOPPED = {"method": "lora", "r": 1, "lr": 1e-5}
+# The search gives each method's cell its share in turn (lora, melora, lora, melora): C (melora, lr 1e-5, first of
+# its cell at the rung, so never stopped) comes before STOPPED, and B after it, where B's 0.58 is above its cell's
+# rung cutoff (between C's 0.42 and B's own).
+C = {"method": "melora", "n": 2, "r": 2, "lr": 1e-5}
 
 
 def space_dict(model_dir, tmp_path) -> dict:
@@ -55,10 +59,10 @@ def space_dict(model_dir, tmp_path) -> dict:
         "space": {"lr": {"low": 1e-5, "high": 3e-2}, "n": [2], "r": [1, 2]},
         "training": {"epochs": 2, "micro_batch_size": 16, "max_length": 32, "zero_stage": 3},
         "asha": {"enabled": True, "grace_period": 1, "reduction_factor": 2},
-        "num_samples": 3,
+        "num_samples": 4,
         "max_concurrent_trials": 1,
         "n_startup_trials": 3,
-        "points_to_evaluate": [A, STOPPED, B],
+        "points_to_evaluate": [A, STOPPED, C, B],
         "confirm": {"enabled": False},
         # one thread, so a trial computes the same sums wherever it runs
         "resources": {"num_workers": 1, "cpus_per_worker": 1, "max_failures": 0},
@@ -303,37 +307,37 @@ def test_search_reuses_its_trial_process(warm_space, configs, fresh):
     finally:
         ray.shutdown()
     print(result.table())
-    assert result.status == "finished" and len(result.trials) == 3
+    assert result.status == "finished" and len(result.trials) == 4
 
     by_config = _tune_results(Path(result.experiment_path))
-    # one trial at a time, the points in order (Optuna hands out enqueued points first)
-    trials = [by_config[(p["method"], p["lr"])] for p in (A, STOPPED, B)]
+    # one trial at a time, the cells in turn, each cell's points in order (Optuna hands out enqueued points first)
+    trials = [by_config[(p["method"], p["lr"])] for p in (A, C, STOPPED, B)]
     pids = [rows[-1]["pid"] for rows in trials]
     print("trial pids", pids, "warm", [rows[0]["warm_start"] for rows in trials],
           "scores", [[r["score"] for r in rows] for rows in trials])
-    # one Tune trial process ran all three (max_concurrent_trials 1: the next trial waits for it)
+    # one Tune trial process ran all four (max_concurrent_trials 1: the next trial waits for it)
     assert len(set(pids)) == 1, pids
-    assert [rows[0]["warm_start"] for rows in trials] == [0, 1, 1]
+    assert [rows[0]["warm_start"] for rows in trials] == [0, 1, 1, 1]
     assert all(rows[-1]["worker_pid"] == rows[-1]["pid"] for rows in trials)  # trained in the Tune process itself
     # each trial started from nothing: its own first step, no restart, its own name and folder
     per_epoch = trials[0][0]["total_steps"] // 2
     for rows in trials:
         assert rows[0]["step"] == per_epoch and rows[0]["restarts"] == 0, rows[0]
-    assert len({rows[0]["trial_name"] for rows in trials}) == 3
-    # ASHA stopped the second trial after its first epoch; the third (B) ran in the process that trial left
-    assert [len(rows) for rows in trials] == [2, 1, 2]
-    assert trials[1][-1]["status"] == "running" and trials[2][-1]["status"] == "completed"
+    assert len({rows[0]["trial_name"] for rows in trials}) == 4
+    # ASHA stopped STOPPED after its first epoch; the next (B) ran in the process that trial left
+    assert [len(rows) for rows in trials] == [2, 2, 1, 2]
+    assert trials[2][-1]["status"] == "running" and trials[3][-1]["status"] == "completed"
     statuses = sorted(r.status for r in result.trials)
-    assert statuses == ["completed", "completed", "stopped_early"], statuses
+    assert statuses == ["completed", "completed", "completed", "stopped_early"], statuses
     # and B, trained after a stopped trial in a reused process, is exactly B trained in a fresh one
     ref = fresh("B")
-    final = {k: v for k, v in trials[2][-1].items() if k in ref["metrics"] and k not in VOLATILE}
+    final = {k: v for k, v in trials[3][-1].items() if k in ref["metrics"] and k not in VOLATILE}
     assert final == {k: v for k, v in ref["metrics"].items() if k in final}
     assert set(final) >= {"eval_loss", "score", "train_loss", "eval_accuracy"}
     # its kept checkpoint (the best-scoring report) holds the same history and, if final, the same adapter
     from melora_tune.trial import checkpoint as ckpt_io
 
-    adapter = Path(next(r for r in result.trials if r.method == "melora").checkpoint)  # <checkpoint>/adapter
+    adapter = Path(next(r for r in result.trials if r.method == "melora" and r.lr == B["lr"]).checkpoint)  # <ckpt>/adapter
     assert adapter.is_relative_to(Path(result.experiment_path))
     state = ckpt_io.read_state(adapter.parent)
     stable = lambda m: {k: v for k, v in m.items() if k not in VOLATILE}  # noqa: E731
