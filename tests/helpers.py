@@ -261,3 +261,22 @@ def stop_ui(proc, log) -> None:
             proc.kill()
         log.close()
 
+
+
+def search_on_local_ray(space, **kwargs):
+    """``run_search(space)`` on a private 2-CPU local Ray started here and shut down after: (result, progress
+    lines). The real-stack tests' common start; the lines are printed for the test log."""
+    import ray
+
+    from melora_tune.search import run_search
+
+    if ray.is_initialized():
+        ray.shutdown()
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING", log_to_driver=False)
+    lines: list[str] = []
+    try:
+        result = run_search(space, write=lines.append, **kwargs)
+    finally:
+        ray.shutdown()
+    print("\n".join(lines))
+    return result, lines

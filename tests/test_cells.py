@@ -13,7 +13,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from helpers import save_tiny_classifier
+from helpers import save_tiny_classifier, search_on_local_ray
 
 pytestmark = pytest.mark.slow
 
@@ -51,20 +51,8 @@ def space(model_dir, root: Path, **over) -> dict:
 
 @pytest.fixture(scope="module")
 def searched(tiny_model, tmp_path_factory):
-    import ray
-
-    from melora_tune.search import run_search
-
     root = tmp_path_factory.mktemp("cells")
-    if ray.is_initialized():
-        ray.shutdown()
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING", log_to_driver=False)
-    lines: list[str] = []
-    try:
-        result = run_search(space(tiny_model, root), write=lines.append)
-    finally:
-        ray.shutdown()
-    print("\n".join(lines))
+    result, _ = search_on_local_ray(space(tiny_model, root))
     print(result.table())
     return result
 

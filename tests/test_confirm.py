@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import browser, free_port, save_tiny_classifier, stop_ui, wait_http
+from helpers import browser, free_port, save_tiny_classifier, search_on_local_ray, stop_ui, wait_http
 
 from melora_tune.errors import UsageError
 
@@ -45,22 +45,10 @@ def small_space(model_dir, root: Path, **over) -> dict:
 @pytest.fixture(scope="module")
 def confirmed(tmp_path_factory):
     """A finished 2-trial search with its confirmation (2 seeds per method's best): (space, search result, root)."""
-    import ray
-
-    from melora_tune.search import run_search
-
     root = tmp_path_factory.mktemp("confirm")
     model = save_tiny_classifier(root / "tiny-bert", max_positions=64)
     space = small_space(model, root)
-    if ray.is_initialized():
-        ray.shutdown()
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING", log_to_driver=False)
-    lines: list[str] = []
-    try:
-        result = run_search(space, write=lines.append)
-    finally:
-        ray.shutdown()
-    print("\n".join(lines))
+    result, _ = search_on_local_ray(space)
     return space, result, root
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from helpers import md_section, md_table_rows, save_tiny_classifier
+from helpers import md_section, md_table_rows, save_tiny_classifier, search_on_local_ray
 
 pytestmark = pytest.mark.slow
 
@@ -20,10 +20,6 @@ CELLS = {"melora@256", "lora@256", "melora@512", "lora@512"}
 
 @pytest.fixture(scope="module")
 def confirmed(tmp_path_factory):
-    import ray
-
-    from melora_tune.search import run_search
-
     root = tmp_path_factory.mktemp("frontier_e2e")
     model = save_tiny_classifier(root / "tiny-bert", max_positions=64)
     space = {
@@ -38,15 +34,7 @@ def confirmed(tmp_path_factory):
         "confirm": {"enabled": True, "top_k": 1, "seeds": 2},
         "storage_path": str(root / "runs"), "tracking_uri": f"sqlite:///{root}/mlflow.db",
     }
-    if ray.is_initialized():
-        ray.shutdown()
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING", log_to_driver=False)
-    lines: list[str] = []
-    try:
-        result = run_search(space, write=lines.append)
-    finally:
-        ray.shutdown()
-    print("\n".join(lines))
+    result, _ = search_on_local_ray(space)
     return result, root
 
 
