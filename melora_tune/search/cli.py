@@ -80,7 +80,8 @@ def search_command(args) -> int:
     if best is None:
         print("  no trial produced a score")
     print(f"  experiment {result.experiment_path}")
-    print(f"  optuna     {result.optuna_storage} (study {result.study_name}): optuna-dashboard {result.optuna_storage}")
+    print(f"  optuna     {result.optuna_storage} (a study per cell: {result.study_name}.<method>@<budget>): "
+          f"optuna-dashboard {result.optuna_storage}")
     print(f"  mlflow     {result.tracking_uri} parent run {result.parent_run_id}")
     confirmed = result.extra.get("confirm")
     if confirmed is not None:
