@@ -1,4 +1,5 @@
-"""One trial for real: Ray Train V2 + DeepSpeed on CPU (gloo), the bundled MiniLM, real data. No mocks.
+"""One trial for real: Ray Train V2 + DeepSpeed on CPU (gloo), real data, no mocks: the bundled MiniLM where what it
+learns is the claim, tiny random models (with the MiniLM tokenizer or a BPE one) where the trial's machinery is.
 
 Every test here is slow (tens of seconds to a few minutes on 2 cores). They share
 one local Ray cluster (2 CPUs) except the kill-and-resume test, which runs the
@@ -66,7 +67,7 @@ def eval_accuracy_in_process(adapter_dir: str, max_eval: int) -> float:
     from melora_tune.adapters.models import resolve_model
 
     path = resolve_model("minilm")
-    task = load_task(TaskSpec(name="rotten_tomatoes", max_train_samples=2000, max_eval_samples=max_eval))
+    task = load_task(TaskSpec(name="rotten_tomatoes", max_train_samples=1000, max_eval_samples=max_eval))
     tok = transformers.AutoTokenizer.from_pretrained(path)
     data = encode_classification(task, tok, 64)["validation"]
     model = transformers.AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
@@ -86,7 +87,7 @@ def test_melora_minilm_zero2_two_workers_learns_rotten_tomatoes(ray_cluster, tmp
     cfg = apply_overrides(
         TrialConfig(),
         {
-            "max_train_samples": 2000,
+            "max_train_samples": 1000,  # 2 epochs of 32 steps: MiniLM's sentence features learn this fast
             "max_eval_samples": 500,
             "epochs": 2,
             "micro_batch_size": 16,  # per worker: 32 a step over 2 workers
@@ -107,7 +108,7 @@ def test_melora_minilm_zero2_two_workers_learns_rotten_tomatoes(ray_cluster, tmp
     m = result.metrics
     assert m["eval_accuracy"] >= 0.70, m
     assert m["score"] == m["eval_accuracy"]
-    assert result.step == result.total_steps == 2 * math.ceil(1000 / 16)
+    assert result.step == result.total_steps == 2 * math.ceil(500 / 16)
     assert [h["epoch"] for h in result.history] == [1.0, 2.0]
     for key in ("eval_loss", "train_loss", "samples_per_s", "trainable_params", "adapter_params", "equivalent_rank", "eval_f1"):
         assert key in m, key
@@ -230,10 +231,15 @@ def _json_result(proc, timeout=600) -> dict:
 def test_killed_trial_resumes_from_its_last_checkpoint(tmp_path, workers):
     import ray
 
+    from helpers import save_tiny_classifier
+
     if ray.is_initialized():
         ray.shutdown()
+    # a tiny random BERT (2 layers, hidden 32, with dropout) and the MiniLM tokenizer: what resumes is the trial's
+    # state (data order, dropout RNG, optimizer and scheduler), not MiniLM's weights, so the model stays small
+    model = save_tiny_classifier(tmp_path / "tiny-bert", max_positions=64)
     config = tmp_path / "trial.yaml"
-    config.write_text("model: minilm\ntask:\n  name: rotten_tomatoes\n")
+    config.write_text(f"model: {model}\ntask:\n  name: rotten_tomatoes\n")
     storage = tmp_path / "runs"
     storage.mkdir()
 
