@@ -218,7 +218,8 @@ def _cli(config: Path, storage: Path, name: str, workers: int = 2, **popen):
     cmd = [sys.executable, "-m", "melora_tune.cli", "train", str(config), "--storage-path", str(storage), "--name", name,
            "--num-cpus", "2", "--json", "--set", *RESUME_SETTINGS, *WORKER_SETTINGS[workers]]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True, cwd=str(storage), **popen)
+    popen = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, **popen}
+    return subprocess.Popen(cmd, env=env, text=True, cwd=str(storage), **popen)
 
 
 def _json_result(proc, timeout=600) -> dict:
@@ -227,8 +228,28 @@ def _json_result(proc, timeout=600) -> dict:
     return json.loads(out.strip().splitlines()[-1])
 
 
+class _Background:
+    """A CLI run started now and read at the end (the unkilled reference, run beside the victim and its resumption:
+    on 2 cores it fills what their starts leave idle). Its output goes to files: a pipe nobody reads would stall it."""
+
+    def __init__(self, start, folder: Path, name: str):
+        self.out, self.err = folder / f"{name}.out", folder / f"{name}.err"
+        with open(self.out, "w") as out, open(self.err, "w") as err:
+            self.proc = start(stdout=out, stderr=err)
+
+    def result(self, timeout=600) -> dict:
+        self.proc.wait(timeout)
+        assert self.proc.returncode == 0, self.err.read_text()[-3000:]
+        return json.loads(self.out.read_text().strip().splitlines()[-1])
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
 @pytest.mark.parametrize("workers", [2, 1], ids=["train-workers", "in-process"])
-def test_killed_trial_resumes_from_its_last_checkpoint(tmp_path, workers):
+def test_killed_trial_resumes_from_its_last_checkpoint(tmp_path, workers, request):
     import ray
 
     from helpers import save_tiny_classifier
@@ -245,6 +266,8 @@ def test_killed_trial_resumes_from_its_last_checkpoint(tmp_path, workers):
 
     # the run to kill: SIGKILL its whole process group (driver, Ray, workers) once a checkpoint is committed
     victim = _cli(config, storage, "victim", workers, start_new_session=True)
+    background = _Background(lambda **out: _cli(config, storage, "reference", workers, **out), tmp_path, "reference")
+    request.addfinalizer(background.stop)
     run_dir = storage / "victim"
     deadline = time.time() + 480
     committed = None
@@ -264,7 +287,7 @@ def test_killed_trial_resumes_from_its_last_checkpoint(tmp_path, workers):
     assert all(s["status"] == "running" for s in states), "killed too late: the trial had already finished"
 
     resumed = _json_result(_cli(config, storage, "victim", workers))
-    reference = _json_result(_cli(config, storage, "reference", workers))
+    reference = background.result()
 
     assert reference["status"] == resumed["status"] == "completed"
     # 256 samples / (2 workers x 16 or 1 x 32) a step = 8 steps an epoch, 2 epochs
@@ -336,7 +359,7 @@ INSTRUCT_SETTINGS = [
 ]
 
 
-def test_instruction_trial_zero3_on_two_workers_resumes_at_the_same_step(tmp_path):
+def test_instruction_trial_zero3_on_two_workers_resumes_at_the_same_step(tmp_path, request):
     """Llama-like model (GQA, BOS/EOS, no pad token), instruction data with exact match, ZeRO-3 over 2 Train workers:
     killed after a checkpoint, the rerun continues from that step and ends where an unkilled run ends. The unkilled
     run recomputes its activations (gradient checkpointing), which must not change a number either."""
@@ -356,10 +379,13 @@ def test_instruction_trial_zero3_on_two_workers_resumes_at_the_same_step(tmp_pat
         cmd = [sys.executable, "-m", "melora_tune.cli", "train", str(config), "--storage-path", str(storage),
                "--name", name, "--num-cpus", "2", "--json", "--set", *INSTRUCT_SETTINGS, *extra]
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
-        return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True,
-                                cwd=str(storage), **popen)
+        popen = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, **popen}
+        return subprocess.Popen(cmd, env=env, text=True, cwd=str(storage), **popen)
 
     victim = cli("victim", start_new_session=True)
+    background = _Background(lambda **out: cli("reference", extra=["gradient_checkpointing=true"], **out), tmp_path,
+                             "reference")
+    request.addfinalizer(background.stop)
     run_dir = storage / "victim"
     deadline = time.time() + 480
     while time.time() < deadline and victim.poll() is None:
@@ -374,7 +400,7 @@ def test_instruction_trial_zero3_on_two_workers_resumes_at_the_same_step(tmp_pat
     assert all(s["status"] == "running" for s in states), "killed too late: the trial had already finished"
 
     resumed = _json_result(cli("victim"))
-    reference = _json_result(cli("reference", extra=["gradient_checkpointing=true"]))
+    reference = background.result()
     # 128 rows / (2 workers x 8) = 8 steps, evaluated every 2
     assert resumed["status"] == reference["status"] == "completed"
     assert resumed["step"] == reference["step"] == 8 and resumed["restarts"] == 1 and reference["restarts"] == 0
