@@ -1,4 +1,5 @@
-"""One trial for real: Ray Train V2 + DeepSpeed on CPU (gloo), the bundled MiniLM, real data. No mocks.
+"""One trial for real: Ray Train V2 + DeepSpeed on CPU (gloo), real data, no mocks: the bundled MiniLM where what it
+learns is the claim, tiny random models (with the MiniLM tokenizer or a BPE one) where the trial's machinery is.
 
 Every test here is slow (tens of seconds to a few minutes on 2 cores). They share
 one local Ray cluster (2 CPUs) except the kill-and-resume test, which runs the
@@ -66,7 +67,7 @@ def eval_accuracy_in_process(adapter_dir: str, max_eval: int) -> float:
     from melora_tune.adapters.models import resolve_model
 
     path = resolve_model("minilm")
-    task = load_task(TaskSpec(name="rotten_tomatoes", max_train_samples=2000, max_eval_samples=max_eval))
+    task = load_task(TaskSpec(name="rotten_tomatoes", max_train_samples=1000, max_eval_samples=max_eval))
     tok = transformers.AutoTokenizer.from_pretrained(path)
     data = encode_classification(task, tok, 64)["validation"]
     model = transformers.AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
@@ -86,7 +87,7 @@ def test_melora_minilm_zero2_two_workers_learns_rotten_tomatoes(ray_cluster, tmp
     cfg = apply_overrides(
         TrialConfig(),
         {
-            "max_train_samples": 2000,
+            "max_train_samples": 1000,  # 2 epochs of 32 steps: MiniLM's sentence features learn this fast
             "max_eval_samples": 500,
             "epochs": 2,
             "micro_batch_size": 16,  # per worker: 32 a step over 2 workers
@@ -107,7 +108,7 @@ def test_melora_minilm_zero2_two_workers_learns_rotten_tomatoes(ray_cluster, tmp
     m = result.metrics
     assert m["eval_accuracy"] >= 0.70, m
     assert m["score"] == m["eval_accuracy"]
-    assert result.step == result.total_steps == 2 * math.ceil(1000 / 16)
+    assert result.step == result.total_steps == 2 * math.ceil(500 / 16)
     assert [h["epoch"] for h in result.history] == [1.0, 2.0]
     for key in ("eval_loss", "train_loss", "samples_per_s", "trainable_params", "adapter_params", "equivalent_rank", "eval_f1"):
         assert key in m, key
@@ -217,7 +218,8 @@ def _cli(config: Path, storage: Path, name: str, workers: int = 2, **popen):
     cmd = [sys.executable, "-m", "melora_tune.cli", "train", str(config), "--storage-path", str(storage), "--name", name,
            "--num-cpus", "2", "--json", "--set", *RESUME_SETTINGS, *WORKER_SETTINGS[workers]]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True, cwd=str(storage), **popen)
+    popen = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, **popen}
+    return subprocess.Popen(cmd, env=env, text=True, cwd=str(storage), **popen)
 
 
 def _json_result(proc, timeout=600) -> dict:
@@ -226,19 +228,46 @@ def _json_result(proc, timeout=600) -> dict:
     return json.loads(out.strip().splitlines()[-1])
 
 
+class _Background:
+    """A CLI run started now and read at the end (the unkilled reference, run beside the victim and its resumption:
+    on 2 cores it fills what their starts leave idle). Its output goes to files: a pipe nobody reads would stall it."""
+
+    def __init__(self, start, folder: Path, name: str):
+        self.out, self.err = folder / f"{name}.out", folder / f"{name}.err"
+        with open(self.out, "w") as out, open(self.err, "w") as err:
+            self.proc = start(stdout=out, stderr=err)
+
+    def result(self, timeout=600) -> dict:
+        self.proc.wait(timeout)
+        assert self.proc.returncode == 0, self.err.read_text()[-3000:]
+        return json.loads(self.out.read_text().strip().splitlines()[-1])
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
 @pytest.mark.parametrize("workers", [2, 1], ids=["train-workers", "in-process"])
-def test_killed_trial_resumes_from_its_last_checkpoint(tmp_path, workers):
+def test_killed_trial_resumes_from_its_last_checkpoint(tmp_path, workers, request):
     import ray
+
+    from helpers import save_tiny_classifier
 
     if ray.is_initialized():
         ray.shutdown()
+    # a tiny random BERT (2 layers, hidden 32, with dropout) and the MiniLM tokenizer: what resumes is the trial's
+    # state (data order, dropout RNG, optimizer and scheduler), not MiniLM's weights, so the model stays small
+    model = save_tiny_classifier(tmp_path / "tiny-bert", max_positions=64)
     config = tmp_path / "trial.yaml"
-    config.write_text("model: minilm\ntask:\n  name: rotten_tomatoes\n")
+    config.write_text(f"model: {model}\ntask:\n  name: rotten_tomatoes\n")
     storage = tmp_path / "runs"
     storage.mkdir()
 
     # the run to kill: SIGKILL its whole process group (driver, Ray, workers) once a checkpoint is committed
     victim = _cli(config, storage, "victim", workers, start_new_session=True)
+    background = _Background(lambda **out: _cli(config, storage, "reference", workers, **out), tmp_path, "reference")
+    request.addfinalizer(background.stop)
     run_dir = storage / "victim"
     deadline = time.time() + 480
     committed = None
@@ -258,7 +287,7 @@ def test_killed_trial_resumes_from_its_last_checkpoint(tmp_path, workers):
     assert all(s["status"] == "running" for s in states), "killed too late: the trial had already finished"
 
     resumed = _json_result(_cli(config, storage, "victim", workers))
-    reference = _json_result(_cli(config, storage, "reference", workers))
+    reference = background.result()
 
     assert reference["status"] == resumed["status"] == "completed"
     # 256 samples / (2 workers x 16 or 1 x 32) a step = 8 steps an epoch, 2 epochs
@@ -330,7 +359,7 @@ INSTRUCT_SETTINGS = [
 ]
 
 
-def test_instruction_trial_zero3_on_two_workers_resumes_at_the_same_step(tmp_path):
+def test_instruction_trial_zero3_on_two_workers_resumes_at_the_same_step(tmp_path, request):
     """Llama-like model (GQA, BOS/EOS, no pad token), instruction data with exact match, ZeRO-3 over 2 Train workers:
     killed after a checkpoint, the rerun continues from that step and ends where an unkilled run ends. The unkilled
     run recomputes its activations (gradient checkpointing), which must not change a number either."""
@@ -350,10 +379,13 @@ def test_instruction_trial_zero3_on_two_workers_resumes_at_the_same_step(tmp_pat
         cmd = [sys.executable, "-m", "melora_tune.cli", "train", str(config), "--storage-path", str(storage),
                "--name", name, "--num-cpus", "2", "--json", "--set", *INSTRUCT_SETTINGS, *extra]
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
-        return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True,
-                                cwd=str(storage), **popen)
+        popen = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, **popen}
+        return subprocess.Popen(cmd, env=env, text=True, cwd=str(storage), **popen)
 
     victim = cli("victim", start_new_session=True)
+    background = _Background(lambda **out: cli("reference", extra=["gradient_checkpointing=true"], **out), tmp_path,
+                             "reference")
+    request.addfinalizer(background.stop)
     run_dir = storage / "victim"
     deadline = time.time() + 480
     while time.time() < deadline and victim.poll() is None:
@@ -368,7 +400,7 @@ def test_instruction_trial_zero3_on_two_workers_resumes_at_the_same_step(tmp_pat
     assert all(s["status"] == "running" for s in states), "killed too late: the trial had already finished"
 
     resumed = _json_result(cli("victim"))
-    reference = _json_result(cli("reference", extra=["gradient_checkpointing=true"]))
+    reference = background.result()
     # 128 rows / (2 workers x 8) = 8 steps, evaluated every 2
     assert resumed["status"] == reference["status"] == "completed"
     assert resumed["step"] == reference["step"] == 8 and resumed["restarts"] == 1 and reference["restarts"] == 0

@@ -30,17 +30,26 @@ def ray_cluster():
     ray.shutdown()
 
 
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    """A tiny random BERT with the MiniLM tokenizer: what these tests check is what Tune sees of a trial (reports,
+    checkpoints, restarts), not what MiniLM learns."""
+    from helpers import save_tiny_classifier
+
+    return save_tiny_classifier(tmp_path_factory.mktemp("models") / "tiny-bert", max_positions=64)
+
+
 def small(**overrides) -> TrialConfig:
     base = {"max_train_samples": 128, "max_eval_samples": 32, "epochs": 1, "micro_batch_size": 16, "max_length": 32,
             "method": "lora", "r": 2, "zero_stage": 1, "eval_every_steps": 4}
     return apply_overrides(TrialConfig(), {**base, **overrides})
 
 
-def test_tuner_runs_two_trials_and_sees_every_report(ray_cluster, tmp_path):
+def test_tuner_runs_two_trials_and_sees_every_report(ray_cluster, tiny_model, tmp_path):
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
-    base = small()
+    base = small(model=str(tiny_model))
     tuner = tune.Tuner(
         tune_trial,
         param_space={"trial": base.to_dict(), "lr": tune.grid_search([1e-3, 3e-3])},
@@ -84,7 +93,7 @@ def _trial_processes() -> list:
     return found
 
 
-def test_in_process_trial_killed_resumes_at_the_same_step_and_nan_is_not_retried(ray_cluster, tmp_path):
+def test_in_process_trial_killed_resumes_at_the_same_step_and_nan_is_not_retried(ray_cluster, tiny_model, tmp_path):
     """Three trials of one config, one after the other: the first trial process to have a checkpoint is
     SIGKILLed and Tune restarts it from that checkpoint (same trajectory as the untouched one); the
     third diverges (NaN) and Tune does not retry it."""
@@ -113,7 +122,7 @@ def test_in_process_trial_killed_resumes_at_the_same_step_and_nan_is_not_retried
         def on_trial_recover(self, iteration, trials, trial, **info):
             self.recovered.append(trial.trial_id)
 
-    base = small(max_train_samples=256, eval_every_steps=3, zero_stage=2, lr=3e-3, seed=7)
+    base = small(model=str(tiny_model), max_train_samples=256, eval_every_steps=3, zero_stage=2, lr=3e-3, seed=7)
     cb = KillOnce()
     results = tune.Tuner(
         tune_trial,
