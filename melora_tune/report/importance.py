@@ -19,7 +19,7 @@ import warnings
 from dataclasses import dataclass, field
 
 from melora_tune.errors import first_line
-from melora_tune.records import parse_cell
+from melora_tune.search.cells import cell_study_names
 
 log = logging.getLogger("melora_tune.report")
 
@@ -140,21 +140,9 @@ def study_importance(study) -> Importance:
     return out
 
 
-def cell_studies(storage: str, study_name: str) -> list[str]:
-    """Names of the per-cell studies ``<study_name>.<method>@<level>`` in ``storage``, sorted by level then method."""
-    import optuna  # heavy: Optuna, loaded where a study is used
-
-    found = []
-    for name in optuna.get_all_study_names(storage=storage):
-        cell = parse_cell(name[len(study_name) + 1:]) if name.startswith(study_name + ".") else None
-        if cell is not None:
-            found.append((cell[1], cell[0], name))
-    return [name for _, _, name in sorted(found)]
-
-
 def search_importance(location: dict[str, str] | None) -> Importance:
     """Load the study at ``location`` ({study_name, optuna_storage}) and compute its importances: one scope per cell
-    when the search kept a study per cell (``cell_studies``), else the one study's scopes."""
+    when the search kept a study per cell (``search.cells.cell_study_names``), else the one study's scopes."""
     if location is None:
         return Importance(error="the search's Optuna study was not found (its storage path is not recorded in MLflow "
                                 "and melora_search.json is not next to the trials' checkpoints)")
@@ -163,7 +151,7 @@ def search_importance(location: dict[str, str] | None) -> Importance:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     name, storage = location["study_name"], location["optuna_storage"]
     try:
-        cells = cell_studies(storage, name)
+        cells = list(cell_study_names(name, storage).values())
     except Exception:  # noqa: BLE001  (an unreadable storage: the load below says why)
         cells = []
     if cells:

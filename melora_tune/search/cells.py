@@ -28,7 +28,7 @@ searcher and scheduler are in ``search.cell_search``.
 
 from __future__ import annotations
 
-from melora_tune.records.schema import cell_label  # noqa: F401  (re-exported: the search names cells as records do)
+from melora_tune.records.schema import cell_label, parse_cell  # noqa: F401  (cell_label re-exported: cells named as in records)
 
 CELL_KEY = "cell"  # the sampled config's key (and MLflow tag melora.cell) naming a trial's cell
 RUNGS_NAME = "rungs.jsonl"
@@ -104,15 +104,26 @@ def warm_lines(warm: dict[str, list[dict]]) -> list[str]:
     return lines
 
 
-def cell_studies(study_name: str, storage) -> dict[str, "optuna.Study"]:  # noqa: F821
-    """A search's Optuna studies by cell label (``cell_study_name``); a search from before cells has one study,
-    named ``study_name``, returned under the label ``""``."""
+def cell_study_names(study_name: str, storage) -> dict[str, str]:
+    """A search's per-cell Optuna study names by cell label (``cell_study_name``), levels ascending then methods."""
     import optuna  # heavy: the dry run and --help use this module without Optuna
 
-    names = optuna.study.get_all_study_names(storage)
     prefix = study_name + "."
-    out = {name[len(prefix):]: optuna.load_study(study_name=name, storage=storage)
-           for name in sorted(names) if name.startswith(prefix) and "@" in name[len(prefix):]}
-    if not out and study_name in names:
+    found = []
+    for name in optuna.study.get_all_study_names(storage):
+        cell = parse_cell(name[len(prefix):]) if name.startswith(prefix) else None
+        if cell is not None:
+            found.append((cell[1], cell[0], name))
+    return {cell_label(method, level): name for level, method, name in sorted(found)}
+
+
+def cell_studies(study_name: str, storage) -> dict[str, "optuna.Study"]:  # noqa: F821
+    """A search's Optuna studies by cell label; a search from before cells has one study, named ``study_name``,
+    returned under the label ``""``."""
+    import optuna  # heavy: the dry run and --help use this module without Optuna
+
+    out = {label: optuna.load_study(study_name=name, storage=storage)
+           for label, name in cell_study_names(study_name, storage).items()}
+    if not out and study_name in optuna.study.get_all_study_names(storage):
         out[""] = optuna.load_study(study_name=study_name, storage=storage)
     return out
