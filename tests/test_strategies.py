@@ -45,7 +45,8 @@ def level():
     return load_table(table())[1000]
 
 
-@pytest.mark.parametrize("strategy", ["gp", "random+hyperband", "tpe+hyperband", "bohb+hyperband"])
+@pytest.mark.parametrize("strategy", ["gp", "random+hyperband", "tpe+hyperband", "bohb+hyperband", "syne-bohb+asha",
+                                      "syne-bohb+hyperband"])
 def test_each_new_strategy_finds_the_known_optimum(level, strategy):
     # the optimum: r=4, lr=1e-2 (quality 0.9). Finite (16 points, 3x the grid's compute): found, nothing re-run.
     run = replay(level, strategy, 0, concurrency=2, max_fraction=3, n_startup_trials=4)
@@ -129,7 +130,7 @@ def test_hyperband_deals_each_iteration_in_hyperbands_shares(level):
     assert [dealt[:5].count(k) for k in (0, 1)] == [3, 2] and [dealt[5:].count(k) for k in (0, 1)] == [3, 2]
 
 
-@pytest.mark.parametrize("strategy", ["random", "tpe", "gp", "bohb"])
+@pytest.mark.parametrize("strategy", ["random", "tpe", "gp", "bohb", "syne-bohb"])
 def test_no_duplicate_proposals_in_a_finite_space(level, strategy):
     """16 configurations, 16 trials asked one after another, each told at once: 16 distinct ones, then FINISHED."""
     space = level.space()
@@ -183,6 +184,64 @@ def test_bohb_models_the_largest_epoch_with_enough_scores():
     b, seen = fidelity_view(trials, min_points=4)
     assert b == 10 and [t.value for t in seen] == [0.5, 0.4, 0.6, 0.3]
     assert fidelity_view(trials, min_points=5) == (None, trials)
+
+
+def _kde_study(seed: int, n: int = 24) -> optuna.Study:
+    """x in [0, 1], lr log in [1e-4, 1e-1]: the score peaks at x = 0.8, lr = 1e-2; every trial reports epochs 1..3."""
+    from melora_tune.search.samplers.syne_bohb import SyneTuneBOHBSampler
+
+    study = optuna.create_study(direction="maximize", sampler=SyneTuneBOHBSampler(seed=seed, n_startup_trials=4))
+    rng = np.random.default_rng(0)
+    dist = {"x": optuna.distributions.FloatDistribution(0, 1),
+            "lr": optuna.distributions.FloatDistribution(1e-4, 1e-1, log=True)}
+    for _ in range(n):
+        x, lr = float(rng.uniform()), float(10 ** rng.uniform(-4, -1))
+        q = 1 - (x - 0.8) ** 2 - 0.1 * math.log10(lr / 1e-2) ** 2
+        study.add_trial(optuna.trial.create_trial(
+            params={"x": x, "lr": lr}, distributions=dist, value=q,
+            intermediate_values={e: q * (1 - 0.5 ** e) for e in (1, 2, 3)}))
+    return study
+
+
+def test_syne_bohb_proposes_from_syne_tunes_model_reproducibly():
+    """The proposals come from Syne Tune's KDE fitted on the study (they crowd the good region a random sampler
+    would not), the same study and seed propose the same values (the study is the only state: a resumed search
+    proposes what an uninterrupted one would), and numpy's global generator is left as it was."""
+    pytest.importorskip("syne_tune")
+    dist = {"x": optuna.distributions.FloatDistribution(0, 1),
+            "lr": optuna.distributions.FloatDistribution(1e-4, 1e-1, log=True)}
+
+    def proposals(seed: int, k: int = 30) -> list[tuple[float, float]]:
+        study = _kde_study(seed)
+        out = []
+        for _ in range(k):
+            t = study.ask(dist)
+            out.append((t.params["x"], t.params["lr"]))
+            study.tell(t, state=optuna.trial.TrialState.FAIL)  # not told a score: every proposal sees the same data
+        return out
+
+    np.random.seed(123)
+    before = np.random.random()
+    np.random.seed(123)
+    a = proposals(0)
+    assert np.random.random() == before
+    assert a == proposals(0) and a != proposals(1)
+    # a third at random (Syne Tune's random_fraction), the rest from the good KDE: most land near the optimum
+    near = sum(abs(x - 0.8) < 0.25 and abs(math.log10(lr / 1e-2)) < 0.75 for x, lr in a)
+    assert near >= 12, a  # a uniform draw lands there with probability 0.5 * 0.25 = 1/8: about 4 of 30
+    assert all(0 <= x <= 1 and 1e-4 <= lr <= 1e-1 for x, lr in a)
+
+
+def test_syne_bohb_missing_package_is_one_clear_line(monkeypatch):
+    import importlib.util
+
+    from melora_tune.errors import UsageError
+    from melora_tune.search.samplers import get_sampler
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "syne_tune" else real(name, *a))
+    with pytest.raises(UsageError, match=r"sampler syne-bohb needs syne_tune, not installed: pip install .*syne-tune"):
+        get_sampler("syne-bohb").check()
 
 
 # ---- the continuous-lr surrogate --------------------------------------------------------------------------------

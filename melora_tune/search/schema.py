@@ -368,7 +368,9 @@ class SearchSpace(Schema):
     @field_validator("sampler")
     @classmethod
     def _sampler(cls, value: str) -> str:
-        return get_sampler(value).name  # UsageError: unknown, with the closest and the known ones
+        sampler = get_sampler(value)  # UsageError: unknown, with the closest and the known ones
+        sampler.check()  # UsageError: an optional package it needs is missing
+        return sampler.name
 
     @field_validator("scheduler")
     @classmethod

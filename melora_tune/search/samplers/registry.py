@@ -43,6 +43,10 @@ class Sampler:
         """How the dry run says who proposes the trials: 'N trials by <phrase>'."""
         return f"the {self.name} sampler"
 
+    def check(self) -> None:
+        """Raise UsageError (what is missing and how to install it) when the sampler cannot run here: called
+        when a space names it, so a missing optional package is refused before anything starts."""
+
 
 _REGISTRY: Registry = Registry("sampler")  # name -> Sampler instance
 
