@@ -6,13 +6,21 @@ Per budget level and method: the configuration (learning rate included) with the
 validation score, i.e. what an equal-effort full grid would pick, and its seed-mean final TEST score
 with the spread over seeds (std, min-max); then every configuration's learning-rate curve, so that a
 method that only wins at one lucky learning rate shows as such. Test scores are never used to choose.
+
+Then the verdicts, each method's pick against LoRA's: at the same level (equal parameters) and against LoRA at
+the next level up (twice the parameters: does the method match LoRA with fewer?). The difference of seed-mean
+test scores is paired by training seed (the same seeds, data order and split for every configuration), with a
+95 % t interval over the seeds: "beats" / "is worse than" when the interval excludes 0, "cannot be told apart"
+otherwise (with 3 seeds the interval is wide: t = 4.30).
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 
 import pandas as pd
+from scipy import stats
 
 
 def finals(table: pd.DataFrame) -> pd.DataFrame:
@@ -26,6 +34,29 @@ def per_config(final: pd.DataFrame) -> pd.DataFrame:
     g = final.groupby(["budget", "method", "shape", "lr", "adapter_params", "equivalent_rank"], as_index=False)
     return g.agg(seeds=("seed", "nunique"), val=("val_score", "mean"), test=("test_score", "mean"),
                  test_std=("test_score", "std"), test_min=("test_score", "min"), test_max=("test_score", "max"))
+
+
+def picks(final: pd.DataFrame, configs: pd.DataFrame) -> dict[tuple[int, str], pd.Series]:
+    """(budget, method) -> the per-seed final test scores of the method's configuration with the best seed-mean
+    validation score at that level (index: seed)."""
+    out = {}
+    for (budget, method), rows in configs.groupby(["budget", "method"]):
+        best = rows.loc[rows["val"].idxmax()]
+        sel = final[(final["budget"] == budget) & (final["shape"] == best["shape"]) & (final["lr"] == best["lr"])]
+        out[(int(budget), method)] = sel.set_index("seed")["test_score"].sort_index()
+    return out
+
+
+def verdict(a: pd.Series, b: pd.Series) -> str:
+    """a - b, paired by seed: mean and 95 % t interval in points, and what it says."""
+    d = (a - b).dropna()
+    n = len(d)
+    mean = 100 * d.mean()
+    if n < 2:
+        return f"{mean:+.2f} pt (one seed: no interval)"
+    half = 100 * stats.t.ppf(0.975, n - 1) * d.std(ddof=1) / math.sqrt(n)
+    word = "better" if mean - half > 0 else "worse" if mean + half < 0 else "cannot be told apart"
+    return f"{mean:+.2f} pt [{mean - half:+.2f}, {mean + half:+.2f}] ({n} seeds): {word}"
 
 
 def main() -> None:
@@ -46,6 +77,20 @@ def main() -> None:
         print(f"  seed-mean test per configuration and learning rate ({int(level['seeds'].max())} seeds each):")
         pivot = level.pivot_table(index=["method", "shape"], columns="lr", values="test")
         print("    " + pivot.to_string(float_format=lambda v: f"{v:.4f}").replace("\n", "\n    "))
+    pick = picks(finals(table), configs)
+    levels = sorted({b for b, _ in pick})
+    print("\nverdicts (each method's pick minus LoRA's pick, seed-mean test, paired by seed, 95 % t interval):")
+    for i, budget in enumerate(levels):
+        lora = pick.get((budget, "lora"))
+        up = levels[i + 1] if i + 1 < len(levels) else None
+        for (b, method), scores in pick.items():
+            if b != budget or method == "lora":
+                continue
+            if lora is not None:
+                print(f"  {budget:,}: {method} vs LoRA at equal parameters: {verdict(scores, lora)}")
+            if up is not None and (up, "lora") in pick:
+                print(f"  {budget:,}: {method} vs LoRA at {up:,} ({up / budget:g}x the parameters): "
+                      f"{verdict(scores, pick[(up, 'lora')])}")
 
 
 if __name__ == "__main__":

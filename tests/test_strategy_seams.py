@@ -105,7 +105,7 @@ def test_registered_strategies_are_listed_and_unregistered_after(plugins, capsys
 
 
 def test_the_fixture_leaves_the_registries_as_they_were():
-    assert sampler_names() == ("tpe", "random", "grid", "gp", "bohb") and scheduler_names() == ("asha", "fifo", "hyperband")
+    assert sampler_names() == ("tpe", "random", "grid", "gp", "bohb", "syne-bohb") and scheduler_names() == ("asha", "fifo", "hyperband")
 
 
 def test_registered_strategies_in_search_dry_run(plugins, tiny_model_dir, tmp_path, capsys):
@@ -156,7 +156,7 @@ def test_an_older_search_record_still_resumes(tiny_model_dir, tmp_path):
 
 
 BAD = [
-    ({"sampler": "tagg"}, "sampler: unknown sampler 'tagg' (did you mean 'tagging'?): choose from tpe, random, grid, gp, bohb, tagging"),
+    ({"sampler": "tagg"}, "sampler: unknown sampler 'tagg' (did you mean 'tagging'?): choose from tpe, random, grid, gp, bohb, syne-bohb, tagging"),
     ({"scheduler": "first"}, "scheduler: unknown scheduler 'first' (did you mean 'first-result'?): choose from asha, fifo, hyperband, first-result"),
     ({"scheduler": "first-result", "asha": {"enabled": False}},
      "asha.enabled: false means no early stopping, and scheduler is first-result: drop one of them"),

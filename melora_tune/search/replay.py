@@ -191,6 +191,12 @@ class Level:
             raise ValueError(f"budget {self.budget}: two table configurations share one path of the search tree")
         return space
 
+    def cells(self) -> dict[str, "Level"]:
+        """One level per method (a cell of a search with cells: its own study and scheduler, its own grid)."""
+        methods = sorted({c.candidate.method for c in self.configs.values()})
+        return {m: Level(self.budget, self.epochs, {k: c for k, c in self.configs.items()
+                                                    if c.candidate.method == m}) for m in methods}
+
     def lookup(self, sampled: dict[str, Any]) -> tuple[tuple, Config]:
         """The table key and recorded curves of a sampled configuration."""
         key = self.key_of(sampled)

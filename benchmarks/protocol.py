@@ -1,0 +1,289 @@
+"""The strategy protocol (issue 24): choose the default search strategy on one table, report it on a held-out one.
+
+    python benchmarks/protocol.py --tune benchmarks/tables/trec.csv \
+        --heldout benchmarks/tables/rotten_tomatoes.csv --seeds 50 --out benchmarks/tables/protocol/ \
+        > benchmarks/tables/protocol.txt
+
+stdout is the committed text (deterministic for the locked versions: every replay is seeded); the plots and the
+per-seed numbers (``protocol.json``) go to ``--out``, the wall time to stderr.
+
+What is replayed (``melora_tune/search/replay.py`` has the simulator and its conventions)
+-----------------------------------------------------------------------------------------
+* **The search a user runs**: a continuous learning rate (log-uniform over the recorded range) on the table's
+  surrogate (``ContinuousLevel``, ``melora_tune/search/surrogate.py``), every other hyperparameter as recorded;
+  ASHA and Hyperband with the product's defaults (grace period 1 epoch, reduction factor 2); 4 random trials
+  before a model (``n_startup_trials``); nothing re-run in a finite space.
+* **Two ways to search a budget level**:
+  ``level``: one study over every method (what a search without cells does: it answers "which configuration is
+  best"); regret and "within 0.5 point" against the level's best.
+  ``cells``: the product's fair comparison, one study and one scheduler per method (``search/cell_search.py``);
+  each cell is replayed on its own (its trials see only its own results), and the search is "within 0.5 point"
+  once EVERY cell is within 0.5 point of its own best: the compute that takes is the sum over cells of each
+  cell's compute to get there (cells share no results, so their compute adds up, whatever the interleaving).
+  Trials are dealt round-robin, so with ``c`` workers and ``k`` cells a cell runs about ``c / k`` trials at
+  once: replayed with ``max(1, round(c / k))``.
+* **Compute** is a fraction of the level's grid compute: one training of every recorded configuration (shape
+  x recorded lr), the seed-mean cost. "Within 0.5 point": the incumbent's seed-mean final test score is within
+  0.005 of y*, the seed-mean final test score of the configuration (shape, lr on a dense grid) with the best
+  seed-mean final validation score. Each replay stops at half the grid's compute; median over replay seeds, a
+  seed that did not get there by then counting as infinite (">50%").
+* **Choosing the default** on the tune table: the strategy with the lowest mean over its levels of the median
+  compute in ``cells`` mode at 4 workers (the product's mode); a strategy within 0.01 of it that comes earlier in
+  the list (cheaper to run: random before models) wins the tie. It is then reported on the held-out table
+  against random + ASHA.
+* **Warm start** (``search/warm_start.py``): each cell of the held-out table begins with the tune table's best
+  configurations of the same method and level (the 2 best by seed-mean final validation score, recorded lr
+  kept: what ``warm_start`` enqueues for a cell of 6 trials), against the same search cold.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import sys
+import time
+import warnings
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+STRATEGIES = ("random+asha", "tpe+asha", "gp+asha", "random+hyperband", "tpe+hyperband", "bohb+hyperband",
+              "syne-bohb+asha", "syne-bohb+hyperband")
+BASELINE = "random+asha"
+CONCURRENCY = (1, 4)
+NEAR = 0.005
+FRACTIONS = (0.05, 0.10, 0.25, 0.50)
+HORIZON = 0.5  # each replay stops at half the grid's compute: the goals are at 10 %, and GP's cost grows with trials
+CURVE = np.linspace(0, HORIZON, 101)
+WARM_K = 2
+SETTINGS = dict(reduction_factor=2, grace_period=1, n_startup_trials=4)
+
+_levels: dict[str, dict] = {}
+
+
+def _quiet() -> None:
+    logging.getLogger("melora_tune.search").setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore")
+
+
+def levels_of(table: str) -> dict:
+    """Budget -> (the continuous level, its cells as continuous levels), cached per process."""
+    if table not in _levels:
+        from melora_tune.search.replay import ContinuousLevel, load_table
+
+        _levels[table] = {b: (ContinuousLevel(lv), {m: ContinuousLevel(c) for m, c in lv.cells().items()})
+                          for b, lv in load_table(table).items()}
+    return _levels[table]
+
+
+def warm_points(source: str, target: str, budget: int) -> dict[str, list[dict]]:
+    """Per method: the source table's best configurations at the nearest level (shape + recorded lr) that the
+    target level also holds; what ``warm_start`` enqueues, read from the table instead of a study."""
+    from melora_tune.adapters import HYPERPARAMS, get_method
+    from melora_tune.search.replay import load_table
+    from melora_tune.search.surrogate import shape_of
+
+    src_levels = load_table(source)
+    src = src_levels[min(src_levels, key=lambda b: (abs(math.log(b / budget)), b))]
+    tgt = load_table(target)[budget]
+    target_shapes = {shape_of(k) for k in tgt.configs}
+    out: dict[str, list[dict]] = {}
+    for method, cell in src.cells().items():
+        ranked = sorted(cell.configs.values(), key=lambda c: (-c.final_val, c.key))
+        picked = []
+        for cfg in ranked:
+            if shape_of(cfg.key) in target_shapes and len(picked) < WARM_K:
+                own = get_method(method).hyperparams
+                point = {"method": method, **{hp: cfg.key[1 + i] for i, hp in enumerate(HYPERPARAMS) if hp in own},
+                         "lr": cfg.key[-3]}
+                picked.append(point)
+        out[method] = picked
+    return out
+
+
+def run_task(task: tuple) -> dict:
+    """One (table, budget, mode, cell, strategy, concurrency, warm) over ``seeds`` replay seeds."""
+    table, budget, mode, method, strategy, conc, points, seeds, warm = task
+    _quiet()
+    from melora_tune.search.replay import replay
+
+    level, cells = levels_of(table)[budget]
+    target = level if method is None else cells[method]
+    if method is not None:
+        conc = max(1, round(conc / len(cells)))
+    rows = []
+    for seed in range(seeds):
+        run = replay(target, strategy, seed, concurrency=conc, max_fraction=HORIZON, points=points, **SETTINGS)
+        rows.append({"to": run.compute_to(NEAR), "at": [run.regret_at(f) for f in FRACTIONS],
+                     "curve": [run.regret_at(x) for x in CURVE], "trials": len(run.trials)})
+    return {"task": task[:6], "warm": warm, "grid": target.grid_compute, "rows": rows}
+
+
+def fmt(x: float) -> str:
+    return f"{x:.0%}" if math.isfinite(x) else f">{HORIZON:.0%}"
+
+
+def median(values) -> float:
+    return float(np.median(np.asarray(values, dtype=float)))
+
+
+def cells_to(results: dict, table: str, budget: int, strategy: str, conc: int, warm: bool, seeds: int) -> list[float]:
+    """Per replay seed: compute (fraction of the level's grid) until every cell is within 0.5 point of its best."""
+    level, cells = levels_of(table)[budget]
+    total = level.grid_compute
+    out = []
+    for s in range(seeds):
+        spent = 0.0
+        for m in cells:
+            r = results[(table, budget, "cells", m, strategy, conc, warm)]
+            spent += r["rows"][s]["to"] * r["grid"]
+        out.append(spent / total)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--tune", default="benchmarks/tables/trec.csv", help="the table the default is chosen on")
+    ap.add_argument("--heldout", default="benchmarks/tables/rotten_tomatoes.csv", help="the table it is reported on")
+    ap.add_argument("--seeds", type=int, default=50)
+    ap.add_argument("--strategies", default=",".join(STRATEGIES))
+    ap.add_argument("--workers", type=int, default=2, help="processes (the output does not depend on it)")
+    ap.add_argument("--out", default="benchmarks/tables/protocol/")
+    args = ap.parse_args()
+    _quiet()
+    t0 = time.perf_counter()
+    strategies = args.strategies.split(",")
+    if BASELINE not in strategies:
+        strategies.insert(0, BASELINE)
+    tables = {"tune": args.tune, "held-out": args.heldout}
+    tasks = []
+    for table in tables.values():
+        for budget, (_, cells) in levels_of(table).items():
+            for strategy in strategies:
+                for conc in CONCURRENCY:
+                    tasks.append((table, budget, "level", None, strategy, conc, None, args.seeds, False))
+                    for m in cells:
+                        tasks.append((table, budget, "cells", m, strategy, conc, None, args.seeds, False))
+    warm = {b: warm_points(args.tune, args.heldout, b) for b in levels_of(args.heldout)}
+    with ProcessPoolExecutor(args.workers) as pool:
+        done = list(pool.map(run_task, tasks, chunksize=1))
+        results = {(*r["task"], r["warm"]): r for r in done}
+        # warm start: every strategy, on the held-out table, from the tune table
+        wtasks = []
+        for budget, (_, cells) in levels_of(args.heldout).items():
+            union = [p for m in cells for p in warm[budget].get(m, [])]
+            for strategy in strategies:
+                for conc in CONCURRENCY:
+                    wtasks.append((args.heldout, budget, "level", None, strategy, conc, union, args.seeds, True))
+                    for m in cells:
+                        wtasks.append((args.heldout, budget, "cells", m, strategy, conc, warm[budget].get(m) or None,
+                                       args.seeds, True))
+        for r in pool.map(run_task, wtasks, chunksize=1):
+            results[(*r["task"], r["warm"])] = r
+
+    def summary(table: str, budget: int, strategy: str, conc: int, mode: str, warm: bool = False) -> list[float]:
+        if mode == "level":
+            return [row["to"] for row in results[(table, budget, "level", None, strategy, conc, warm)]["rows"]]
+        return cells_to(results, table, budget, strategy, conc, warm, args.seeds)
+
+    print(f"strategy protocol: {args.seeds} replay seeds per strategy, continuous lr on each table's surrogate, "
+          f"ASHA/Hyperband grace 1 reduction 2, {SETTINGS['n_startup_trials']} random trials first")
+    chosen = None
+    for role, table in tables.items():
+        print(f"\n=== {role} table: {table}")
+        for budget, (level, cells) in levels_of(table).items():
+            print(f"\nbudget {budget:,}: {len(level.discrete.configs)} recorded configurations ({len(cells)} cells: "
+                  + ", ".join(f"{m} {len(c.discrete.configs)}" for m, c in cells.items())
+                  + f"); y* = {level.y_star:.4f} ({level.best.candidate.method} {dict(level.best.candidate.values)} "
+                  f"lr={level.best.key[-3]:.2e})")
+            print("  each cell's y*: " + "; ".join(
+                f"{m} {c.y_star:.4f} (lr={c.best.key[-3]:.2e})" for m, c in cells.items()))
+            head = "".join(f"{f'regret@{f:.0%}':>16}" for f in FRACTIONS)
+            print(f"  {'strategy':<20}{'c':>2}{head}{'level: to 0.5pt':>19}{'cells: to 0.5pt':>19}")
+            for strategy in strategies:
+                for conc in CONCURRENCY:
+                    rows = results[(table, budget, "level", None, strategy, conc, False)]["rows"]
+                    cells_ = ""
+                    for i, f in enumerate(FRACTIONS):
+                        a = np.array([r["at"][i] for r in rows])
+                        cells_ += f"{a.mean():>9.3f} ± {a.std(ddof=1) / math.sqrt(len(a)):.3f}"
+                    lv = summary(table, budget, strategy, conc, "level")
+                    ce = summary(table, budget, strategy, conc, "cells")
+                    got_l = sum(math.isfinite(x) for x in lv)
+                    got_c = sum(math.isfinite(x) for x in ce)
+                    print(f"  {strategy:<20}{conc:>2}{cells_}{fmt(median(lv)) + f' ({got_l}/{len(lv)})':>19}"
+                          f"{fmt(median(ce)) + f' ({got_c}/{len(ce)})':>19}")
+            print("  per cell, median compute to 0.5 pt of the cell's own best (fraction of the CELL's grid), c=4:")
+            for m in cells:
+                print(f"    {m:<9}" + "  ".join(
+                    f"{s} {fmt(median([r['to'] for r in results[(table, budget, 'cells', m, s, 4, False)]['rows']]))}"
+                    for s in strategies))
+        if role == "tune":
+            score = {s: float(np.mean([median(summary(table, b, s, 4, "cells")) for b in levels_of(table)]))
+                     for s in strategies}
+            best = min(score.values())
+            chosen = next(s for s in strategies if score[s] <= best + 0.01)
+            print("\nchoice on the tune table (mean over levels of the median cells-mode compute at 4 workers): "
+                  + ", ".join(f"{s} {fmt(v)}" for s, v in score.items()) + f" -> default: {chosen}")
+    print(f"\n=== held-out goals for the default ({chosen}) against {BASELINE}: <= 10 % of grid compute, >= 1.5x less")
+    for budget in levels_of(args.heldout):
+        for mode in ("cells", "level"):
+            for conc in CONCURRENCY:
+                d = median(summary(args.heldout, budget, chosen, conc, mode))
+                b = median(summary(args.heldout, budget, BASELINE, conc, mode))
+                ratio = b / d if math.isfinite(b) and math.isfinite(d) and d > 0 else float("nan")
+                print(f"  budget {budget:,} {mode:<5} c={conc}: default {fmt(d)}, {BASELINE} {fmt(b)}, ratio "
+                      f"{ratio:.2f}x; <= 10 %: {'met' if d <= 0.10 else 'not met'}; >= 1.5x: "
+                      f"{'met' if ratio >= 1.5 else 'not met'}")
+    print(f"\n=== warm start on the held-out table from the tune table ({WARM_K} best per cell enqueued first)")
+    for budget in levels_of(args.heldout):
+        print(f"  budget {budget:,}: " + "; ".join(f"{m}: " + ", ".join(
+            f"{p.get('n', '')}{'n ' if 'n' in p else ''}r={p.get('r')} lr={p['lr']:.1e}" for p in pts)
+            for m, pts in warm[budget].items()))
+        for strategy in strategies:
+            for mode in ("cells", "level"):
+                for conc in CONCURRENCY:
+                    cold = median(summary(args.heldout, budget, strategy, conc, mode))
+                    hot = median(summary(args.heldout, budget, strategy, conc, mode, warm=True))
+                    print(f"    {strategy:<20} {mode:<5} c={conc}: cold {fmt(cold):>6}, warm {fmt(hot):>6}")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "protocol.json").write_text(json.dumps({
+        "command": " ".join(sys.argv), "strategies": strategies, "chosen": chosen, "seeds": args.seeds,
+        "results": [{"table": k[0], "budget": k[1], "mode": k[2], "cell": k[3], "strategy": k[4], "concurrency": k[5],
+                     "warm": k[6], "compute_to_0.5pt": [r["to"] if math.isfinite(r["to"]) else None for r in v["rows"]]}
+                    for k, v in results.items()]}, indent=1))
+    plot(results, tables, strategies, out)
+    print(f"wall time {time.perf_counter() - t0:.0f} s; plots and per-seed numbers in {out}", file=sys.stderr)
+
+
+def plot(results: dict, tables: dict, strategies: list[str], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [(role, table, b, c) for role, table in tables.items() for b in levels_of(table) for c in CONCURRENCY]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.8), squeeze=False)
+    for ax, (role, table, budget, conc) in zip(axes[0], panels):
+        for strategy in strategies:
+            ys = np.array([r["curve"] for r in results[(table, budget, "level", None, strategy, conc, False)]["rows"]])
+            mean, se = ys.mean(0), ys.std(0, ddof=1) / math.sqrt(len(ys))
+            ax.step(CURVE, mean, where="post", label=strategy, lw=1)
+            ax.fill_between(CURVE, mean - se, mean + se, step="post", alpha=0.15)
+        ax.axhline(0, color="k", lw=0.5)
+        ax.set_yscale("symlog", linthresh=0.01)
+        ax.set_xlim(0, 0.5)
+        ax.set_title(f"{Path(table).stem} {budget:,}, {conc} at once ({role})", fontsize=9)
+        ax.set_xlabel("compute / grid compute")
+        ax.set_ylabel("normalised regret (mean ± s.e.)")
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "protocol_regret.png", dpi=110)
+
+
+if __name__ == "__main__":
+    main()
