@@ -112,8 +112,6 @@ def run_task(task: tuple) -> dict:
 
     level, cells = levels_of(table)[budget]
     target = level if method is None else cells[method]
-    if method is not None:
-        conc = max(1, round(conc / len(cells)))
     rows = []
     for seed in range(seeds):
         run = replay(target, strategy, seed, concurrency=conc, max_fraction=HORIZON, points=points, **SETTINGS)
@@ -130,6 +128,18 @@ def median(values) -> float:
     return float(np.median(np.asarray(values, dtype=float)))
 
 
+def effective(table: str, budget: int, mode: str, conc: int) -> int:
+    """Trials at once within what is replayed: all of them for a level; about ``conc / cells`` for one cell."""
+    return conc if mode == "level" else max(1, round(conc / len(levels_of(table)[budget][1])))
+
+
+def keys(table: str, budget: int, strategy: str, conc: int, warm: bool) -> list[tuple]:
+    """The result keys one (table, level, strategy, workers, warm) needs: its level replay and its cells'."""
+    cells = levels_of(table)[budget][1]
+    return [(table, budget, "level", None, strategy, conc, warm)] + [
+        (table, budget, "cells", m, strategy, effective(table, budget, "cells", conc), warm) for m in cells]
+
+
 def cells_to(results: dict, table: str, budget: int, strategy: str, conc: int, warm: bool, seeds: int) -> list[float]:
     """Per replay seed: compute (fraction of the level's grid) until every cell is within 0.5 point of its best."""
     level, cells = levels_of(table)[budget]
@@ -138,7 +148,7 @@ def cells_to(results: dict, table: str, budget: int, strategy: str, conc: int, w
     for s in range(seeds):
         spent = 0.0
         for m in cells:
-            r = results[(table, budget, "cells", m, strategy, conc, warm)]
+            r = results[(table, budget, "cells", m, strategy, effective(table, budget, "cells", conc), warm)]
             spent += r["rows"][s]["to"] * r["grid"]
         out.append(spent / total)
     return out
@@ -159,30 +169,32 @@ def main() -> None:
     if BASELINE not in strategies:
         strategies.insert(0, BASELINE)
     tables = {"tune": args.tune, "held-out": args.heldout}
-    tasks = []
-    for table in tables.values():
-        for budget, (_, cells) in levels_of(table).items():
-            for strategy in strategies:
-                for conc in CONCURRENCY:
-                    tasks.append((table, budget, "level", None, strategy, conc, None, args.seeds, False))
-                    for m in cells:
-                        tasks.append((table, budget, "cells", m, strategy, conc, None, args.seeds, False))
     warm = {b: warm_points(args.tune, args.heldout, b) for b in levels_of(args.heldout)}
-    with ProcessPoolExecutor(args.workers) as pool:
-        done = list(pool.map(run_task, tasks, chunksize=1))
-        results = {(*r["task"], r["warm"]): r for r in done}
-        # warm start: every strategy, on the held-out table, from the tune table
-        wtasks = []
-        for budget, (_, cells) in levels_of(args.heldout).items():
-            union = [p for m in cells for p in warm[budget].get(m, [])]
-            for strategy in strategies:
-                for conc in CONCURRENCY:
-                    wtasks.append((args.heldout, budget, "level", None, strategy, conc, union, args.seeds, True))
-                    for m in cells:
-                        wtasks.append((args.heldout, budget, "cells", m, strategy, conc, warm[budget].get(m) or None,
-                                       args.seeds, True))
-        for r in pool.map(run_task, wtasks, chunksize=1):
+    results: dict[tuple, dict] = {}
+
+    def run_all(pool, wanted: list[tuple]) -> None:
+        tasks = []
+        for key in dict.fromkeys(wanted):  # in order, once each (a cell's replay serves c=1 and c=4 alike)
+            if key in results:
+                continue
+            table, budget, mode, m, strategy, conc, is_warm = key
+            points = None
+            if is_warm:
+                points = warm[budget].get(m) if m else [p for pts in warm[budget].values() for p in pts]
+            tasks.append((table, budget, mode, m, strategy, conc, points or None, args.seeds, is_warm))
+        for r in pool.map(run_task, tasks, chunksize=1):
             results[(*r["task"], r["warm"])] = r
+
+    with ProcessPoolExecutor(args.workers) as pool:
+        run_all(pool, [k for table in tables.values() for b in levels_of(table) for s in strategies
+                       for c in CONCURRENCY for k in keys(table, b, s, c, False)])
+        score = {s: float(np.mean([median(cells_to(results, args.tune, b, s, 4, False, args.seeds))
+                                   for b in levels_of(args.tune)])) for s in strategies}
+        chosen = next(s for s in strategies if score[s] <= min(score.values()) + 0.01)
+        # warm start: the default and the baseline, on the held-out table, from the tune table
+        run_all(pool, [k for b in levels_of(args.heldout) for s in dict.fromkeys((chosen, BASELINE))
+                       for c in CONCURRENCY for k in keys(args.heldout, b, s, c, True)])
+    warm_strategies = list(dict.fromkeys((chosen, BASELINE)))
 
     def summary(table: str, budget: int, strategy: str, conc: int, mode: str, warm: bool = False) -> list[float]:
         if mode == "level":
@@ -191,7 +203,6 @@ def main() -> None:
 
     print(f"strategy protocol: {args.seeds} replay seeds per strategy, continuous lr on each table's surrogate, "
           f"ASHA/Hyperband grace 1 reduction 2, {SETTINGS['n_startup_trials']} random trials first")
-    chosen = None
     for role, table in tables.items():
         print(f"\n=== {role} table: {table}")
         for budget, (level, cells) in levels_of(table).items():
@@ -219,13 +230,9 @@ def main() -> None:
             print("  per cell, median compute to 0.5 pt of the cell's own best (fraction of the CELL's grid), c=4:")
             for m in cells:
                 print(f"    {m:<9}" + "  ".join(
-                    f"{s} {fmt(median([r['to'] for r in results[(table, budget, 'cells', m, s, 4, False)]['rows']]))}"
+                    f"{s} {fmt(median([r['to'] for r in results[(table, budget, 'cells', m, s, effective(table, budget, 'cells', 4), False)]['rows']]))}"
                     for s in strategies))
         if role == "tune":
-            score = {s: float(np.mean([median(summary(table, b, s, 4, "cells")) for b in levels_of(table)]))
-                     for s in strategies}
-            best = min(score.values())
-            chosen = next(s for s in strategies if score[s] <= best + 0.01)
             print("\nchoice on the tune table (mean over levels of the median cells-mode compute at 4 workers): "
                   + ", ".join(f"{s} {fmt(v)}" for s, v in score.items()) + f" -> default: {chosen}")
     print(f"\n=== held-out goals for the default ({chosen}) against {BASELINE}: <= 10 % of grid compute, >= 1.5x less")
@@ -235,15 +242,17 @@ def main() -> None:
                 d = median(summary(args.heldout, budget, chosen, conc, mode))
                 b = median(summary(args.heldout, budget, BASELINE, conc, mode))
                 ratio = b / d if math.isfinite(b) and math.isfinite(d) and d > 0 else float("nan")
+                shown = f"{ratio:.2f}x" if math.isfinite(ratio) else "n/a"
                 print(f"  budget {budget:,} {mode:<5} c={conc}: default {fmt(d)}, {BASELINE} {fmt(b)}, ratio "
-                      f"{ratio:.2f}x; <= 10 %: {'met' if d <= 0.10 else 'not met'}; >= 1.5x: "
+                      f"{shown}; <= 10 %: {'met' if d <= 0.10 else 'not met'}; >= 1.5x: "
                       f"{'met' if ratio >= 1.5 else 'not met'}")
     print(f"\n=== warm start on the held-out table from the tune table ({WARM_K} best per cell enqueued first)")
     for budget in levels_of(args.heldout):
         print(f"  budget {budget:,}: " + "; ".join(f"{m}: " + ", ".join(
-            f"{p.get('n', '')}{'n ' if 'n' in p else ''}r={p.get('r')} lr={p['lr']:.1e}" for p in pts)
+            " ".join(f"{k}={v}" for k, v in p.items() if k not in ("method", "lr")) + f" lr={p['lr']:.1e}"
+            for p in pts)
             for m, pts in warm[budget].items()))
-        for strategy in strategies:
+        for strategy in warm_strategies:
             for mode in ("cells", "level"):
                 for conc in CONCURRENCY:
                     cold = median(summary(args.heldout, budget, strategy, conc, mode))
