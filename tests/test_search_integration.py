@@ -247,3 +247,5 @@ def test_recorded_grid_exports_a_table_that_round_trips_mlflow(tiny_model, tmp_p
     assert meta["searches"][0]["parent_run_id"] == result.parent_run_id and meta["not_completed"] == []
     assert meta["spaces"] == {"512": "search_spaces/rec.yaml"} and meta["rows"] == 8
     assert set(meta["columns"]) == set(table.columns)
+    env = meta["environment"]  # the versions and machine the table was recorded with
+    assert env["packages"]["torch"] and env["packages"]["optuna"] and env["cpus"] >= 1 and env["python"].startswith("3.")

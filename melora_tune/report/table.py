@@ -140,6 +140,37 @@ def _write_atomic(path: Path, write) -> None:
         tmp.unlink(missing_ok=True)
 
 
+ENV_PACKAGES = ("torch", "transformers", "peft", "deepspeed", "ray", "optuna", "mlflow", "numpy", "pandas", "scipy")
+
+
+def environment() -> dict:
+    """The versions and the machine of this process: a table is exported where it was recorded (benchmarks/README.md),
+    so these are the recording's."""
+    import importlib.metadata as md
+    import platform
+
+    cpu = next((line.split(":", 1)[1].strip() for line in _read_lines("/proc/cpuinfo") if line.startswith("model name")),
+               platform.processor() or platform.machine())
+    versions = {}
+    for name in ENV_PACKAGES:
+        try:
+            versions[name] = md.version(name)
+        except md.PackageNotFoundError:
+            versions[name] = None
+    import torch  # heavy: only an export asks which GPU recorded the table
+
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return {"python": platform.python_version(), "packages": versions, "platform": platform.platform(),
+            "cpu": cpu, "cpus": os.cpu_count(), "gpu": gpu}
+
+
+def _read_lines(path: str) -> list[str]:
+    try:
+        return Path(path).read_text().splitlines()
+    except OSError:
+        return []
+
+
 def export_table(dataset: str, searches: list[str], out: str | os.PathLike, *, tracking_uri: str | None = None,
                  command: str | None = None):
     """Write ``out`` (.csv) and its ``.json`` from the recorded searches; returns (DataFrame, json path, the JSON's
@@ -174,6 +205,7 @@ def export_table(dataset: str, searches: list[str], out: str | os.PathLike, *, t
         "tracking_uri": uri,
         "git_commit": _git_commit(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "environment": environment(),
         "searches": info,
         "spaces": {str(i["budget"]): f"search_spaces/{i['space_file']}" for i in info if i["space_file"]},
         "rows": len(table),
