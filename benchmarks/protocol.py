@@ -51,7 +51,9 @@ from pathlib import Path
 import numpy as np
 
 STRATEGIES = ("random+asha", "tpe+asha", "gp+asha", "random+hyperband", "tpe+hyperband", "bohb+hyperband",
-              "syne-bohb+asha", "syne-bohb+hyperband")
+              "syne-bohb+asha", "syne-bohb+hyperband", "grid")
+# grid: every recorded configuration once, in Optuna's BruteForceSampler order, on the recorded lrs (the only
+# strategy not on the continuous lr: a user's grid is a list of learning rates)
 BASELINE = "random+asha"
 CONCURRENCY = (1, 4)
 NEAR = 0.005
@@ -112,6 +114,8 @@ def run_task(task: tuple) -> dict:
 
     level, cells = levels_of(table)[budget]
     target = level if method is None else cells[method]
+    if strategy == "grid":
+        target = target.discrete
     rows = []
     for seed in range(seeds):
         run = replay(target, strategy, seed, concurrency=conc, max_fraction=HORIZON, points=points, **SETTINGS)
@@ -261,7 +265,8 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "protocol.json").write_text(json.dumps({
-        "command": " ".join(sys.argv), "strategies": strategies, "chosen": chosen, "seeds": args.seeds,
+        "command": " ".join(sys.argv), "tune": args.tune, "heldout": args.heldout, "strategies": strategies,
+        "chosen": chosen, "seeds": args.seeds,
         "results": [{"table": k[0], "budget": k[1], "mode": k[2], "cell": k[3], "strategy": k[4], "concurrency": k[5],
                      "warm": k[6], "compute_to_0.5pt": [r["to"] if math.isfinite(r["to"]) else None for r in v["rows"]]}
                     for k, v in results.items()]}, indent=1))
