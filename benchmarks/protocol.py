@@ -114,11 +114,17 @@ def run_task(task: tuple) -> dict:
 
     level, cells = levels_of(table)[budget]
     target = level if method is None else cells[method]
-    if strategy == "grid":
-        target = target.discrete
     rows = []
     for seed in range(seeds):
-        run = replay(target, strategy, seed, concurrency=conc, max_fraction=HORIZON, points=points, **SETTINGS)
+        if strategy == "grid":
+            run = replay(target.discrete, strategy, seed, concurrency=conc, max_fraction=HORIZON, points=points,
+                         **SETTINGS)
+            # scored like every other row: against the continuous level's y* and y_worst (the dense lr grid's)
+            d = target.discrete
+            run.trace = [(at, target.regret(d.y_star - r * (d.y_star - d.y_worst))) for at, r in run.trace]
+            run.level = target
+        else:
+            run = replay(target, strategy, seed, concurrency=conc, max_fraction=HORIZON, points=points, **SETTINGS)
         rows.append({"to": run.compute_to(NEAR), "at": [run.regret_at(f) for f in FRACTIONS],
                      "curve": [run.regret_at(x) for x in CURVE], "trials": len(run.trials)})
     return {"task": task[:6], "warm": warm, "grid": target.grid_compute, "rows": rows}
