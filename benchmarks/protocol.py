@@ -28,8 +28,10 @@ What is replayed (``melora_tune/search/replay.py`` has the simulator and its con
   seed-mean final validation score. Each replay stops at half the grid's compute; median over replay seeds, a
   seed that did not get there by then counting as infinite (">50%").
 * **Choosing the default** on the tune table: the strategy with the lowest mean over its levels of the median
-  compute in ``cells`` mode at 4 workers (the product's mode); a strategy within 0.01 of it that comes earlier in
-  the list (cheaper to run: random before models) wins the tie. It is then reported on the held-out table
+  compute in ``cells`` mode at 4 workers (the product's mode), then of the same to within 1 point (``cells1``:
+  every cell within 1 point of its own best; on a 300-example test split 0.5 point is less than two questions,
+  finer than the seeds' spread); a strategy within 0.01 of it that comes earlier in the list (cheaper to run:
+  random before models) wins the tie. It is then reported on the held-out table
   against random + ASHA.
 * **Warm start** (``search/warm_start.py``): each cell of the held-out table begins with the tune table's best
   configurations of the same method and level (the 2 best by seed-mean final validation score, recorded lr
@@ -57,6 +59,7 @@ STRATEGIES = ("random+asha", "tpe+asha", "gp+asha", "random+hyperband", "tpe+hyp
 BASELINE = "random+asha"
 CONCURRENCY = (1, 4)
 NEAR = 0.005
+NEAR_1PT = 0.01  # the secondary view: per cell, 0.5 point is finer than the test split's noise (1 question = 0.33 pt)
 FRACTIONS = (0.05, 0.10, 0.25, 0.50)
 HORIZON = 0.5  # each replay stops at half the grid's compute: the goals are at 10 %, and GP's cost grows with trials
 CURVE = np.linspace(0, HORIZON, 101)
@@ -125,7 +128,7 @@ def run_task(task: tuple) -> dict:
             run.level = target
         else:
             run = replay(target, strategy, seed, concurrency=conc, max_fraction=HORIZON, points=points, **SETTINGS)
-        rows.append({"to": run.compute_to(NEAR), "at": [run.regret_at(f) for f in FRACTIONS],
+        rows.append({"to": run.compute_to(NEAR), "to1": run.compute_to(NEAR_1PT), "at": [run.regret_at(f) for f in FRACTIONS],
                      "curve": [run.regret_at(x) for x in CURVE], "trials": len(run.trials)})
     return {"task": task[:6], "warm": warm, "grid": target.grid_compute, "rows": rows}
 
@@ -150,8 +153,10 @@ def keys(table: str, budget: int, strategy: str, conc: int, warm: bool) -> list[
         (table, budget, "cells", m, strategy, effective(table, budget, "cells", conc), warm) for m in cells]
 
 
-def cells_to(results: dict, table: str, budget: int, strategy: str, conc: int, warm: bool, seeds: int) -> list[float]:
-    """Per replay seed: compute (fraction of the level's grid) until every cell is within 0.5 point of its best."""
+def cells_to(results: dict, table: str, budget: int, strategy: str, conc: int, warm: bool, seeds: int,
+             field: str = "to") -> list[float]:
+    """Per replay seed: compute (fraction of the level's grid) until every cell is within 0.5 point of its best
+    (``field="to1"``: within 1 point)."""
     level, cells = levels_of(table)[budget]
     total = level.grid_compute
     out = []
@@ -159,7 +164,7 @@ def cells_to(results: dict, table: str, budget: int, strategy: str, conc: int, w
         spent = 0.0
         for m in cells:
             r = results[(table, budget, "cells", m, strategy, effective(table, budget, "cells", conc), warm)]
-            spent += r["rows"][s]["to"] * r["grid"]
+            spent += r["rows"][s][field] * r["grid"]
         out.append(spent / total)
     return out
 
@@ -167,7 +172,8 @@ def cells_to(results: dict, table: str, budget: int, strategy: str, conc: int, w
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--tune", default="benchmarks/tables/trec.csv", help="the table the default is chosen on")
-    ap.add_argument("--heldout", default="benchmarks/tables/rotten_tomatoes.csv", help="the table it is reported on")
+    ap.add_argument("--heldout", default="benchmarks/tables/rotten_tomatoes.csv",
+                    help="the table it is reported on; 'none': only the tune table's half (choose the default)")
     ap.add_argument("--seeds", type=int, default=50)
     ap.add_argument("--strategies", default=",".join(STRATEGIES))
     ap.add_argument("--workers", type=int, default=2, help="processes (the output does not depend on it)")
@@ -178,8 +184,9 @@ def main() -> None:
     strategies = args.strategies.split(",")
     if BASELINE not in strategies:
         strategies.insert(0, BASELINE)
-    tables = {"tune": args.tune, "held-out": args.heldout}
-    warm = {b: warm_points(args.tune, args.heldout, b) for b in levels_of(args.heldout)}
+    held = args.heldout.lower() != "none"
+    tables = {"tune": args.tune, **({"held-out": args.heldout} if held else {})}
+    warm = {b: warm_points(args.tune, args.heldout, b) for b in levels_of(args.heldout)} if held else {}
     results: dict[tuple, dict] = {}
 
     def run_all(pool, wanted: list[tuple]) -> None:
@@ -198,18 +205,23 @@ def main() -> None:
     with ProcessPoolExecutor(args.workers) as pool:
         run_all(pool, [k for table in tables.values() for b in levels_of(table) for s in strategies
                        for c in CONCURRENCY for k in keys(table, b, s, c, False)])
-        score = {s: float(np.mean([median(cells_to(results, args.tune, b, s, 4, False, args.seeds))
-                                   for b in levels_of(args.tune)])) for s in strategies}
-        chosen = next(s for s in strategies if score[s] <= min(score.values()) + 0.01)
+        # median cells-mode compute to 0.5 point, then to 1 point (when no strategy gets every cell within 0.5
+        # point in time, the finer measure ties at ">50%" for all), mean over the tune table's levels
+        score = {s: tuple(float(np.mean([median(cells_to(results, args.tune, b, s, 4, False, args.seeds, f))
+                                         for b in levels_of(args.tune)])) for f in ("to", "to1")) for s in strategies}
+        top = min(score.values())
+        chosen = next(s for s in strategies if score[s][0] <= top[0] + 0.01 and (
+            math.isfinite(top[0]) or score[s][1] <= top[1] + 0.01))
         # warm start: the default and the baseline, on the held-out table, from the tune table
-        run_all(pool, [k for b in levels_of(args.heldout) for s in dict.fromkeys((chosen, BASELINE))
-                       for c in CONCURRENCY for k in keys(args.heldout, b, s, c, True)])
+        if held:
+            run_all(pool, [k for b in levels_of(args.heldout) for s in dict.fromkeys((chosen, BASELINE))
+                           for c in CONCURRENCY for k in keys(args.heldout, b, s, c, True)])
     warm_strategies = list(dict.fromkeys((chosen, BASELINE)))
 
     def summary(table: str, budget: int, strategy: str, conc: int, mode: str, warm: bool = False) -> list[float]:
         if mode == "level":
             return [row["to"] for row in results[(table, budget, "level", None, strategy, conc, warm)]["rows"]]
-        return cells_to(results, table, budget, strategy, conc, warm, args.seeds)
+        return cells_to(results, table, budget, strategy, conc, warm, args.seeds, "to1" if mode == "cells1" else "to")
 
     print(f"strategy protocol: {args.seeds} replay seeds per strategy, continuous lr on each table's surrogate, "
           f"ASHA/Hyperband grace 1 reduction 2, {SETTINGS['n_startup_trials']} random trials first")
@@ -223,7 +235,7 @@ def main() -> None:
             print("  each cell's y*: " + "; ".join(
                 f"{m} {c.y_star:.4f} (lr={c.best.key[-3]:.2e})" for m, c in cells.items()))
             head = "".join(f"{f'regret@{f:.0%}':>16}" for f in FRACTIONS)
-            print(f"  {'strategy':<20}{'c':>2}{head}{'level: to 0.5pt':>19}{'cells: to 0.5pt':>19}")
+            print(f"  {'strategy':<20}{'c':>2}{head}{'level: to 0.5pt':>19}{'cells: to 0.5pt':>19}{'cells: to 1pt':>19}")
             for strategy in strategies:
                 for conc in CONCURRENCY:
                     rows = results[(table, budget, "level", None, strategy, conc, False)]["rows"]
@@ -235,46 +247,55 @@ def main() -> None:
                     ce = summary(table, budget, strategy, conc, "cells")
                     got_l = sum(math.isfinite(x) for x in lv)
                     got_c = sum(math.isfinite(x) for x in ce)
+                    ce1 = summary(table, budget, strategy, conc, "cells1")
+                    got_c1 = sum(math.isfinite(x) for x in ce1)
                     print(f"  {strategy:<20}{conc:>2}{cells_}{fmt(median(lv)) + f' ({got_l}/{len(lv)})':>19}"
-                          f"{fmt(median(ce)) + f' ({got_c}/{len(ce)})':>19}")
+                          f"{fmt(median(ce)) + f' ({got_c}/{len(ce)})':>19}"
+                          f"{fmt(median(ce1)) + f' ({got_c1}/{len(ce1)})':>19}")
             print("  per cell, median compute to 0.5 pt of the cell's own best (fraction of the CELL's grid), c=4:")
             for m in cells:
                 print(f"    {m:<9}" + "  ".join(
                     f"{s} {fmt(median([r['to'] for r in results[(table, budget, 'cells', m, s, effective(table, budget, 'cells', 4), False)]['rows']]))}"
                     for s in strategies))
         if role == "tune":
-            print("\nchoice on the tune table (mean over levels of the median cells-mode compute at 4 workers): "
-                  + ", ".join(f"{s} {fmt(v)}" for s, v in score.items()) + f" -> default: {chosen}")
-    print(f"\n=== held-out goals for the default ({chosen}) against {BASELINE}: <= 10 % of grid compute, >= 1.5x less")
-    for budget in levels_of(args.heldout):
-        for mode in ("cells", "level"):
+            print("\nchoice on the tune table (mean over levels of the median cells-mode compute at 4 workers, to 0.5 pt "
+                  "/ to 1 pt; ties within 0.01 go to the earlier, cheaper strategy): "
+                  + ", ".join(f"{s} {fmt(v[0])}/{fmt(v[1])}" for s, v in score.items()) + f" -> default: {chosen}")
+    goal_table = args.heldout if held else args.tune
+    print(f"\n=== held-out goals for the default ({chosen}) against {BASELINE}: <= 10 % of grid compute, >= 1.5x less"
+          + ("" if held else "\n  NO HELD-OUT TABLE (--heldout none): shown on the tune table itself, where the default "
+             "was chosen (in-sample, optimistic)"))
+    for budget in levels_of(goal_table):
+        for mode in ("cells", "cells1", "level"):
             for conc in CONCURRENCY:
-                d = median(summary(args.heldout, budget, chosen, conc, mode))
-                b = median(summary(args.heldout, budget, BASELINE, conc, mode))
+                d = median(summary(goal_table, budget, chosen, conc, mode))
+                b = median(summary(goal_table, budget, BASELINE, conc, mode))
                 ratio = b / d if math.isfinite(b) and math.isfinite(d) and d > 0 else float("nan")
                 shown = f"{ratio:.2f}x" if math.isfinite(ratio) else "n/a"
-                print(f"  budget {budget:,} {mode:<5} c={conc}: default {fmt(d)}, {BASELINE} {fmt(b)}, ratio "
+                print(f"  budget {budget:,} {mode:<6} c={conc}: default {fmt(d)}, {BASELINE} {fmt(b)}, ratio "
                       f"{shown}; <= 10 %: {'met' if d <= 0.10 else 'not met'}; >= 1.5x: "
                       f"{'met' if ratio >= 1.5 else 'not met'}")
-    print(f"\n=== warm start on the held-out table from the tune table ({WARM_K} best per cell enqueued first)")
-    for budget in levels_of(args.heldout):
+    if held:
+        print(f"\n=== warm start on the held-out table from the tune table ({WARM_K} best per cell enqueued first)")
+    for budget in levels_of(args.heldout) if held else ():
         print(f"  budget {budget:,}: " + "; ".join(f"{m}: " + ", ".join(
             " ".join(f"{k}={v}" for k, v in p.items() if k not in ("method", "lr")) + f" lr={p['lr']:.1e}"
             for p in pts)
             for m, pts in warm[budget].items()))
         for strategy in warm_strategies:
-            for mode in ("cells", "level"):
+            for mode in ("cells", "cells1", "level"):
                 for conc in CONCURRENCY:
                     cold = median(summary(args.heldout, budget, strategy, conc, mode))
                     hot = median(summary(args.heldout, budget, strategy, conc, mode, warm=True))
-                    print(f"    {strategy:<20} {mode:<5} c={conc}: cold {fmt(cold):>6}, warm {fmt(hot):>6}")
+                    print(f"    {strategy:<20} {mode:<6} c={conc}: cold {fmt(cold):>6}, warm {fmt(hot):>6}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "protocol.json").write_text(json.dumps({
         "command": " ".join(sys.argv), "tune": args.tune, "heldout": args.heldout, "strategies": strategies,
         "chosen": chosen, "seeds": args.seeds,
         "results": [{"table": k[0], "budget": k[1], "mode": k[2], "cell": k[3], "strategy": k[4], "concurrency": k[5],
-                     "warm": k[6], "compute_to_0.5pt": [r["to"] if math.isfinite(r["to"]) else None for r in v["rows"]]}
+                     "warm": k[6], "compute_to_0.5pt": [r["to"] if math.isfinite(r["to"]) else None for r in v["rows"]],
+                     "compute_to_1pt": [r["to1"] if math.isfinite(r["to1"]) else None for r in v["rows"]]}
                     for k, v in results.items()]}, indent=1))
     plot(results, tables, strategies, out)
     print(f"wall time {time.perf_counter() - t0:.0f} s; plots and per-seed numbers in {out}", file=sys.stderr)

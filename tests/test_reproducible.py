@@ -10,6 +10,8 @@
   and argmax then picks another candidate. Forcing the AVX2 kernels on the recording machine
   (NPY_DISABLE_CPU_FEATURES="X86_V4 AVX512_ICL AVX512_SPR") turns TPE's regret at 100 % of the 36,864 level
   from 0.010 into 0.012.
+* Issue 24's tables (benchmarks/tables/v2/): each committed table's method evidence regenerates byte for byte, and
+  rows of benchmarks/protocol.py's committed per-seed numbers (protocol.json) come back exactly when replayed.
 """
 
 from __future__ import annotations
@@ -121,3 +123,64 @@ def test_search_efficiency_regenerates_byte_for_byte(concurrency, search_efficie
     png = TABLES / out / "search_efficiency.png"
     assert (tmp_path / "search_efficiency.png").read_bytes() == png.read_bytes(), \
         f"{png.relative_to(ROOT)} does not regenerate byte for byte"
+
+
+# ---- issue 24's tables (benchmarks/tables/v2/) ------------------------------------------------------------------
+
+V2 = TABLES / "v2"
+V2_TABLES = sorted(p.stem for p in V2.glob("*.csv"))  # every committed table has its committed evidence
+
+
+def test_v2_tables_are_committed():
+    assert "trec" in V2_TABLES
+
+
+@pytest.mark.parametrize("name", V2_TABLES)
+def test_v2_method_evidence_regenerates_byte_for_byte(name):
+    proc = subprocess.run([sys.executable, "benchmarks/method_evidence.py", "--table", f"benchmarks/tables/v2/{name}.csv"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    _same(proc.stdout, V2 / f"method_evidence_{name}.txt")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode,strategy,concurrency,warm", [("level", "tpe+asha", 4, False),
+                                                            ("cells", "syne-bohb+asha", 1, False),
+                                                            ("level", "random+asha", 1, True)])
+def test_protocol_replays_regenerate_their_committed_seeds(mode, strategy, concurrency, warm):
+    """benchmarks/protocol.py's per-seed numbers (protocol.json, behind the committed protocol.txt) come back exactly
+    when one (table, level, mode, strategy, workers, warm) is replayed again: the whole protocol takes ~20 minutes,
+    one of its rows seconds."""
+    import json
+
+    if strategy.startswith("tpe") and _simd() != RECORDED_SIMD:
+        pytest.skip(f"numpy's float64 log/exp run {_simd()} kernels here, not {RECORDED_SIMD} (see this module's doc)")
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import protocol
+    finally:
+        sys.path.pop(0)
+    record = json.loads((V2 / "protocol" / "protocol.json").read_text())
+    held = record["heldout"] != "none"
+    if warm and not held:
+        pytest.skip("the committed protocol ran without a held-out table (--heldout none): no warm-start rows yet")
+    table = record["heldout"] if held and (warm or mode == "level") else record["tune"]
+    rows = [r for r in record["results"] if r["table"] == table and r["mode"] == mode and r["strategy"] == strategy
+            and r["concurrency"] == concurrency and r["warm"] == warm]
+    assert rows, f"protocol.json has no {mode} {strategy} c={concurrency} warm={warm} row for {table}"
+    row = rows[0]
+    points = None
+    if warm:
+        pts = protocol.warm_points(record["tune"], record["heldout"], row["budget"])
+        points = pts.get(row["cell"]) if row["cell"] else [p for ps in pts.values() for p in ps]
+    cwd = Path.cwd()
+    try:
+        import os
+
+        os.chdir(ROOT)  # the record's table paths are relative to the repository
+        out = protocol.run_task((table, row["budget"], mode, row["cell"], strategy, concurrency, points or None,
+                                 record["seeds"], warm))
+    finally:
+        os.chdir(cwd)
+    got = [r["to"] if r["to"] != float("inf") else None for r in out["rows"]]
+    assert got == row["compute_to_0.5pt"]
