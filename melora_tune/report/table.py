@@ -17,9 +17,11 @@ interrupted export leaves no half-written table.
 from __future__ import annotations
 
 import argparse
+import importlib.metadata as md
 import json
 import math
 import os
+import platform
 import shlex
 import subprocess
 import sys
@@ -146,9 +148,6 @@ ENV_PACKAGES = ("torch", "transformers", "peft", "deepspeed", "ray", "optuna", "
 def environment() -> dict:
     """The versions and the machine of this process: a table is exported where it was recorded (benchmarks/README.md),
     so these are the recording's."""
-    import importlib.metadata as md
-    import platform
-
     cpu = next((line.split(":", 1)[1].strip() for line in _read_lines("/proc/cpuinfo") if line.startswith("model name")),
                platform.processor() or platform.machine())
     versions = {}
