@@ -10,17 +10,20 @@ Tune's BOHB default, ``hyperband`` its several-bracket form).
 How the two meet:
 
 * **What the model sees.** At every proposal a fresh Syne Tune searcher is built and told every score the
-  Optuna study holds, trial by trial in trial order, epoch by epoch (``on_trial_result(.., resource_level=epoch)``),
-  as Syne Tune's scheduler tells it each reported result. The study is the only state, so a resumed search
-  (Optuna storage) and a replay propose exactly what an uninterrupted run would. Scores are negated (Syne Tune's
-  KDE minimises). A diverged trial's epochs count with the lowest score seen at that epoch (it is a bad
-  configuration, not an unobserved one).
+  Optuna study holds, trial by trial in trial order, evaluation by evaluation, the resource level being the
+  reported step (``search/searcher.py`` reports each evaluation at its optimizer step, the same steps for every
+  trial of a study), as Syne Tune's scheduler tells it each reported result. The study is the only state, so a
+  resumed search (Optuna storage) and a replay propose exactly what an uninterrupted run would. Scores are
+  negated (Syne Tune's KDE minimises). Only finite scores are ever reported, so a diverged trial counts with the
+  scores it had before it diverged and is unobserved at the levels it did not reach (the ``bohb`` sampler, by
+  contrast, counts it with the level's lowest score).
 * **Which parameters.** Optuna's intersection search space of the study (the parameters every finished trial
   has: within a cell the method's shape names that do not depend on another value, and the learning rate),
-  as Optuna's own multivariate samplers do. A log-scaled float is modelled as its log10 (Syne Tune's KDE maps
-  a float linearly onto [0, 1], which would crowd a learning-rate range into its top decade). Parameters outside
-  that space (conditional names such as ``melora.r|n=4``, single-valued ones) are drawn by univariate TPE,
-  as the ``gp`` sampler does.
+  as Optuna's own multivariate samplers do. The space (``search/space.py``) holds categorical choices and a
+  float learning rate; a log-scaled float is modelled as its log10 (Syne Tune's KDE maps a float linearly onto
+  [0, 1], which would crowd a learning-rate range into its top decade). Parameters outside that space
+  (conditional names such as ``melora.r|n=4``, single-valued ones) are drawn by univariate TPE, as the ``gp``
+  sampler does.
 * **Randomness.** Syne Tune draws its random configurations from numpy's global generator; each proposal
   seeds it from (seed, trial number) and restores it afterwards, so proposals are reproducible and nothing
   else's randomness moves.
@@ -35,16 +38,14 @@ from typing import Any
 
 import numpy as np
 import optuna
-from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
+from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution
 from optuna.search_space import IntersectionSearchSpace
 from optuna.trial import TrialState
 
-try:
-    import syne_tune.config_space as sp
-    from syne_tune.optimizer.schedulers.searchers.multi_fidelity_searcher import IndependentMultiFidelitySearcher
-except ImportError as err:  # pragma: no cover - the sampler's registry entry checks this first, with the fix
-    raise ImportError("the syne-bohb sampler needs syne-tune and statsmodels: "
-                      "pip install statsmodels && pip install --no-deps syne-tune==0.16.0") from err
+# the registry entry (_syne_bohb.SyneBOHB.check) refuses a missing syne-tune or statsmodels, with the install line,
+# before this module is imported
+import syne_tune.config_space as sp
+from syne_tune.optimizer.schedulers.searchers.multi_fidelity_searcher import IndependentMultiFidelitySearcher
 
 
 class _NonFiniteCandidate(logging.Filter):
@@ -59,20 +60,14 @@ logging.getLogger().addFilter(_NonFiniteCandidate())
 
 
 def _domain(dist: BaseDistribution):
-    """(the Syne Tune domain the KDE models, to-model, from-model) for one Optuna distribution."""
+    """(the Syne Tune domain the KDE models, to-model, from-model) for one distribution of the space: a float
+    (log-scaled: modelled as its log10) or a categorical choice."""
     if isinstance(dist, FloatDistribution) and dist.log:
         return (sp.uniform(math.log10(dist.low), math.log10(dist.high)), math.log10,
                 lambda v: float(min(max(10.0 ** v, dist.low), dist.high)))
-    if isinstance(dist, FloatDistribution) and dist.step is None:
+    if isinstance(dist, FloatDistribution):
         return sp.uniform(dist.low, dist.high), float, float
-    if isinstance(dist, (FloatDistribution, IntDistribution)):  # stepped or log-int: a finite list of values
-        values = list(np.arange(dist.low, dist.high + (dist.step or 1) / 2, dist.step or 1)) if not (
-            isinstance(dist, IntDistribution) and dist.log) else sorted({int(round(v)) for v in np.geomspace(
-                dist.low, dist.high, 64)})
-        cast = int if isinstance(dist, IntDistribution) else float
-        values = [cast(v) for v in values]
-        return sp.choice(values), cast, cast
-    assert isinstance(dist, CategoricalDistribution)
+    assert isinstance(dist, CategoricalDistribution), f"the space has no {type(dist).__name__}"
     return sp.choice(list(dist.choices)), (lambda v: v), (lambda v: v)
 
 
@@ -104,12 +99,6 @@ class SyneTuneBOHBSampler(optuna.samplers.BaseSampler):
         trials = study._get_trials(deepcopy=False, use_cache=True)
         observed = [t for t in trials if t.number != trial.number and t.intermediate_values
                     and all(name in t.params for name in domains)]
-        # the lowest score seen at each epoch: what a diverged trial counts as there
-        floor: dict[int, float] = {}
-        for t in observed:
-            for step, value in t.intermediate_values.items():
-                if math.isfinite(value):
-                    floor[int(step)] = min(floor.get(int(step), value), value)
         state = np.random.get_state()
         np.random.seed((self.seed * 1_000_003 + trial.number) % 2**32)
         try:
@@ -122,12 +111,7 @@ class SyneTuneBOHBSampler(optuna.samplers.BaseSampler):
                                      **self.kde_kwargs})
                 for t in observed:
                     config = {name: to(t.params[name]) for name, (_, to, _) in domains.items()}
-                    for step in sorted(t.intermediate_values):
-                        value = t.intermediate_values[step]
-                        if not math.isfinite(value):
-                            if int(step) not in floor:
-                                continue
-                            value = floor[int(step)]
+                    for step, value in sorted(t.intermediate_values.items()):
                         searcher.on_trial_result(t.number, config, -float(value), int(step))
                 proposal = searcher.suggest()
         finally:
