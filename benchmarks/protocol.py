@@ -52,6 +52,9 @@ from pathlib import Path
 
 import numpy as np
 
+from melora_tune.search.replay import ContinuousLevel, load_table, replay
+from melora_tune.search.surrogate import shape_of
+
 STRATEGIES = ("random+asha", "tpe+asha", "gp+asha", "random+hyperband", "tpe+hyperband", "bohb+hyperband",
               "syne-bohb+asha", "syne-bohb+hyperband", "grid")
 # grid: every recorded configuration once, in Optuna's BruteForceSampler order, on the recorded lrs (the only
@@ -77,8 +80,6 @@ def _quiet() -> None:
 def levels_of(table: str) -> dict:
     """Budget -> (the continuous level, its cells as continuous levels), cached per process."""
     if table not in _levels:
-        from melora_tune.search.replay import ContinuousLevel, load_table
-
         _levels[table] = {b: (ContinuousLevel(lv), {m: ContinuousLevel(c) for m, c in lv.cells().items()})
                           for b, lv in load_table(table).items()}
     return _levels[table]
@@ -87,25 +88,14 @@ def levels_of(table: str) -> dict:
 def warm_points(source: str, target: str, budget: int) -> dict[str, list[dict]]:
     """Per method: the source table's best configurations at the nearest level (shape + recorded lr) that the
     target level also holds; what ``warm_start`` enqueues, read from the table instead of a study."""
-    from melora_tune.adapters import HYPERPARAMS, get_method
-    from melora_tune.search.replay import load_table
-    from melora_tune.search.surrogate import shape_of
-
-    src_levels = load_table(source)
-    src = src_levels[min(src_levels, key=lambda b: (abs(math.log(b / budget)), b))]
-    tgt = load_table(target)[budget]
-    target_shapes = {shape_of(k) for k in tgt.configs}
+    src_levels = levels_of(source)
+    _, src_cells = src_levels[min(src_levels, key=lambda b: (abs(math.log(b / budget)), b))]
+    target_shapes = {shape_of(k) for k in levels_of(target)[budget][0].discrete.configs}
     out: dict[str, list[dict]] = {}
-    for method, cell in src.cells().items():
-        ranked = sorted(cell.configs.values(), key=lambda c: (-c.final_val, c.key))
-        picked = []
-        for cfg in ranked:
-            if shape_of(cfg.key) in target_shapes and len(picked) < WARM_K:
-                own = get_method(method).hyperparams
-                point = {"method": method, **{hp: cfg.key[1 + i] for i, hp in enumerate(HYPERPARAMS) if hp in own},
-                         "lr": cfg.key[-3]}
-                picked.append(point)
-        out[method] = picked
+    for method, cell in src_cells.items():
+        ranked = sorted(cell.discrete.configs.values(), key=lambda c: (-c.final_val, c.key))
+        fits = [c for c in ranked if shape_of(c.key) in target_shapes][:WARM_K]
+        out[method] = [{"method": method, **dict(c.candidate.values), "lr": c.key[-3]} for c in fits]
     return out
 
 
@@ -113,8 +103,6 @@ def run_task(task: tuple) -> dict:
     """One (table, budget, mode, cell, strategy, concurrency, warm) over ``seeds`` replay seeds."""
     table, budget, mode, method, strategy, conc, points, seeds, warm = task
     _quiet()
-    from melora_tune.search.replay import replay
-
     level, cells = levels_of(table)[budget]
     target = level if method is None else cells[method]
     rows = []

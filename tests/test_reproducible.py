@@ -169,18 +169,14 @@ def test_protocol_replays_regenerate_their_committed_seeds(mode, strategy, concu
             and r["concurrency"] == concurrency and r["warm"] == warm]
     assert rows, f"protocol.json has no {mode} {strategy} c={concurrency} warm={warm} row for {table}"
     row = rows[0]
+    def here(path: str) -> str:  # the record's table paths are relative to the repository
+        return str(ROOT / path)
+
     points = None
     if warm:
-        pts = protocol.warm_points(record["tune"], record["heldout"], row["budget"])
+        pts = protocol.warm_points(here(record["tune"]), here(record["heldout"]), row["budget"])
         points = pts.get(row["cell"]) if row["cell"] else [p for ps in pts.values() for p in ps]
-    cwd = Path.cwd()
-    try:
-        import os
-
-        os.chdir(ROOT)  # the record's table paths are relative to the repository
-        out = protocol.run_task((table, row["budget"], mode, row["cell"], strategy, concurrency, points or None,
-                                 record["seeds"], warm))
-    finally:
-        os.chdir(cwd)
+    out = protocol.run_task((here(table), row["budget"], mode, row["cell"], strategy, concurrency, points or None,
+                             record["seeds"], warm))
     got = [r["to"] if r["to"] != float("inf") else None for r in out["rows"]]
     assert got == row["compute_to_0.5pt"]
