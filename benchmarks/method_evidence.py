@@ -10,7 +10,7 @@ method that only wins at one lucky learning rate shows as such. Test scores are 
 Then the verdicts, each method's pick against LoRA's: at the same level (equal parameters) and against LoRA at
 the next level up (twice the parameters: does the method match LoRA with fewer?). The difference of seed-mean
 test scores is paired by training seed (the same seeds, data order and split for every configuration), with a
-95 % t interval over the seeds: "beats" / "is worse than" when the interval excludes 0, "cannot be told apart"
+95 % t interval over the seeds: "better" / "worse" when the interval excludes 0, "cannot be told apart"
 otherwise (with 3 seeds the interval is wide: t = 4.30).
 """
 
