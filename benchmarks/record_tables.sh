@@ -6,7 +6,8 @@
 #
 #   bash benchmarks/record_tables.sh [RECORD_DIR]     # default /work/record2: mlflow.db, runs/, log.txt
 #
-# About 62 min per TREC level and 110 min for rotten_tomatoes on the 2-core CPU machine, two trials at once.
+# About 62 min per TREC level (126 trials; the 108-trial levels less) and about 2 hours for rotten_tomatoes (1.1 trials a
+# minute alone) on the 2-core CPU machine, two trials at once.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 DIR=${1:-/work/record2}
