@@ -18,6 +18,27 @@ from helpers import tiny_bert_config, tiny_llama_config
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+# Test files that bring up the local two-node cluster (`melora-tune cluster up`) on the same loopback addresses:
+# two at once would collide (a second `up` times out), so they share one test process.
+LOCAL_CLUSTER_FILES = {"test_cluster_local.py", "test_cluster_drills.py", "test_bad_inputs.py"}
+# The longest groups (CI, 2 cores, 2026-12-06: seconds of their slow tests), sent first: pytest-xdist hands out
+# groups in collection order, and a long group taken last would leave the other process idle at the end.
+LONGEST_FIRST = ["test_trial_run.py", "local-cluster", "test_kill_drill.py", "test_search_integration.py",
+                 "test_trial_tune.py", "test_instruct_search.py", "test_confirm.py", "test_report.py"]
+
+
+def pytest_collection_modifyitems(config, items):
+    """One xdist group per test file (its module-scoped fixtures are built once), the local-cluster files together;
+    the longest groups first. Within a group the collection order is kept (some modules rely on it)."""
+    def group(item) -> str:
+        name = item.path.name
+        return "local-cluster" if name in LOCAL_CLUSTER_FILES else name
+
+    for item in items:
+        item.add_marker(pytest.mark.xdist_group(group(item)))
+    rank = {g: i for i, g in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(group(item), len(rank)))  # stable: the rest keep their order
+
 
 @pytest.fixture
 def tiny_bert():
