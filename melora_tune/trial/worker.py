@@ -221,12 +221,29 @@ class TrialWorker:
 
     # ---- the trial -------------------------------------------------------------
     def run(self) -> dict[str, Any]:
-        self.build()
-        state = self.restore() or fresh_state(self.plan, self.world)
-        if state["status"] == RUNNING:  # else finished (or diverged) before: nothing left to do
-            self.timings["setup_s"] = round(time.perf_counter() - self.t0, 3)
-            self.loop.train(state)
-        return self.summary(state)
+        try:
+            self.build()
+            state = self.restore() or fresh_state(self.plan, self.world)
+            if state["status"] == RUNNING:  # else finished (or diverged) before: nothing left to do
+                self.timings["setup_s"] = round(time.perf_counter() - self.t0, 3)
+                self.loop.train(state)
+            return self.summary(state)
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """DeepSpeed's own teardown (``engine.destroy``): it removes the gradient hooks its ZeRO optimizer put on
+        the parameters and ZeRO-3's module hooks. Those hooks live in autograd's C++ nodes, which Python's garbage
+        collector cannot see through, so without this every trial's model, engine and optimizer stayed alive in a
+        reused trial process (measured: +110 tensors a trial on the tiny BERT; a search's trial processes grew by
+        about 140 MB a MiniLM trial, to 8 GB each after 60 trials)."""
+        engine = getattr(self, "engine", None)
+        if engine is None:
+            return
+        try:
+            engine.destroy()
+        except Exception as err:  # noqa: BLE001  (a teardown failure must not hide the trial's own result or error)
+            log.warning("DeepSpeed engine teardown failed: %s", err)
 
     def summary(self, state: dict[str, Any]) -> dict[str, Any]:
         self.ranks.barrier()  # ZeRO-3 teardown without a barrier can abort at exit
