@@ -25,8 +25,6 @@ LOCAL_CLUSTER_FILES = {"test_cluster_local.py", "test_cluster_drills.py", "test_
 # groups in collection order, and a long group taken last would leave the other process idle at the end.
 LONGEST_FIRST = ["test_trial_run.py", "local-cluster", "test_kill_drill.py", "test_search_integration.py",
                  "test_trial_tune.py", "test_instruct_search.py", "test_confirm.py", "test_report.py"]
-
-
 # Files whose tests are scheduled one by one: independent multi-minute tests (each its own subprocesses), which as
 # one group would keep a process busy for ~10 minutes while the other idles at the end.
 PER_TEST_FILES = {"test_trial_run.py"}
@@ -44,8 +42,9 @@ def _group(nodeid: str) -> str:
 
 def pytest_xdist_make_scheduler(config, log):
     """pytest-xdist sends whole groups to a test process: one group per file (its module-scoped fixtures, e.g. a
-    shared search, are built once), the local-cluster files together, PER_TEST_FILES' tests each alone. Its own ``--dist loadgroup`` does not group
-    under pytest 9 (measured: four tests marked with one group ran on both processes), hence this scheduler."""
+    shared search, are built once), the local-cluster files together, PER_TEST_FILES' tests each alone. Its own
+    ``--dist loadgroup`` does not group under pytest 9 (measured: four tests marked with one group ran on both
+    processes), hence this scheduler."""
     from xdist.scheduler import LoadScopeScheduling  # pytest-xdist: loaded only when tests run in several processes
 
     class FileGroups(LoadScopeScheduling):

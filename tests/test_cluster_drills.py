@@ -133,7 +133,7 @@ def last_json(stdout: str) -> dict:
 
 def trial_errors(exp: Path) -> str:
     """What Tune recorded for each errored trial (its error.txt) and what each trial folder holds: a failed
-    trial after a resume is rare (once in CI, not reproduced in 5 local runs), so its failure must name the cause."""
+    trial after a resume is rare (once in CI, not reproduced in 3 local runs), so its failure must name the cause."""
     out = []
     for trial in sorted(exp.glob("trial_*")):
         rows = [json.loads(l) for l in (trial / "result.json").read_text().splitlines() if l.strip()] \

@@ -116,7 +116,9 @@ BAD = [
 ]
 
 
-@pytest.mark.parametrize("key,value,needle", BAD, ids=[f"{b[0]}={'<deleted>' if b[1] is DELETE else repr(b[1])}"[:40] for b in BAD])
+# ids without DELETE's repr (an address): pytest-xdist needs the same ids in every test process
+@pytest.mark.parametrize("key,value,needle", BAD,
+                         ids=[f"{b[0]}={'<deleted>' if b[1] is DELETE else repr(b[1])}"[:40] for b in BAD])
 def test_bad_space_is_one_line_and_exit_2(key, value, needle, tmp_path, tiny_model_dir, capsys):
     import ray
 

@@ -87,8 +87,7 @@ def single_process_group(use_gpu: bool):
 def _forget_deepspeed_groups() -> None:
     """Drop DeepSpeed's module-level handles on the destroyed group (its comm wrapper and the cached world,
     data-, model- and expert-parallel groups): a later trial in this process builds its own, instead of
-    failing with "Group ... is not registered" on the dead one. Also ZeRO-3's stack of models, which
-    would keep every earlier trial's model and engine alive."""
+    failing with "Group ... is not registered" on the dead one."""
     comm = sys.modules.get("deepspeed.comm.comm")
     if comm is not None:
         comm.cdb = None
@@ -99,21 +98,6 @@ def _forget_deepspeed_groups() -> None:
                 setattr(groups, name, {} if isinstance(value, dict) else None)
         groups.mpu = None
         groups.mesh_device = None
-    # ZeRO-3 pushes each engine's model onto this module-level stack when it sets up and never pops it (one engine a
-    # process, by design): in a reused trial process every ZeRO-3 trial's model, its hooks and through them its
-    # engine and optimizer stayed alive (measured: ~110 tensors a trial on the tiny BERT; a MiniLM model a trial).
-    offload = sys.modules.get("deepspeed.runtime.zero.parameter_offload")
-    if offload is not None:
-        offload.FWD_MODULE_STACK.clear()
-    # ZeRO-3's coordinator memoises which parameters to release in a class-level lru_cache keyed on the coordinator
-    # itself (wrapped in an NVTX decorator without functools.wraps, hence the closure): it kept every earlier trial's
-    # coordinator, and through it its model, alive.
-    coordinator = sys.modules.get("deepspeed.runtime.zero.partitioned_param_coordinator")
-    if coordinator is not None:
-        for fn in vars(coordinator.PartitionedParameterCoordinator).values():
-            for held in [fn, *(c.cell_contents for c in getattr(fn, "__closure__", None) or ())]:
-                if callable(getattr(held, "cache_clear", None)):
-                    held.cache_clear()
 
 
 def run_with_reporter(prepared: PreparedTrial, name: str, reporter) -> dict[str, Any]:

@@ -13,6 +13,7 @@ import importlib
 import logging
 import os
 import random
+import sys
 import time
 from typing import Any
 
@@ -244,6 +245,7 @@ class TrialWorker:
             engine.destroy()
         except Exception as err:  # noqa: BLE001  (a teardown failure must not hide the trial's own result or error)
             log.warning("DeepSpeed engine teardown failed: %s", err)
+        _drop_zero3_references()
 
     def summary(self, state: dict[str, Any]) -> dict[str, Any]:
         self.ranks.barrier()  # ZeRO-3 teardown without a barrier can abort at exit
@@ -268,3 +270,20 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     Returns rank 0's summary (status, reason, step, final and best metrics, timings).
     """
     return TrialWorker(config[TRIAL_KEY], config["name"], resume_from=config.get("resume_from")).run()
+
+
+def _drop_zero3_references() -> None:
+    """What ``engine.destroy`` leaves: two module-level references ZeRO-3 keeps to every engine it set up (one
+    engine a process, by design), each of which kept the trial's model and through its hooks the engine alive.
+    ``FWD_MODULE_STACK`` gets each engine's model pushed at set-up and never popped; the coordinator memoises which
+    parameters to release in a class-level lru_cache keyed on the coordinator itself (wrapped in an NVTX decorator
+    without functools.wraps, hence the closure)."""
+    offload = sys.modules.get("deepspeed.runtime.zero.parameter_offload")
+    if offload is not None:
+        offload.FWD_MODULE_STACK.clear()
+    coordinator = sys.modules.get("deepspeed.runtime.zero.partitioned_param_coordinator")
+    if coordinator is not None:
+        for fn in vars(coordinator.PartitionedParameterCoordinator).values():
+            for held in [fn, *(c.cell_contents for c in getattr(fn, "__closure__", None) or ())]:
+                if callable(getattr(held, "cache_clear", None)):
+                    held.cache_clear()
