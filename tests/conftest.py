@@ -25,9 +25,11 @@ LOCAL_CLUSTER_FILES = {"test_cluster_local.py", "test_cluster_drills.py", "test_
 # groups in collection order, and a long group taken last would leave the other process idle at the end.
 LONGEST_FIRST = ["test_trial_run.py", "local-cluster", "test_kill_drill.py", "test_search_integration.py",
                  "test_trial_tune.py", "test_instruct_search.py", "test_confirm.py", "test_report.py"]
-# Files whose tests are scheduled one by one: independent multi-minute tests (each its own subprocesses), which as
-# one group would keep a process busy for ~10 minutes while the other idles at the end.
-PER_TEST_FILES = {"test_trial_run.py"}
+# Files with module-scoped fixtures whose tests are still scheduled one by one: their fixtures are cheap (a tiny model,
+# a Ray start) and their tests are independent multi-minute ones (each its own subprocesses), which as one group would
+# keep a process busy for ~10 minutes while the other idles at the end.
+PER_TEST_FILES = {"test_trial_run.py", "test_trial_tune.py"}
+TESTS = os.path.dirname(os.path.abspath(__file__))
 
 
 def _file_group(nodeid: str) -> str:
@@ -35,29 +37,67 @@ def _file_group(nodeid: str) -> str:
     return "local-cluster" if name in LOCAL_CLUSTER_FILES else name
 
 
+_shared: dict[str, bool] = {}
+
+
+def _shares_fixtures(name: str) -> bool:
+    """Whether a test file has a module-scoped fixture (often a whole search, built once per process that runs the
+    file) or tests that build on each other's results through one (test_kill_drill.py compares its kills)."""
+    if name not in _shared:
+        try:
+            with open(os.path.join(TESTS, name)) as f:
+                _shared[name] = 'scope="module"' in f.read()
+        except OSError:
+            _shared[name] = True
+    return _shared[name]
+
+
 def _group(nodeid: str) -> str:
+    """The scheduling unit: the local-cluster files together, a file whose tests share module fixtures whole, any
+    other test alone (the finer the units, the better the two processes are balanced at the end)."""
     group = _file_group(nodeid)
-    return nodeid if group in PER_TEST_FILES else group
+    if group == "local-cluster" or (group not in PER_TEST_FILES and _shares_fixtures(group)):
+        return group
+    return nodeid
 
 
 def pytest_xdist_make_scheduler(config, log):
-    """pytest-xdist sends whole groups to a test process: one group per file (its module-scoped fixtures, e.g. a
-    shared search, are built once), the local-cluster files together, PER_TEST_FILES' tests each alone. Its own
-    ``--dist loadgroup`` does not group under pytest 9 (measured: four tests marked with one group ran on both
-    processes), hence this scheduler."""
+    """pytest-xdist sends whole groups (``_group``) to a test process. Its own ``--dist loadgroup`` does not group
+    under pytest 9 (measured: four tests marked with one group ran on both processes), hence this scheduler."""
     from xdist.scheduler import LoadScopeScheduling  # pytest-xdist: loaded only when tests run in several processes
 
-    class FileGroups(LoadScopeScheduling):
+    # Keep the collection order (longest groups first). xdist's default reorders the groups by their number of
+    # tests, most first: the one-test groups (test_trial_run.py's multi-minute tests) then went last, and the full
+    # run ended with one process on them while the other idled (seen: CI's last tests were those, 1810 s in all).
+    config.option.loadscopereorder = False
+
+    class Groups(LoadScopeScheduling):
         def _split_scope(self, nodeid: str) -> str:
             return _group(nodeid)
 
-    return FileGroups(config, log)
+    return Groups(config, log)
 
 
 def pytest_collection_modifyitems(config, items):
     """The longest groups first; within a group the collection order is kept (some modules rely on it)."""
     rank = {g: i for i, g in enumerate(LONGEST_FIRST)}
     items.sort(key=lambda item: rank.get(_file_group(item.nodeid), len(rank)))  # stable: the rest keep their order
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    """MELORA_TEST_TIMELINE=FILE appends "start end process test" per test (setup to teardown): how the two
+    processes were kept busy, read when the full run's time moves."""
+    path = os.environ.get("MELORA_TEST_TIMELINE")
+    if not path:
+        yield
+        return
+    import time  # only when the timeline is asked for
+
+    t0 = time.time()
+    yield
+    with open(path, "a") as f:
+        f.write(f"{t0:.1f} {time.time():.1f} {os.environ.get('PYTEST_XDIST_WORKER', 'main')} {item.nodeid}\n")
 
 
 @pytest.fixture

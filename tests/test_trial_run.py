@@ -279,7 +279,11 @@ def test_killed_trial_resumes_from_its_last_checkpoint(tmp_path, workers, reques
             committed = done
             break
         time.sleep(0.2)
-    assert committed, "no checkpoint was written"
+    if not committed:  # the victim ended (or stalled) before a checkpoint: say why, from its own output
+        if victim.poll() is None:
+            os.killpg(victim.pid, signal.SIGKILL)
+        out, err = victim.communicate()
+        pytest.fail(f"no checkpoint was written; the victim exited {victim.returncode}:\n{err[-4000:]}\n{out[-1000:]}")
     os.killpg(victim.pid, signal.SIGKILL)
     victim.communicate()
     states = [json.loads(p.read_text()) for p in run_dir.glob("checkpoint_*/trial_state.json")]
