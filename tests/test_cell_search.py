@@ -135,29 +135,10 @@ def test_warm_start_enqueues_each_cells_best_from_the_same_method_of_an_earlier_
     """An earlier search (its record under the storage path and its per-cell studies in SQLite, written by the
     real searcher) starts a new search's cells: each cell gets its own method's best completed configurations,
     the nearest level's when its own is missing, and never another method's."""
-    import json
-
     from melora_tune.search.experiment import prepare_search
     from melora_tune.search.searcher import WARM_ATTR
 
-    runs = tmp_path / "runs"
-    storage = f"sqlite:///{runs}/optuna.db"
-    runs.mkdir()
-    # the earlier search: one level (768), lora and melora, 3 trials each with known scores
-    old = space(tiny_model_dir, name="old", budget={"max_params": 768, "min_fraction": 0.75}, trials_per_cell=3)
-    fs = build_space(old)
-    old, shares = with_shares(old, fs)
-    s = searcher(old, fs, shares, storage, study="old-1")
-    scores = iter([0.61, 0.70, 0.80, 0.55, 0.66, 0.90])
-    sampled = {}
-    for i in range(6):
-        config = s.suggest(f"t{i}")
-        score = next(scores)
-        sampled.setdefault(config["cell"], []).append((score, config))
-        s.on_trial_complete(f"t{i}", {"score": score, "step": 2, "epoch": 2.0, "status": "completed"})
-    (runs / "old-1").mkdir()
-    (runs / "old-1" / "melora_search.json").write_text(json.dumps({"study_name": "old-1", "optuna_storage": storage}))
-
+    runs, storage, sampled = _earlier_search(tiny_model_dir, tmp_path)
     new = space(tiny_model_dir, name="new", warm_start=["old"], storage_path=str(runs),
                 tracking_uri=f"sqlite:///{tmp_path}/mlflow.db", trials_per_cell=3)
     prep = prepare_search(new)
@@ -175,6 +156,69 @@ def test_warm_start_enqueues_each_cells_best_from_the_same_method_of_an_earlier_
     first = sub.suggest("w0")
     assert first["lr"] == prep.warm["melora@768"][0]["params"]["lr"] and first["n"] == sampled_best_n(sampled)
     assert sub._ot_trials["w0"].user_attrs[WARM_ATTR] == prep.warm["melora@768"][0]["from"]
+
+
+def _earlier_search(tiny_model_dir, tmp_path):
+    """An earlier search at one level (768), lora and melora, 3 trials each with known scores: its record under the
+    storage path and its per-cell studies in SQLite, written by the real searcher."""
+    import json
+
+    runs = tmp_path / "runs"
+    storage = f"sqlite:///{runs}/optuna.db"
+    runs.mkdir()
+    old = space(tiny_model_dir, name="old", budget={"max_params": 768, "min_fraction": 0.75}, trials_per_cell=3)
+    fs = build_space(old)
+    old, shares = with_shares(old, fs)
+    s = searcher(old, fs, shares, storage, study="old-1")
+    scores = iter([0.61, 0.70, 0.80, 0.55, 0.66, 0.90])
+    sampled = {}
+    for i in range(6):
+        config = s.suggest(f"t{i}")
+        score = next(scores)
+        sampled.setdefault(config["cell"], []).append((score, config))
+        s.on_trial_complete(f"t{i}", {"score": score, "step": 2, "epoch": 2.0, "status": "completed"})
+    (runs / "old-1").mkdir()
+    (runs / "old-1" / "melora_search.json").write_text(json.dumps({"study_name": "old-1", "optuna_storage": storage}))
+    return runs, storage, sampled
+
+
+def test_warm_start_adds_the_earlier_curve_once_shifted_at_its_best_point(tiny_model_dir, tmp_path):
+    """The earlier search's learning-rate curve: every completed configuration of the cell's method that the cell
+    can run whole joins the cell's study once the best one (enqueued first) has been trained here, each score
+    shifted by (its score here - its score there); never handed out as a trial, never added twice."""
+    from optuna.trial import TrialState
+
+    from melora_tune.search.experiment import prepare_search
+    from melora_tune.search.warm_start import PRIOR_ATTR
+
+    runs, storage, sampled = _earlier_search(tiny_model_dir, tmp_path)
+    new = space(tiny_model_dir, name="new", warm_start=["old"], storage_path=str(runs),
+                tracking_uri=f"sqlite:///{tmp_path}/mlflow.db", trials_per_cell=3)
+    prep = prepare_search(new)
+    earlier = {round(cfg["lr"], 12): score for score, cfg in sampled["melora@768"]}
+    prior = prep.priors["melora@768"]
+    assert prior["anchor"] == prep.warm["melora@768"][0]["from"] and prior["anchor_value"] == max(earlier.values())
+    assert sorted(t["value"] for t in prior["trials"]) == sorted(earlier.values())
+    assert prep.priors["melora@384"]["trials"] == []  # r=2 does not fit the 384 level: no whole configuration
+
+    cell, study = prep.feasible.cells[("melora", 768)], "new-1.melora@768"
+    sub = BudgetOptunaSearch(cell, storage=storage, study_name=study, seed=0, n_startup_trials=2, max_t=2,
+                             warm=prep.warm["melora@768"], prior=prior)
+    sub.suggest("w0")  # the anchor: the earlier best, trained here
+    sub.on_trial_complete("w0", {"score": 0.5, "step": 2, "epoch": 2.0, "status": "completed"})
+    shift = 0.5 - max(earlier.values())
+    added = [t for t in sub._ot_study.get_trials() if PRIOR_ATTR in t.user_attrs]
+    assert len(added) == 3 and all(t.state == TrialState.COMPLETE and set(t.constraints) == {"budget"}
+                                   and t.constraints["budget"] <= 0 for t in added)  # as every trial of the cell
+    assert {round(t.params["lr"], 12): t.value for t in added} == pytest.approx(
+        {lr: v + shift for lr, v in earlier.items()})
+    assert sub.orphans() == []  # not the trials of an interrupted run: nothing re-runs them
+    second = sub.suggest("w1")
+    assert second["optuna_trial"] == 4  # a new trial (0: the anchor, 1-3: the curve), proposed with the curve
+    again = BudgetOptunaSearch(cell, storage=storage, study_name=study, seed=0, max_t=2, warm=prep.warm["melora@768"],
+                               prior=prior)  # a resumed search: its anchor's completion adds nothing again
+    again._add_prior(0.9)
+    assert len([t for t in again._ot_study.get_trials() if PRIOR_ATTR in t.user_attrs]) == 3
 
 
 def sampled_best_n(sampled):

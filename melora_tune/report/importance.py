@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 from melora_tune.errors import first_line
 from melora_tune.search.cells import cell_study_names
+from melora_tune.search.warm_start import PRIOR_ATTR
 
 log = logging.getLogger("melora_tune.report")
 
@@ -72,11 +73,13 @@ def _merge(a, b):
 
 
 def canonical_trials(trials) -> list:
-    """COMPLETE trials with folded parameter names (FrozenTrials ready for an in-memory study)."""
+    """COMPLETE trials of this search (not the warm start's added curve) with folded parameter names (FrozenTrials
+    ready for an in-memory study)."""
     import optuna  # heavy: Optuna, loaded where a study is used
     from optuna.trial import TrialState  # heavy: Optuna, loaded where a study is used
 
-    complete = [t for t in trials if t.state == TrialState.COMPLETE and t.value is not None and math.isfinite(t.value)]
+    complete = [t for t in trials if t.state == TrialState.COMPLETE and t.value is not None and math.isfinite(t.value)
+                and PRIOR_ATTR not in t.user_attrs]
     dists: dict[str, object] = {}
     for t in complete:
         for name, dist in t.distributions.items():

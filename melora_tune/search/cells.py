@@ -92,13 +92,16 @@ def effort_warnings(space, feasible, warm: dict[str, list] | None = None) -> lis
     return out
 
 
-def warm_lines(warm: dict[str, list[dict]]) -> list[str]:
+def warm_lines(warm: dict[str, list[dict]], priors: dict[str, dict] | None = None) -> list[str]:
     """The dry run's lines: what each cell starts from (``search.warm_start``)."""
     lines = []
     for label, points in warm.items():
         if points:
+            curve = len((priors or {}).get(label, {}).get("trials", []))
             lines.append(f"  {label:<16} starts with {len(points)} configuration(s) from "
-                         + ", ".join(f"{p['from']} ({p['value']:.4f})" for p in points))
+                         + ", ".join(f"{p['from']} ({p['value']:.4f})" for p in points)
+                         + (f"; its curve ({curve} earlier results) joins the model once the first is trained here"
+                            if curve else ""))
         else:
             lines.append(f"  {label:<16} starts cold: no completed configuration of its method fits it")
     return lines

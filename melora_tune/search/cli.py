@@ -121,7 +121,7 @@ def _dry_run(args) -> int:
         print(line)
     if prep.warm:
         print(f"warm start from {', '.join(space.warm_start)} (each cell from its own method's best):")
-        for line in warm_lines(prep.warm):
+        for line in warm_lines(prep.warm, prep.priors):
             print(line)
     for line in effort_warnings(space, feasible, prep.warm):
         print(f"warning: {line}")

@@ -33,7 +33,7 @@ from melora_tune.search.schema import DEFAULT_STORAGE_PATH, DEFAULT_TRACKING_URI
 from melora_tune.search.memcheck import search_memory
 from melora_tune.search.schedulers import DEFAULT as DEFAULT_SCHEDULER
 from melora_tune.search.space import FeasibleSpace, build_space
-from melora_tune.search.warm_start import source_studies, warm_points
+from melora_tune.search.warm_start import source_studies, warm_points, warm_priors
 from melora_tune.trial.ray_env import check_run_name
 
 # Keys of a space that may differ between a search and its --resume.
@@ -225,6 +225,7 @@ class PreparedSearch:
     plan: StartPlan
     shares: dict[str, int]  # cell label (method@level) -> its trials
     warm: dict[str, list[dict]] = field(default_factory=dict)  # cell label -> warm-start points (search.warm_start)
+    priors: dict[str, dict] = field(default_factory=dict)  # cell label -> the earlier learning-rate curve (warm_priors)
 
 
 def prepare_search(space: SearchSpace | dict | str | os.PathLike, *, spec=None, num_samples: int | None = None,
@@ -242,13 +243,14 @@ def prepare_search(space: SearchSpace | dict | str | os.PathLike, *, spec=None, 
     feasible.memory = search_memory(space, feasible, base_cfg)  # a trial that cannot fit its GPU is refused here
     base_trial = base_cfg.to_dict()  # Tune's param_space: plain JSON
     plan = plan_start(space, storage_path=storage_path, name=name, resume=resume, tracking_uri=tracking_uri, address=address)
-    warm = {}
+    warm, priors = {}, {}
     if space.warm_start:
         if is_remote(plan.storage):
             raise UsageError("warm_start reads earlier searches from a local storage path; this one is remote")
         sources = [source_studies(plan.storage, name) for name in space.warm_start]
         warm = warm_points(sources, feasible, shares)
-    return PreparedSearch(space, text, filename, feasible, base_trial, plan, shares, warm)
+        priors = warm_priors(sources, feasible, warm)
+    return PreparedSearch(space, text, filename, feasible, base_trial, plan, shares, warm, priors)
 
 
 def dry_run(space: SearchSpace | dict | str | os.PathLike, **kwargs) -> PreparedSearch:

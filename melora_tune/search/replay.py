@@ -338,15 +338,36 @@ class ReplayRun:
 
 
 def make_searcher(level: Level, strategy: str, seed: int, n_startup_trials: int = 6,
-                  points: list[dict[str, Any]] | None = None):
-    """The project's ``BudgetOptunaSearch`` over the level's space (``points``: {method, r, ..., lr} tried first)."""
+                  points: list[dict[str, Any]] | None = None, prior: list[dict[str, Any]] | None = None):
+    """The project's ``BudgetOptunaSearch`` over the level's space (``points``: {method, r, ..., lr} tried first).
+
+    ``prior``: another table's results ({method, r, ..., lr, value}; ``value`` its score there), added to the
+    study when the first point completes, shifted by that point's score here minus its ``value`` there: what
+    ``warm_start`` does with an earlier search's learning-rate curve (the first point must be one of them)."""
     sampler, policy, _ = parse_strategy(strategy)
     space = level.space()
+    params = [space.point_params(p) for p in points or []]
+    curve = None
+    if prior and params:
+        def fits(p: dict) -> bool:
+            try:
+                space.point_params(p)
+            except UsageError:
+                return False
+            return True
+
+        anchor = next((p for p in prior if fits(p) and space.point_params(p) == params[0]), None)
+        if anchor is None:
+            raise ValueError("prior: the first point must be one of the prior's configurations")
+        curve = {"anchor": "point0", "anchor_value": anchor["value"],
+                 "trials": [{"params": space.point_params(p), "value": p["value"], "from": "prior"}
+                            for p in prior if fits(p)]}
     return BudgetOptunaSearch(
         space, storage=InMemoryStorage(), study_name=f"replay-{level.budget}-{strategy}-{seed}",
         seed=seed, n_startup_trials=n_startup_trials, max_t=level.epochs, time_attr="epoch", metric=METRIC,
         mode="max", sampler=sampler, tell_policy=policy,
-        points_to_evaluate=[space.point_params(p) for p in points or []],
+        points_to_evaluate=[] if curve else params,
+        warm=[{"params": p, "from": f"point{i}"} for i, p in enumerate(params)] if curve else None, prior=curve,
     )
 
 
@@ -362,16 +383,18 @@ def make_replay_scheduler(level: Level, scheduler: str, reduction_factor: float 
 
 def replay(level: Level, strategy: str, seed: int, *, concurrency: int = 4, max_fraction: float = 1.0,
            reduction_factor: float = 3, n_startup_trials: int = 6, num_samples: float | None = None,
-           points: list[dict[str, Any]] | None = None, grace_period: int = 1, brackets: int = 1) -> ReplayRun:
+           points: list[dict[str, Any]] | None = None, grace_period: int = 1, brackets: int = 1,
+           prior: list[dict[str, Any]] | None = None) -> ReplayRun:
     """Run one strategy on one level with the simulated clock (deterministic given ``seed``).
 
     ``num_samples``: most trials to start (Ray's; default: the grid's size for ``grid``, else unbounded).
     ``points``: configurations the searcher tries first (``points_to_evaluate``), in order.
+    ``prior``: another table's results, added to the model once the first point completes (``make_searcher``).
     ``reduction_factor``, ``grace_period``, ``brackets``: the scheduler's ``asha`` settings.
     """
     sampler, _, scheduler_name = parse_strategy(strategy)
     run = ReplayRun(level, strategy)
-    searcher = run.searcher = make_searcher(level, strategy, seed, n_startup_trials, points)
+    searcher = run.searcher = make_searcher(level, strategy, seed, n_startup_trials, points, prior)
     scheduler = make_replay_scheduler(level, scheduler_name, reduction_factor, grace_period, brackets)
     rng = np.random.default_rng(seed)
     if get_sampler(sampler).enumerates and isinstance(level, ContinuousLevel):

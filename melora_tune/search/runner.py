@@ -166,7 +166,7 @@ def run_search(
                           tracking_uri=tracking_uri, name=name, resume=resume, address=address)
     space, text, filename, feasible, base_trial, plan = (prep.space, prep.text, prep.filename, prep.feasible,
                                                           prep.base_trial, prep.plan)
-    shares, warm = prep.shares, prep.warm
+    shares, warm, priors = prep.shares, prep.warm, prep.priors
     storage, exp_name, exp_dir, meta = plan.storage, plan.exp_name, plan.exp_dir, plan.meta
     tracking, optuna_storage, study_name = plan.tracking, plan.optuna_storage, plan.study_name
     # Ray Tune: our progress lines instead of its tables; forced snapshots after checkpoints are wanted
@@ -200,7 +200,7 @@ def run_search(
         write_meta(exp_dir, meta)
         # killed before Tune's first snapshot: nothing to restore, a fresh Tune run reuses the study and the parent run
         restore = resume and (exp_dir is None or has_snapshot(exp_dir))
-        tuner = _build_tuner(space, feasible, shares, warm, base_trial, storage, exp_name, optuna_storage, study_name,
+        tuner = _build_tuner(space, feasible, shares, warm, priors, base_trial, storage, exp_name, optuna_storage, study_name,
                              tracking, experiment_id, parent, restore, write)
         fitting = True
         drill.point("search.before_fit")
@@ -243,7 +243,7 @@ def run_search(
             ray.shutdown()
 
 
-def _build_tuner(space, feasible, shares, warm, base_trial, storage, exp_name, optuna_storage, study_name, tracking,
+def _build_tuner(space, feasible, shares, warm, priors, base_trial, storage, exp_name, optuna_storage, study_name, tracking,
                  experiment_id, parent, resume, write):
     trainable = tune.with_resources(search_trial, trial_resources(space))
     # the splits a trial trains and is scored on, as MLflow dataset inputs: read once here, not once per trial
@@ -277,6 +277,7 @@ def _build_tuner(space, feasible, shares, warm, base_trial, storage, exp_name, o
             mode=MODE,
             points_to_evaluate=cell.points,
             warm=warm.get(cell_label(method, level)),
+            prior=priors.get(cell_label(method, level)),
             sampler=space.sampler,
             tell_policy=space.tell_policy,
         )

@@ -57,6 +57,7 @@ from ray.tune.search.optuna import OptunaSearch
 from melora_tune import drill
 from melora_tune.records.store import sqlite_open_lock
 from melora_tune.search.samplers import make_sampler
+from melora_tune.search.warm_start import PRIOR_ATTR
 # GridSampler stays importable from here: searcher snapshots of grid searches started before it moved name this path
 from melora_tune.search.samplers.brute_force import GridSampler  # noqa: F401
 
@@ -107,6 +108,13 @@ class BudgetOptunaSearch(OptunaSearch):
     ``OptunaSearch`` does (intermediate values at ``training_iteration``; an ended trial COMPLETE with its
     last score, whatever its fidelity): the baseline the fidelity policy is measured against
     (``benchmarks/search_efficiency.py``). Restart handling (orphans) is the same for both.
+
+    ``prior`` (warm start's learning-rate curve, ``search/warm_start.py``): ``{"anchor": <the WARM_ATTR of one
+    enqueued warm point>, "anchor_value": <its score in the earlier search>, "trials": [{"params", "value",
+    "from"}, ...]}``. When the anchor trial completes here with score v, every prior trial is added to the study
+    (``study.add_trials``, COMPLETE, marked ``PRIOR_ATTR``) with its earlier score shifted by ``v -
+    anchor_value``: the earlier curve, moved onto this search's scale at the one point both searches ran.
+    The sampler models them with its own results; nothing here trains, re-runs or counts them.
     """
 
     def __init__(
@@ -123,6 +131,7 @@ class BudgetOptunaSearch(OptunaSearch):
         mode: str = "max",
         points_to_evaluate: list[dict] | None = None,
         warm: list[dict] | None = None,
+        prior: dict | None = None,
         sampler: str = "tpe",
         tell_policy: str = "fidelity",
     ) -> None:
@@ -151,6 +160,7 @@ class BudgetOptunaSearch(OptunaSearch):
             self._ot_study.enqueue_trial(point, skip_if_exists=True)
         for point in warm or []:  # after the space's own points; each says where it came from
             self._ot_study.enqueue_trial(point["params"], user_attrs={WARM_ATTR: point["from"]}, skip_if_exists=True)
+        self._prior = prior if prior and prior.get("trials") else None
 
     # ---- suggestions ---------------------------------------------------------------------
     def _owned_numbers(self) -> set[int]:
@@ -161,7 +171,7 @@ class BudgetOptunaSearch(OptunaSearch):
         owned = self._owned_numbers()
         states = (TrialState.RUNNING, *FINISHED)  # not WAITING: enqueued points are Optuna's to hand out
         return [t for t in self._ot_study.get_trials(deepcopy=False, states=states)
-                if t.number not in owned and DUPLICATE_ATTR not in t.user_attrs]
+                if t.number not in owned and DUPLICATE_ATTR not in t.user_attrs and PRIOR_ATTR not in t.user_attrs]
 
     def suggest(self, trial_id: str) -> dict | str | None:
         """The next configuration; in a finite space (``space.lr_choices``) never one already run or running.
@@ -195,7 +205,7 @@ class BudgetOptunaSearch(OptunaSearch):
         out: dict[tuple, optuna.trial.FrozenTrial] = {}
         states = (TrialState.RUNNING, TrialState.COMPLETE, TrialState.PRUNED)
         for t in self._ot_study.get_trials(deepcopy=False, states=states):
-            if DUPLICATE_ATTR not in t.user_attrs:
+            if DUPLICATE_ATTR not in t.user_attrs and PRIOR_ATTR not in t.user_attrs:
                 out.setdefault(tuple(sorted(t.params.items())), t)
         return out
 
@@ -245,6 +255,33 @@ class BudgetOptunaSearch(OptunaSearch):
         pick = untaken[int(np.random.default_rng(self._seed + len(taken)).integers(len(untaken)))]
         self._ot_study.enqueue_trial(pick)
         return True
+
+    def _add_prior(self, anchor_here: float) -> None:
+        """Add the earlier search's curve, shifted onto this search's scale (once per study: a resumed search
+        finds them there)."""
+        prior, self._prior = self._prior, None
+        if any(PRIOR_ATTR in t.user_attrs for t in self._ot_study.get_trials(deepcopy=False)):
+            return
+        shift = anchor_here - float(prior["anchor_value"])
+        space = self._space
+        trials = [optuna.trial.create_trial(
+            params=t["params"], distributions=self._distributions(t["params"]), value=float(t["value"]) + shift,
+            user_attrs={PRIOR_ATTR: t["from"]},
+            # every trial has the same constraints (GP refuses a study where they differ)
+            constraints={"budget": space.budget_excess(space.candidate(t["params"]))}) for t in prior["trials"]]
+        self._ot_study.add_trials(trials)
+        log.info("warm start: %d earlier results added to the model, shifted by %+.4f", len(trials), shift)
+
+    def _distributions(self, params: dict[str, Any]) -> dict[str, Any]:
+        """Each parameter's Optuna distribution, exactly as the space suggests it (TPE pools a name's values only
+        across equal distributions)."""
+        categorical = optuna.distributions.CategoricalDistribution
+        space = self._space
+        choices = {**space.distributions(), "lr": space.lr_choices, "alpha": space.alpha_choices,
+                   "dropout": space.dropout_choices, "seed": space.seeds}
+        low, high, log_ = space.lr
+        return {key: optuna.distributions.FloatDistribution(low, high, log=log_) if key == "lr" and not choices["lr"]
+                else categorical(choices[key]) for key in params}
 
     def _paths(self) -> list[dict[str, Any]]:
         """Every configuration of the space as the Optuna parameters of its path through the tree."""
@@ -320,6 +357,9 @@ class BudgetOptunaSearch(OptunaSearch):
         drill.point("searcher.tell")
         if kind == "completed" and _finite(value):
             self._ot_study.tell(ot_trial, float(value), state=TrialState.COMPLETE)
+            prior = getattr(self, "_prior", None)  # None in a snapshot taken before priors existed
+            if prior and frozen.user_attrs.get(WARM_ATTR) == prior["anchor"]:
+                self._add_prior(float(value))
         elif kind == "failed":
             self._ot_study.tell(ot_trial, None, state=TrialState.FAIL)
         else:

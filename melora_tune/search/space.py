@@ -162,8 +162,7 @@ class FeasibleSpace:
             lr = trial.suggest_float("lr", low, high, log=log)
         alpha = trial.suggest_categorical("alpha", self.alpha_choices) if self.alpha_choices else self.alpha
         dropout = trial.suggest_categorical("dropout", self.dropout_choices) if self.dropout_choices else self.dropout
-        floor = self.floor if self.floor is not None else budget_floor(self.min_fraction, self.budget)
-        excess = max(cand.adapter_params - self.budget, floor - cand.adapter_params)
+        excess = self.budget_excess(cand)
         if excess > 0:  # cannot happen: the tree holds feasible candidates only
             raise RuntimeError(f"infeasible candidate {cand} in the search tree (budget {self.budget})")
         hp = {
@@ -184,6 +183,23 @@ class FeasibleSpace:
             trial.set_constraint("budget", float(excess))
         return {**hp, "adapter_params": cand.adapter_params, "equivalent_rank": cand.equivalent_rank,
                 "budget": self.budget, "optuna_trial": int(trial.number)}
+
+    def candidate(self, params: dict[str, Any]) -> Candidate:
+        """The candidate that Optuna parameters (a path through the tree) reach."""
+        method = params["method"]
+        node: Any = self.tree[method]
+        parents: list[tuple[str, int]] = []
+        for key in self.levels(method):
+            value = params[self.param_name(method, key, parents)]
+            parents.append((key, value))
+            node = node[value]
+        return node
+
+    def budget_excess(self, cand: Candidate) -> float:
+        """The ``budget`` constraint of a trial of ``cand``: its parameters above the budget or below the floor
+        (<= 0: feasible, always so for the tree's candidates)."""
+        floor = self.floor if self.floor is not None else budget_floor(self.min_fraction, self.budget)
+        return float(max(cand.adapter_params - self.budget, floor - cand.adapter_params))
 
     def point_params(self, point: dict[str, Any], where: str = "point") -> dict[str, Any]:
         """A user's {method, n, r, ..., lr} as Optuna parameter names (UsageError if it is not feasible)."""
