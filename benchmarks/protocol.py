@@ -99,8 +99,9 @@ def warm_points(source: str, target: str, budget: int) -> dict[str, list[dict]]:
     return out
 
 
-def run_task(task: tuple) -> dict:
-    """One (table, budget, mode, cell, strategy, concurrency, warm) over ``seeds`` replay seeds."""
+def run_task(task: tuple, prior: list[dict] | None = None) -> dict:
+    """One (table, budget, mode, cell, strategy, concurrency, warm) over ``seeds`` replay seeds (``prior``: another
+    table's results added once the first point is trained, ``replay.make_searcher``; benchmarks/warm_curve.py)."""
     table, budget, mode, method, strategy, conc, points, seeds, warm = task
     _quiet()
     level, cells = levels_of(table)[budget]
@@ -115,7 +116,8 @@ def run_task(task: tuple) -> dict:
             run.trace = [(at, target.regret(d.y_star - r * (d.y_star - d.y_worst))) for at, r in run.trace]
             run.level = target
         else:
-            run = replay(target, strategy, seed, concurrency=conc, max_fraction=HORIZON, points=points, **SETTINGS)
+            run = replay(target, strategy, seed, concurrency=conc, max_fraction=HORIZON, points=points, prior=prior,
+                         **SETTINGS)
         rows.append({"to": run.compute_to(NEAR), "to1": run.compute_to(NEAR_1PT), "at": [run.regret_at(f) for f in FRACTIONS],
                      "curve": [run.regret_at(x) for x in CURVE], "trials": len(run.trials)})
     return {"task": task[:6], "warm": warm, "grid": target.grid_compute, "rows": rows}

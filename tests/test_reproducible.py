@@ -180,3 +180,35 @@ def test_protocol_replays_regenerate_their_committed_seeds(mode, strategy, concu
                              record["seeds"], warm))
     got = [r["to"] if r["to"] != float("inf") else None for r in out["rows"]]
     assert got == row["compute_to_0.5pt"]
+
+
+@pytest.mark.slow
+def test_warm_curve_replays_regenerate_their_committed_seeds():
+    """benchmarks/warm_curve.py's per-seed numbers (warm_curve.json, behind warm_curve.txt) come back exactly when a
+    TPE row that starts from the other table's curve is replayed again: a row where the curve changed a seed's result
+    (against the same start without it), so the replay must add the curve to reproduce it."""
+    import json
+
+    if _simd() != RECORDED_SIMD:
+        pytest.skip(f"numpy's float64 log/exp run {_simd()} kernels here, not {RECORDED_SIMD} (see this module's doc)")
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import warm_curve
+    finally:
+        sys.path.pop(0)
+    record = json.loads((V2 / "warm_curve.json").read_text())
+    def key(r: dict) -> tuple:
+        return r["table"], r["budget"], r["mode"], r["cell"], r["strategy"]
+
+    best = {key(r): r["compute_to_0.5pt"] for r in record["results"] if r["start"] == "best"}
+    changed = [r for r in record["results"] if r["start"] == "curve" and r["strategy"] == "tpe+asha"
+               and r["compute_to_0.5pt"] != best[key(r)]]
+    assert changed, "the committed curve rows equal the rows without it everywhere"
+    row = changed[0]
+    target = str(ROOT / row["table"])
+    source = next(str(ROOT / t) for t in record["tables"] if t != row["table"])
+    job = next(j for j in warm_curve.tasks(source, target, record["seeds"])
+               if j[0][1:6] == (row["budget"], row["mode"], row["cell"], "tpe+asha", row["concurrency"])
+               and j[0][8] == "curve")
+    got = [r["to"] if r["to"] != float("inf") else None for r in warm_curve.run(job)["rows"]]
+    assert got == row["compute_to_0.5pt"]
