@@ -121,3 +121,38 @@ def test_mlflow_runs_name_their_cell(searched):
     parent = client.get_run(searched.parent_run_id).data.params
     assert parent["budget_levels"] == "256,512" and parent["trials_per_cell"] == "3"
     assert set(parent["cells"].split(",")) == CELLS
+
+
+def test_a_warm_started_search_begins_with_the_earlier_best_adds_its_curve_and_keeps_its_shares(tiny_model, searched):
+    """A second search on the same storage warm-starts from the first, on the real stack: each cell's first trial is
+    its method's best configuration of the first search at that level, once it is trained the first search's curve of
+    that method joins the cell's study (shifted by the first trial's score here minus there; marked, never trained),
+    and each cell still runs exactly its share, its own trials alone matching MLflow's."""
+    import optuna
+    from optuna.trial import TrialState
+
+    from melora_tune.search.cells import cell_study_name
+    from melora_tune.search.searcher import WARM_ATTR
+    from melora_tune.search.warm_start import PRIOR_ATTR
+
+    root = Path(searched.experiment_path).parents[1]
+    earlier_name = Path(searched.experiment_path).name
+    result, _ = search_on_local_ray(space(tiny_model, root, name="cells_warm", warm_start=[earlier_name],
+                                          budget={"levels": [512]}, trials_per_cell=2))
+    assert result.status == "finished" and Counter(r.cell for r in result.trials) == {"melora@512": 2, "lora@512": 2}
+    for method in ("melora", "lora"):
+        before = optuna.load_study(study_name=cell_study_name(searched.study_name, method, 512),
+                                   storage=searched.optuna_storage)
+        done = [t for t in before.trials if t.state == TrialState.COMPLETE]
+        best = max(done, key=lambda t: (t.value, -t.number))
+        study = optuna.load_study(study_name=cell_study_name(result.study_name, method, 512),
+                                  storage=result.optuna_storage)
+        own = sorted((t for t in study.trials if PRIOR_ATTR not in t.user_attrs), key=lambda t: t.number)
+        added = [t for t in study.trials if PRIOR_ATTR in t.user_attrs]
+        assert {t.number for t in own} == {r.optuna_trial for r in result.trials if r.cell == f"{method}@512"}
+        first = own[0]
+        assert first.user_attrs[WARM_ATTR] == f"{earlier_name}:{method}@512#{best.number}"
+        assert first.params == best.params and first.state == TrialState.COMPLETE
+        shift = first.value - best.value
+        assert sorted(t.value for t in added) == pytest.approx(sorted(t.value + shift for t in done))
+        assert all(t.user_attrs[PRIOR_ATTR].startswith(f"{earlier_name}:{method}@512#") for t in added)
