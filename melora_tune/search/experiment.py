@@ -249,7 +249,7 @@ def prepare_search(space: SearchSpace | dict | str | os.PathLike, *, spec=None, 
             raise UsageError("warm_start reads earlier searches from a local storage path; this one is remote")
         sources = [source_studies(plan.storage, name) for name in space.warm_start]
         warm = warm_points(sources, feasible, shares)
-        priors = warm_priors(sources, feasible, warm)
+        priors = warm_priors(feasible, warm)
     return PreparedSearch(space, text, filename, feasible, base_trial, plan, shares, warm, priors)
 
 

@@ -349,19 +349,17 @@ def make_searcher(level: Level, strategy: str, seed: int, n_startup_trials: int 
     params = [space.point_params(p) for p in points or []]
     curve = None
     if prior and params:
-        def fits(p: dict) -> bool:
+        fitting = []  # (the prior configuration, its Optuna parameters here) for those this level can run
+        for p in prior:
             try:
-                space.point_params(p)
+                fitting.append((p, space.point_params(p)))
             except UsageError:
-                return False
-            return True
-
-        anchor = next((p for p in prior if fits(p) and space.point_params(p) == params[0]), None)
+                continue
+        anchor = next((p for p, here in fitting if here == params[0]), None)
         if anchor is None:
             raise ValueError("prior: the first point must be one of the prior's configurations")
         curve = {"anchor": "point0", "anchor_value": anchor["value"],
-                 "trials": [{"params": space.point_params(p), "value": p["value"], "from": "prior"}
-                            for p in prior if fits(p)]}
+                 "trials": [{"params": here, "value": p["value"], "from": "prior"} for p, here in fitting]}
     return BudgetOptunaSearch(
         space, storage=InMemoryStorage(), study_name=f"replay-{level.budget}-{strategy}-{seed}",
         seed=seed, n_startup_trials=n_startup_trials, max_t=level.epochs, time_attr="epoch", metric=METRIC,

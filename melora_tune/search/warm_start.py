@@ -98,10 +98,17 @@ def _nearest(studies: dict[str, Any], method: str, level: int):
     return best, mine[best]
 
 
-def warm_points(sources: list[tuple[str, dict[str, Any]]], feasible, shares: dict[str, int]) -> dict[str, list[dict]]:
-    """Per cell label, the configurations to enqueue first (Optuna parameter names, with ``WARM_ATTR``)."""
+def _completed(study, method: str) -> list:
+    """The earlier search's own completed trials of ``method`` (not a curve that search was itself given)."""
     from optuna.trial import TrialState  # heavy: only a space with warm_start loads Optuna at the dry run
 
+    return [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+            if t.params.get("method") == method and t.value is not None and PRIOR_ATTR not in t.user_attrs]
+
+
+def warm_points(sources: list[tuple[str, dict[str, Any]]], feasible, shares: dict[str, int]) -> dict[str, list[dict]]:
+    """Per cell label, the configurations to enqueue first (Optuna parameter names, with ``WARM_ATTR``; ``study``:
+    the earlier cell study it came from, and ``source``: that search and cell, for ``warm_priors``)."""
     out: dict[str, list[dict]] = {}
     for (method, level), cell in feasible.cells.items():
         label = cell_label(method, level)
@@ -111,42 +118,31 @@ def warm_points(sources: list[tuple[str, dict[str, Any]]], feasible, shares: dic
             src_level, study = _nearest(studies, method, level)
             if study is None:
                 continue
-            done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-                    if t.params.get("method") == method and t.value is not None and PRIOR_ATTR not in t.user_attrs]
-            for t in sorted(done, key=lambda t: (-t.value, t.number)):
+            source = f"{name}:{cell_label(method, src_level)}"
+            for t in sorted(_completed(study, method), key=lambda t: (-t.value, t.number)):
                 params = _fitting(cell, t.params)
                 if len(picked) >= want or params is None or any(p["params"] == params for p in picked):
                     continue
-                picked.append({"params": params, "from": f"{name}:{cell_label(method, src_level)}#{t.number}",
-                               "value": t.value})
+                picked.append({"params": params, "from": f"{source}#{t.number}", "value": t.value, "study": study,
+                               "source": source})
         out[label] = picked
     return out
 
 
-def warm_priors(sources: list[tuple[str, dict[str, Any]]], feasible,
-                warm: dict[str, list[dict]]) -> dict[str, dict[str, Any]]:
-    """Per cell label with warm points: the ``prior`` of its ``BudgetOptunaSearch`` (the earlier curve, anchored at
-    the cell's first warm point, the earlier search's best)."""
-    from optuna.trial import TrialState  # heavy: only a space with warm_start loads Optuna at the dry run
-
-    by_name = dict(sources)
+def warm_priors(feasible, warm: dict[str, list[dict]]) -> dict[str, dict[str, Any]]:
+    """Per cell label with warm points: the ``prior`` of its ``BudgetOptunaSearch`` (the earlier curve of the
+    cell's first warm point's study, anchored at that point, the earlier search's best)."""
     out: dict[str, dict[str, Any]] = {}
     for (method, level), cell in feasible.cells.items():
         label = cell_label(method, level)
-        points = warm.get(label) or []
-        if not points:
+        if not warm.get(label):
             continue
-        anchor = points[0]
-        name, rest = anchor["from"].rsplit(":", 1)
-        src_label = rest.split("#", 1)[0]
-        study = by_name[name][src_label]
+        anchor = warm[label][0]
         trials = []
-        for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-            if t.params.get("method") != method or t.value is None or PRIOR_ATTR in t.user_attrs:
-                continue  # not a trial of that search: a curve it was itself given
+        for t in _completed(anchor["study"], method):
             params = _fitting(cell, t.params)
             if params is None or any(k not in params for k in t.params if k not in SEARCHED_ALWAYS):
                 continue  # only whole configurations: a curve point needs its rank and its learning rate
-            trials.append({"params": params, "value": t.value, "from": f"{name}:{src_label}#{t.number}"})
+            trials.append({"params": params, "value": t.value, "from": f"{anchor['source']}#{t.number}"})
         out[label] = {"anchor": anchor["from"], "anchor_value": anchor["value"], "trials": trials}
     return out
