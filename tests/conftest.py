@@ -23,17 +23,31 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 LOCAL_CLUSTER_FILES = {"test_cluster_local.py", "test_cluster_drills.py", "test_bad_inputs.py"}
 # The longest groups (CI, 2 cores, 2026-12-06: seconds of their slow tests), sent first: pytest-xdist hands out
 # groups in collection order, and a long group taken last would leave the other process idle at the end.
-LONGEST_FIRST = ["test_trial_run.py", "local-cluster", "test_kill_drill.py", "test_search_integration.py",
+LONGEST_FIRST = ["two-workers", "test_trial_run.py", "local-cluster", "test_kill_drill.py", "test_search_integration.py",
                  "test_trial_tune.py", "test_instruct_search.py", "test_confirm.py", "test_report.py"]
 # Files with module-scoped fixtures whose tests are still scheduled one by one: their fixtures are cheap (a tiny model,
 # a Ray start) and their tests are independent multi-minute ones (each its own subprocesses), which as one group would
 # keep a process busy for ~10 minutes while the other idles at the end.
 PER_TEST_FILES = {"test_trial_run.py", "test_trial_tune.py"}
+# Tests that fill both cores on their own: two Ray Train workers, most of them a victim run beside its unkilled
+# reference (two Ray instances, four workers). They run one after another in one process while the other process
+# takes lighter groups: two of them at once on 2 cores took 2-3 times as long each (full run at 0a88371, idle
+# machine: the checkpoint resume 315 s beside the ZeRO-3 resume, 105 s beside a light test; MiniLM ZeRO-2 231 s,
+# 72 s in a run of two tests). Listed by name: the scheduler sees node ids, not markers.
+TWO_WORKER_TESTS = {
+    "test_trial_run.py::test_melora_minilm_zero2_two_workers_learns_rotten_tomatoes",
+    "test_trial_run.py::test_causal_lm_tiny_llama_melora_zero3",
+    "test_trial_run.py::test_killed_trial_resumes_from_its_last_checkpoint[train-workers]",
+    "test_trial_run.py::test_instruction_trial_zero3_on_two_workers_resumes_at_the_same_step",
+    "test_trial_tune.py::test_a_failing_trial_is_restarted_by_train_then_given_up_not_repeated_by_tune",
+}
 TESTS = os.path.dirname(os.path.abspath(__file__))
 
 
 def _file_group(nodeid: str) -> str:
     name = nodeid.split("::", 1)[0].rsplit("/", 1)[-1]
+    if name + "::" + nodeid.split("::", 1)[-1] in TWO_WORKER_TESTS:
+        return "two-workers"
     return "local-cluster" if name in LOCAL_CLUSTER_FILES else name
 
 
@@ -56,7 +70,7 @@ def _group(nodeid: str) -> str:
     """The scheduling unit: the local-cluster files together, a file whose tests share module fixtures whole, any
     other test alone (the finer the units, the better the two processes are balanced at the end)."""
     group = _file_group(nodeid)
-    if group == "local-cluster" or (group not in PER_TEST_FILES and _shares_fixtures(group)):
+    if group in ("two-workers", "local-cluster") or (group not in PER_TEST_FILES and _shares_fixtures(group)):
         return group
     return nodeid
 
