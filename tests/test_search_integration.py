@@ -165,18 +165,21 @@ def test_killed_search_resumes_without_duplicates(tiny_model, tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
     cmd = [sys.executable, "-m", "melora_tune.cli", "search", str(path), "--name", "resumable"]
     log1 = open(tmp_path / "first.log", "w")
-    proc = subprocess.Popen(cmd, stdout=log1, stderr=subprocess.STDOUT, env=env, cwd=tmp_path, start_new_session=True)
+    # The kill drill's "tell" moment (melora_tune.drill): the driver SIGKILLs its own process group inside the
+    # searcher's on_trial_complete for the first finished trial, its status set and Optuna not yet told, with the
+    # other cell's trial running (two at once). test_kill_drill.py no longer runs this point itself: here it has
+    # cells and a trial in flight, there it had neither.
+    kill = {**env, "MELORA_DRILL_KILL_AT": "searcher.tell:1"}
+    proc = subprocess.Popen(cmd, stdout=log1, stderr=subprocess.STDOUT, env=kill, cwd=tmp_path, start_new_session=True)
     text = lambda: (tmp_path / "first.log").read_text()  # noqa: E731
     try:
-        # let one trial finish (the next ones are running or pending), then kill the driver's whole process group
-        _wait_for(lambda: "done 1/4" in text() or "done 2/4" in text(), 600, "a finished trial", proc)
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(30)
+        proc.wait(600)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
         log1.close()
-    assert proc.returncode == -signal.SIGKILL
+    assert proc.returncode == -signal.SIGKILL, text()[-3000:]
+    assert "done 0/4" in text() and "done 1/4" not in text()  # killed before the first trial was counted done
     exp_dir = tmp_path / "runs" / "resumable"
     assert any(exp_dir.glob("experiment_state*.json"))
     time.sleep(3)  # Ray's reaper takes the killed driver's cluster down
