@@ -33,6 +33,9 @@ What is replayed (``melora_tune/search/replay.py`` has the simulator and its con
   finer than the seeds' spread); a strategy within 0.01 of it that comes earlier in the list (cheaper to run:
   random before models) wins the tie. It is then reported on the held-out table
   against random + ASHA.
+* **Levels** (``--levels``): by default the tune table's levels that the held-out table also holds, so the default
+  is chosen at the budgets where it is then reported (every level with ``--heldout none``); ``all`` replays every
+  level of both tables, or give budgets (``--levels 9216,36864``).
 * **Warm start** (``search/warm_start.py``): each cell of the held-out table begins with the tune table's best
   configurations of the same method and level (the 2 best by seed-mean final validation score, recorded lr
   kept: what ``warm_start`` enqueues for a cell of 6 trials), against the same search cold.
@@ -83,6 +86,19 @@ def levels_of(table: str) -> dict:
         _levels[table] = {b: (ContinuousLevel(lv), {m: ContinuousLevel(c) for m, c in lv.cells().items()})
                           for b, lv in load_table(table).items()}
     return _levels[table]
+
+
+def chosen_levels(spec: str, tune: str, heldout: str | None) -> set[int]:
+    """The budgets ``--levels`` keeps (see the module docstring); ValueError for a spec that is none of them."""
+    every = set(levels_of(tune)) | (set(levels_of(heldout)) if heldout else set())
+    if spec == "all" or (spec == "shared" and heldout is None):
+        return every
+    if spec == "shared":
+        return set(levels_of(tune)) & set(levels_of(heldout))
+    try:
+        return {int(b.replace("_", "")) for b in spec.split(",")}
+    except ValueError:
+        raise ValueError(f"--levels {spec!r}: give shared, all, or budgets such as 9216,36864") from None
 
 
 def warm_points(source: str, target: str, budget: int) -> dict[str, list[dict]]:
@@ -168,6 +184,9 @@ def main() -> None:
     ap.add_argument("--strategies", default=",".join(STRATEGIES))
     ap.add_argument("--workers", type=int, default=2, help="processes (the output does not depend on it)")
     ap.add_argument("--out", default="benchmarks/tables/protocol/")
+    ap.add_argument("--levels", default="shared",
+                    help="shared (default): the tune table's levels the held-out table also holds (all of them with "
+                         "--heldout none); all: every level of both tables; or budgets, comma-separated")
     args = ap.parse_args()
     _quiet()
     t0 = time.perf_counter()
@@ -176,7 +195,22 @@ def main() -> None:
         strategies.insert(0, BASELINE)
     held = args.heldout.lower() != "none"
     tables = {"tune": args.tune, **({"held-out": args.heldout} if held else {})}
-    warm = {b: warm_points(args.tune, args.heldout, b) for b in levels_of(args.heldout)} if held else {}
+    try:
+        keep = chosen_levels(args.levels, args.tune, args.heldout if held else None)
+    except ValueError as err:
+        ap.error(str(err))  # exit 2
+
+    def levels(table: str) -> dict:
+        return {b: v for b, v in levels_of(table).items() if b in keep}
+
+    for table in tables.values():
+        if not levels(table):
+            ap.error(f"--levels {args.levels} leaves no level of {table} (it holds "
+                     f"{', '.join(str(b) for b in levels_of(table))}): give one of those, or all")
+        if len(levels(table)) < len(levels_of(table)):  # stderr: the committed text stays what the replays print
+            print(f"levels of {table} left out (--levels {args.levels}): "
+                  + ", ".join(f"{b:,}" for b in levels_of(table) if b not in keep), file=sys.stderr)
+    warm = {b: warm_points(args.tune, args.heldout, b) for b in levels(args.heldout)} if held else {}
     results: dict[tuple, dict] = {}
 
     def run_all(pool, wanted: list[tuple]) -> None:
@@ -193,18 +227,18 @@ def main() -> None:
             results[(*r["task"], r["warm"])] = r
 
     with ProcessPoolExecutor(args.workers) as pool:
-        run_all(pool, [k for table in tables.values() for b in levels_of(table) for s in strategies
+        run_all(pool, [k for table in tables.values() for b in levels(table) for s in strategies
                        for c in CONCURRENCY for k in keys(table, b, s, c, False)])
         # median cells-mode compute to 0.5 point, then to 1 point (when no strategy gets every cell within 0.5
         # point in time, the finer measure ties at ">50%" for all), mean over the tune table's levels
         score = {s: tuple(float(np.mean([median(cells_to(results, args.tune, b, s, 4, False, args.seeds, f))
-                                         for b in levels_of(args.tune)])) for f in ("to", "to1")) for s in strategies}
+                                         for b in levels(args.tune)])) for f in ("to", "to1")) for s in strategies}
         top = min(score.values())
         chosen = next(s for s in strategies if score[s][0] <= top[0] + 0.01 and (
             math.isfinite(top[0]) or score[s][1] <= top[1] + 0.01))
         # warm start: the default and the baseline, on the held-out table, from the tune table
         if held:
-            run_all(pool, [k for b in levels_of(args.heldout) for s in dict.fromkeys((chosen, BASELINE))
+            run_all(pool, [k for b in levels(args.heldout) for s in dict.fromkeys((chosen, BASELINE))
                            for c in CONCURRENCY for k in keys(args.heldout, b, s, c, True)])
     warm_strategies = list(dict.fromkeys((chosen, BASELINE)))
 
@@ -217,7 +251,7 @@ def main() -> None:
           f"ASHA/Hyperband grace 1 reduction 2, {SETTINGS['n_startup_trials']} random trials first")
     for role, table in tables.items():
         print(f"\n=== {role} table: {table}")
-        for budget, (level, cells) in levels_of(table).items():
+        for budget, (level, cells) in levels(table).items():
             print(f"\nbudget {budget:,}: {len(level.discrete.configs)} recorded configurations ({len(cells)} cells: "
                   + ", ".join(f"{m} {len(c.discrete.configs)}" for m, c in cells.items())
                   + f"); y* = {level.y_star:.4f} ({level.best.candidate.method} {dict(level.best.candidate.values)} "
@@ -255,7 +289,7 @@ def main() -> None:
     print(f"\n=== held-out goals for the default ({chosen}) against {BASELINE}: <= 10 % of grid compute, >= 1.5x less"
           + ("" if held else "\n  NO HELD-OUT TABLE (--heldout none): shown on the tune table itself, where the default "
              "was chosen (in-sample, optimistic)"))
-    for budget in levels_of(goal_table):
+    for budget in levels(goal_table):
         for mode in ("cells", "cells1", "level"):
             for conc in CONCURRENCY:
                 d = median(summary(goal_table, budget, chosen, conc, mode))
@@ -267,7 +301,7 @@ def main() -> None:
                       f"{'met' if ratio >= 1.5 else 'not met'}")
     if held:
         print(f"\n=== warm start on the held-out table from the tune table ({WARM_K} best per cell enqueued first)")
-    for budget in levels_of(args.heldout) if held else ():
+    for budget in levels(args.heldout) if held else ():
         print(f"  budget {budget:,}: " + "; ".join(f"{m}: " + ", ".join(
             " ".join(f"{k}={v}" for k, v in p.items() if k not in ("method", "lr")) + f" lr={p['lr']:.1e}"
             for p in pts)
@@ -287,17 +321,18 @@ def main() -> None:
                      "warm": k[6], "compute_to_0.5pt": [r["to"] if math.isfinite(r["to"]) else None for r in v["rows"]],
                      "compute_to_1pt": [r["to1"] if math.isfinite(r["to1"]) else None for r in v["rows"]]}
                     for k, v in results.items()]}, indent=1))
-    plot(results, tables, strategies, out)
+    plot(results, {role: (t, list(levels(t))) for role, t in tables.items()}, strategies, out)
     print(f"wall time {time.perf_counter() - t0:.0f} s; plots and per-seed numbers in {out}", file=sys.stderr)
 
 
 def plot(results: dict, tables: dict, strategies: list[str], out: Path) -> None:
+    """``tables``: role -> (table, its replayed budgets)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = [(role, table, b, c) for role, table in tables.items() for b in levels_of(table) for c in CONCURRENCY]
+    panels = [(role, table, b, c) for role, (table, budgets) in tables.items() for b in budgets for c in CONCURRENCY]
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.8), squeeze=False)
     for ax, (role, table, budget, conc) in zip(axes[0], panels):
         for strategy in strategies:

@@ -9,7 +9,9 @@ seeds of a row and compares), the wall time goes to stderr. The replays, their s
 table's surrogate, ASHA grace 1 reduction 2, 4 random trials first, compute as a fraction of the level's grid, the
 median over replay seeds, each replay stopped at half the grid's compute.
 
-Three starts of the same search on the target table, from the source table (``search/warm_start.py``):
+At each level that both tables hold (a table's other levels are left out: the transfer measured is between two
+datasets at one budget), three starts of the same search on the target table, from the source table
+(``search/warm_start.py``):
 * ``cold``: nothing from the source;
 * ``best``: each cell's 2 best source configurations of its method (nearest level, recorded lr) enqueued first;
 * ``curve``: ``best``, and once the first of them has been trained on the target, every source configuration of
@@ -57,9 +59,14 @@ def curve_points(source: str, target: str, budget: int) -> dict[str, list[dict]]
             for m, cell in src_cells.items()}
 
 
+def shared(target: str, source: str) -> dict:
+    """The target's levels that the source also holds."""
+    return {b: v for b, v in P.levels_of(target).items() if b in P.levels_of(source)}
+
+
 def tasks(source: str, target: str, seeds: int) -> list[tuple]:
     out = []
-    for budget, (_, cells) in P.levels_of(target).items():
+    for budget, (_, cells) in shared(target, source).items():
         best = P.warm_points(source, target, budget)
         curve = curve_points(source, target, budget)
         for strategy in STRATEGIES:
@@ -101,7 +108,7 @@ def main() -> None:
           f"{CONC} workers")
     for src, tgt in directions:
         print(f"\n=== {Path(src).stem} -> {Path(tgt).stem}")
-        for budget, (_, cells) in P.levels_of(tgt).items():
+        for budget, (_, cells) in shared(tgt, src).items():
             print(f"budget {budget:,}")
             for mode in ("cells", "level"):
                 for strategy in STRATEGIES:
