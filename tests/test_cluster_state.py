@@ -181,3 +181,52 @@ def test_an_unreadable_state_file_is_a_usage_error(tmp_path, text):
     (tmp_path / cluster.STATE_FILE).write_text(text)
     with pytest.raises(UsageError, match="cannot read .*cluster.json.*remove it after checking no cluster runs"):
         cluster.load_state(tmp_path)
+
+
+def test_ray_nodes_whose_raylet_registered_too_late_are_started_once_more_and_said(tmp_path, monkeypatch, capsys):
+    """`cluster up`'s `ray start` fails when the new raylet misses Ray's fixed 30 s registration wait (on a machine
+    busy starting other Rays); both nodes are stopped and started once more, and it says so. Any other start failure,
+    or a second timeout, is the user's to see (and `up` then stops everything: tests/test_cluster_local.py)."""
+    from melora_tune.cluster import commands
+
+    ports = _Ports(mlflow=40000, gcs=40001, dashboard=40002, client=40003,
+                   head=NodePorts(*range(40010, 40016)), worker=NodePorts(*range(40020, 40026)))
+    state = _new_state(tmp_path, "token", ports, "127.0.0.2", "127.0.0.3", num_cpus_head=1, num_cpus_worker=1)
+    calls, stopped = [], []
+    timeout_line = ("Ray head failed to start (exit 1): Exception: The current node timed out during startup. This could "
+                    "happen because some of the raylet failed to startup or the GCS has become overloaded.")
+
+    def start(node):
+        def launch(st, _mb):
+            getattr(st, node).sid = 100 + len(calls)
+            calls.append(node)
+            return node
+        return launch
+
+    def wait_ray_start(node, proc, timeout, what):
+        if failures and proc == "head":
+            raise RuntimeError(failures.pop(0))
+
+    monkeypatch.setattr(commands, "start_head", start("head"))
+    monkeypatch.setattr(commands, "start_worker", start("worker"))
+    monkeypatch.setattr(commands, "wait_gcs", lambda *a: None)
+    monkeypatch.setattr(commands, "wait_ray_start", wait_ray_start)
+    monkeypatch.setattr(commands, "stop_sessions", lambda sids, timeout: stopped.append(sorted(sids)))
+
+    failures = [timeout_line]
+    commands._start_ray_nodes(state, 256, 60)
+    assert calls == ["head", "worker", "head", "worker"] and stopped == [[100, 101]]
+    assert capsys.readouterr().err == (f"melora-tune: {timeout_line}; stopping both Ray nodes and starting them once "
+                                       "more\n")
+
+    calls.clear()
+    failures = [timeout_line, timeout_line]
+    with pytest.raises(RuntimeError, match="timed out during startup"):
+        commands._start_ray_nodes(state, 256, 60)
+    assert calls == ["head", "worker", "head", "worker"]
+
+    calls.clear()
+    failures = ["Ray head failed to start (exit 1): ValueError: port 6379 is in use"]
+    with pytest.raises(RuntimeError, match="port 6379 is in use"):
+        commands._start_ray_nodes(state, 256, 60)
+    assert calls == ["head", "worker"]

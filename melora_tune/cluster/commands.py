@@ -66,17 +66,37 @@ def up(
     save_state(state)
     with _stopped_if_not_up(state):
         mlflow = start_mlflow(state)  # first: it boots while Ray starts
-        head = start_head(state, object_store_mb)
-        wait_gcs(state, head, timeout)
-        worker = start_worker(state, object_store_mb)
-        wait_ray_start(state.head, head, timeout, "Ray head")
-        wait_ray_start(state.worker, worker, timeout, "Ray worker")
+        _start_ray_nodes(state, object_store_mb, timeout)
         wait_mlflow(state, mlflow, timeout)
         if wait_nodes:
             wait_alive_nodes(state, expected=2, timeout=timeout)
     state.up_seconds = round(time.time() - state.created, 1)
     save_state(state)
     return state
+
+
+# Ray's message when a new node's raylet did not register with the GCS within its fixed 30 s (ray/_private/node.py).
+RAYLET_TIMEOUT = "timed out during startup"
+
+
+def _start_ray_nodes(state: ClusterState, object_store_mb: int, timeout: float) -> None:
+    """Head, then worker once the head's GCS answers. Ray waits a fixed 30 s for a new node's raylet to register; on a
+    machine busy starting other Rays that can run out while a second start is quick (measured for a local start:
+    load average 112 on 2 cores), so such a start is retried once, said on stderr, after its two nodes are stopped
+    (their ports are this cluster's own)."""
+    for attempt in (1, 2):
+        head = start_head(state, object_store_mb)
+        try:
+            wait_gcs(state, head, timeout)
+            worker = start_worker(state, object_store_mb)
+            wait_ray_start(state.head, head, timeout, "Ray head")
+            wait_ray_start(state.worker, worker, timeout, "Ray worker")
+            return
+        except RuntimeError as err:
+            if attempt == 2 or RAYLET_TIMEOUT not in str(err):
+                raise
+            print(f"melora-tune: {err}; stopping both Ray nodes and starting them once more", file=sys.stderr, flush=True)
+            stop_sessions([state.head.sid, state.worker.sid], timeout=5)
 
 
 def _checked_auth_mode(auth_mode: str | None) -> str:
