@@ -113,10 +113,10 @@ def test_registered_strategies_in_search_dry_run(plugins, tiny_model_dir, tmp_pa
     code, out, err = dry_run(space(tiny_model_dir, tmp_path, sampler=sampler, scheduler=scheduler), tmp_path, capsys)
     assert code == 0, err
     assert "4 trials (2 per cell) by the tagging sampler, at most 1 at once, scheduler first-result on epoch (max 2)" in out
-    # the built-ins keep their own lines
+    # the built-ins keep their own lines; a space that names no sampler gets random search (the default)
     code, out, err = dry_run(space(tiny_model_dir, tmp_path), tmp_path, capsys)
-    assert code == 0 and "4 trials (2 per cell) by Optuna TPE, at most 1 at once, ASHA on epoch (grace 1, reduction 2, max 2)" in out
-    code, out, err = dry_run(space(tiny_model_dir, tmp_path, asha={"enabled": False}), tmp_path, capsys)
+    assert code == 0 and "4 trials (2 per cell) by random search, at most 1 at once, ASHA on epoch (grace 1, reduction 2, max 2)" in out
+    code, out, err = dry_run(space(tiny_model_dir, tmp_path, sampler="tpe", asha={"enabled": False}), tmp_path, capsys)
     assert code == 0 and "4 trials (2 per cell) by Optuna TPE, at most 1 at once, no early stopping" in out
     code, out, err = dry_run(space(tiny_model_dir, tmp_path, scheduler="fifo", asha={"enabled": False}), tmp_path, capsys)
     assert code == 0 and "no early stopping" in out

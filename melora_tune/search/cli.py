@@ -18,6 +18,7 @@ import os
 import sys
 
 from melora_tune.search.cells import cell_label, cell_lines, effort_warnings, warm_lines
+from melora_tune.search.samplers import DEFAULT as DEFAULT_SAMPLER
 from melora_tune.search.samplers import all_samplers, get_sampler
 from melora_tune.search.schedulers import all_schedulers, get_scheduler
 
@@ -25,7 +26,7 @@ from melora_tune.search.schedulers import all_schedulers, get_scheduler
 def strategies_help() -> str:
     """The registered samplers and schedulers, one line each (search --help)."""
     width = max(len(s.name) for s in [*all_samplers(), *all_schedulers()]) + 2
-    lines = ["samplers (the space's sampler: key, default tpe):"]
+    lines = [f"samplers (the space's sampler: key, default {DEFAULT_SAMPLER}):"]
     lines += [f"  {s.name:<{width}}{s.summary}" for s in all_samplers()]
     lines.append("schedulers (the space's scheduler: key, default asha):")
     lines += [f"  {s.name:<{width}}{s.summary}" for s in all_schedulers()]

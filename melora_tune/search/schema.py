@@ -25,6 +25,7 @@ from melora_tune.adapters.config import check_alpha, check_dropout, check_target
 from melora_tune.adapters.hyperparams import HYPERPARAMS, HyperParam, HyperparamSchema
 from melora_tune.adapters.registry import method_names, owners
 from melora_tune.errors import Schema, UsageError, closest, describe_validation_error, did_you_mean
+from melora_tune.search.samplers import DEFAULT as DEFAULT_SAMPLER
 from melora_tune.search.samplers import get_sampler, sampler_names
 from melora_tune.search.schedulers import DEFAULT as DEFAULT_SCHEDULER
 from melora_tune.search.schedulers import effective_name, get_scheduler
@@ -313,11 +314,11 @@ class SearchSpace(Schema):
     trials_per_cell: int | None = Field(None, ge=1)
     max_concurrent_trials: int = Field(1, ge=1)
     n_startup_trials: int | None = Field(None, ge=0)  # random trials before TPE per cell (None: a third of a share, 2..10)
-    # Which Optuna sampler proposes configurations, always over the feasible-only space: tpe (multivariate
-    # TPE), random, or grid (Optuna's BruteForceSampler: every feasible configuration x space.lr_choices
-    # [x space.seeds] exactly once; num_samples defaults to the grid's size). Any registered sampler
-    # (melora_tune/search/samplers/).
-    sampler: str = "tpe"
+    # Which Optuna sampler proposes configurations, always over the feasible-only space: random (the default: no
+    # model-based sampler beat it on the benchmark tables, samplers/registry.py), tpe (multivariate TPE), or grid
+    # (Optuna's BruteForceSampler: every feasible configuration x space.lr_choices [x space.seeds] exactly once;
+    # num_samples defaults to the grid's size). Any registered sampler (melora_tune/search/samplers/).
+    sampler: str = DEFAULT_SAMPLER
     # What stops trials early: asha (the asha section's settings) or fifo (none, as asha.enabled: false).
     # Any registered scheduler (melora_tune/search/schedulers/).
     scheduler: str = DEFAULT_SCHEDULER

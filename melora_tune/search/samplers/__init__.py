@@ -8,6 +8,7 @@ then know it.
 """
 
 from melora_tune.search.samplers.registry import (
+    DEFAULT,
     Sampler,
     all_samplers,
     get_sampler,
@@ -25,5 +26,5 @@ import melora_tune.search.samplers._gp  # noqa: E402,F401
 import melora_tune.search.samplers._bohb  # noqa: E402,F401
 import melora_tune.search.samplers._syne_bohb  # noqa: E402,F401
 
-__all__ = ["Sampler", "all_samplers", "get_sampler", "make_sampler", "register_sampler", "sampler_names",
+__all__ = ["DEFAULT", "Sampler", "all_samplers", "get_sampler", "make_sampler", "register_sampler", "sampler_names",
            "unregister_sampler"]
