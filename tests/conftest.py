@@ -67,8 +67,8 @@ def _shares_fixtures(name: str) -> bool:
 
 
 def _group(nodeid: str) -> str:
-    """The scheduling unit: the local-cluster files together, a file whose tests share module fixtures whole, any
-    other test alone (the finer the units, the better the two processes are balanced at the end)."""
+    """The scheduling unit: the two-worker tests together, the local-cluster files together, a file whose tests share
+    module fixtures whole, any other test alone (the finer the units, the better the two processes are balanced at the end)."""
     group = _file_group(nodeid)
     if group in ("two-workers", "local-cluster") or (group not in PER_TEST_FILES and _shares_fixtures(group)):
         return group

@@ -76,6 +76,8 @@ def up(
 
 
 # Ray's message when a new node's raylet did not register with the GCS within its fixed 30 s (ray/_private/node.py).
+# trial/ray_env.py has the same for a local start; not imported from there: the trial package costs a `cluster`
+# command about 1 s of imports (measured with -X importtime).
 RAYLET_TIMEOUT = "timed out during startup"
 
 

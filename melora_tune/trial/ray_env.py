@@ -29,7 +29,8 @@ RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 START_TIMEOUT_ENV = "MELORA_RAY_START_TIMEOUT_S"
 RAY_GCS_WAIT_ENV = "RAY_gcs_server_port_wait_time_s"  # Ray 2.60's wait for a new GCS server (ray/_private/node.py)
 RAY_GCS_WAIT_DEFAULT_S = 30
-RAY_RAYLET_WAIT_S = 30  # Ray 2.60 waits this long for a new raylet to register, no setting ("timed out during startup")
+RAY_RAYLET_WAIT_S = 30  # Ray 2.60 waits this long for a new raylet to register, no setting
+RAYLET_TIMEOUT = "timed out during startup"  # what Ray 2.60 then raises (ray/_private/node.py)
 
 # Environment the workers must see (Ray workers on other nodes do not inherit the driver's).
 PROPAGATED_ENV = (
@@ -106,7 +107,7 @@ def start_failure(err: BaseException, timeout_s: float | None) -> str:
         waited = f"the start timeout of {timeout_s:g} s" if timeout_s is not None else f"Ray's {RAY_GCS_WAIT_DEFAULT_S} s"
         return (f"could not start a local Ray: its GCS did not come up within {waited} ({busy}): retry when the machine "
                 f"is quieter, raise ray_start_timeout_s in the space (or {START_TIMEOUT_ENV}), or {share}")
-    if "timed out during startup" in text:
+    if RAYLET_TIMEOUT in text:
         return (f"could not start a local Ray: its raylet did not register within Ray's fixed {RAY_RAYLET_WAIT_S} s "
                 f"({busy}): retry when the machine is quieter, or {share}")
     return f"could not start a local Ray: {text} ({busy}): retry, or {share}"
@@ -199,7 +200,7 @@ def start_ray(address: str | None = None, *, verbose: bool = True, num_cpus: int
                 # Ray's wait for its raylet is a fixed 30 s: on a machine busy starting other Rays (measured: load
                 # average 112 on 2 cores, four Ray instances starting at once) it can run out while the next start
                 # is quick. Once, and said; a second timeout is the user's to see.
-                if attempt == 1 and "timed out during startup" in first_line(err):
+                if attempt == 1 and RAYLET_TIMEOUT in first_line(err):
                     say(f"{why.split(': retry', 1)[0]}; retrying once")
                     continue
                 raise MachineError(why) from None
