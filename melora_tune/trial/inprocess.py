@@ -100,11 +100,28 @@ def _forget_deepspeed_groups() -> None:
         groups.mesh_device = None
 
 
+@contextlib.contextmanager
+def torch_functions_restored():
+    """Put back the torch functions a trial's DeepSpeed replaces process-wide.
+
+    ZeRO-3 swaps ``torch.nn.functional.linear`` for its memory-efficient autograd function and leaves it there
+    ("This will persist unless manually reset", DeepSpeed 0.19). A later trial in this process (reuse_actors, a
+    test) then trains through it and gets other numbers than a fresh process: on a (16, 48, 384) input its output
+    differs by up to 8e-6 and its gradients by up to 1.5e-3 from torch's own linear."""
+    import torch.nn.functional as F  # heavy: torch
+
+    linear = F.linear
+    try:
+        yield
+    finally:
+        F.linear = linear
+
+
 def run_with_reporter(prepared: PreparedTrial, name: str, reporter) -> dict[str, Any]:
     """The training loop once, in this process, under its own process group; rank 0's summary."""
     from melora_tune.trial.worker import TrialWorker  # torch, transformers, datasets: loaded where a trial trains
 
-    with single_process_group(prepared.cfg.resources.use_gpu):
+    with torch_functions_restored(), single_process_group(prepared.cfg.resources.use_gpu):
         return TrialWorker(prepared, name, reporter=reporter).run()
 
 
