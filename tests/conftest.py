@@ -43,7 +43,6 @@ PER_TEST_FILES = {"test_trial_run.py", "test_trial_tune.py"}
 # 72 s in a run of two tests). Listed by name: the scheduler sees node ids, not markers.
 TWO_WORKER_TESTS = {
     "test_trial_run.py::test_melora_minilm_zero2_two_workers_learns_rotten_tomatoes",
-    "test_trial_run.py::test_killed_trial_resumes_from_its_last_checkpoint[train-workers]",
     "test_trial_run.py::test_instruction_trial_zero3_on_two_workers_resumes_at_the_same_step",
     "test_trial_tune.py::test_a_failing_trial_is_restarted_by_train_then_given_up_not_repeated_by_tune",
 }

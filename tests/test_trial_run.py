@@ -186,8 +186,12 @@ def test_causal_lm_tiny_llama_melora_zero3(tmp_path, tiny_llama_dir):
     cfg = small_config(epochs=2, max_train_samples=320, lr=1e-2, micro_batch_size=16, max_length=64, n=2, r=4,
                        zero_stage=3, num_workers=1, warmup_ratio=0.0)
     cfg = apply_overrides(cfg, {"model": str(tiny_llama_dir), "task_type": "causal_lm"})
+    linear = torch.nn.functional.linear
     result = run_trial(cfg, tmp_path, "llama")
     assert result.status == "completed", result.reason
+    # ZeRO-3 swapped torch's linear for its own while it trained; whatever runs next in this process (a reused
+    # trial process's next trial) gets torch's back (a full run failed test_memory.py's autograd count without it)
+    assert torch.nn.functional.linear is linear
     first, last = result.history[0], result.history[-1]
     assert math.isfinite(last["eval_perplexity"]) and last["eval_perplexity"] == pytest.approx(math.exp(last["eval_loss"]))
     assert last["eval_loss"] < first["eval_loss"]
@@ -251,7 +255,10 @@ class _Background:
             self.proc.wait()
 
 
-@pytest.mark.parametrize("workers", [2, 1], ids=["train-workers", "in-process"])
+# Two Train workers (ZeRO-3, dropout in the adapter) are test_instruction_trial_zero3_on_two_workers_resumes_at_the_same_step's:
+# a second two-worker kill here (ZeRO-2) took 209 s of a CI process (three runs of a Ray, a controller and two workers)
+# and covered only the stage's own optimizer shards on top of it, which the one-worker ZeRO-2 run here restores.
+@pytest.mark.parametrize("workers", [1], ids=["in-process"])
 def test_killed_trial_resumes_from_its_last_checkpoint(tmp_path, workers, request):
     import ray
 
@@ -360,7 +367,7 @@ def test_a_worker_killed_mid_report_leaves_no_staging_folder(tmp_path, monkeypat
 
 INSTRUCT_SETTINGS = [
     "task_type=causal_lm", "task.name=trec_instruct", "max_train_samples=128", "max_eval_samples=24", "epochs=1",
-    "max_length=96", "method=lora", "r=4", "target_modules=[q_proj,v_proj]", "lr=3e-3", "zero_stage=3",
+    "max_length=96", "method=lora", "r=4", "target_modules=[q_proj,v_proj]", "dropout=0.1", "lr=3e-3", "zero_stage=3",
     "eval_every_steps=2", "training.seed=5", "keep_checkpoints=2", "num_workers=2", "micro_batch_size=8",
     "task.max_new_tokens=4",
 ]
@@ -368,8 +375,9 @@ INSTRUCT_SETTINGS = [
 
 def test_instruction_trial_zero3_on_two_workers_resumes_at_the_same_step(tmp_path, request):
     """Llama-like model (GQA, BOS/EOS, no pad token), instruction data with exact match, ZeRO-3 over 2 Train workers:
-    killed after a checkpoint, the rerun continues from that step and ends where an unkilled run ends. The unkilled
-    run recomputes its activations (gradient checkpointing), which must not change a number either."""
+    killed after a checkpoint, the rerun continues from that step and ends where an unkilled run ends. The adapter's
+    dropout draws from each rank's RNG, so the ranks' data order, RNG and optimizer partitions must all come back.
+    The unkilled run recomputes its activations (gradient checkpointing), which must not change a number either."""
     import ray
 
     from helpers import save_tiny_llama_with_bpe
