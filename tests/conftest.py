@@ -36,7 +36,7 @@ LONGEST_FIRST = ["two-workers", "test_trial_run.py", "local-cluster", "test_kill
 # a Ray start) and their tests are independent multi-minute ones (each its own subprocesses), which as one group would
 # keep a process busy for ~10 minutes while the other idles at the end.
 PER_TEST_FILES = {"test_trial_run.py", "test_trial_tune.py"}
-# Tests that fill both cores on their own: two Ray Train workers, most of them a victim run beside its unkilled
+# Tests that fill both cores on their own: two Ray Train workers, one of them a victim run beside its unkilled
 # reference (two Ray instances, four workers). They run one after another in one process while the other process
 # takes lighter groups: two of them at once on 2 cores took 2-3 times as long each (full run at 0a88371, idle
 # machine: the checkpoint resume 315 s beside the ZeRO-3 resume, 105 s beside a light test; MiniLM ZeRO-2 231 s,
